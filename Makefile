@@ -1,0 +1,50 @@
+# One entry point for a fresh clone: `make demo` runs the main job, `make test` runs every test.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install dev proto demo test lint format serve clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# Runtime install (CPU: ONNX Runtime). Re-runs when pyproject.toml or the contracts change.
+$(STAMP): pyproject.toml setup.py $(wildcard proto/*/*/*.proto) | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+install: $(STAMP)
+
+$(VENV)/.dev-installed: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+dev: $(VENV)/.dev-installed
+
+proto: | $(BIN)/python
+	$(BIN)/python -m pip install -q grpcio-tools
+	$(BIN)/python scripts/gen_protos.py
+
+# The main job: answer the two example questions with the shipped model on CPU (engine built on first use).
+demo: install
+	$(BIN)/qa-assistant --demo
+
+serve: install
+	$(BIN)/qa-serve
+
+test: dev
+	$(BIN)/python -m pytest -q
+
+lint: dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy .
+
+format: dev
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) build qa assistant *.egg-info

@@ -1,0 +1,584 @@
+"""`qa-bench engine`: GPU engine latency and throughput, measured the way NVIDIA's BERT samples do.
+
+Random token ids (full-length windows, two segments), the engine alone timed between CUDA events on
+its stream, warm-up first, then many iterations; mean / p50 / p95 / p99 latency and sequences per
+second, for each batch size and sequence length, on BERT-base and BERT-large shapes (random weights)
+and the shipped model (its real weights). Every row carries its baselines, measured in the same run
+on the same weights right beside it:
+
+    hf_eager      transformers BertForQuestionAnswering, fp16, eager (SDPA attention)
+    torch_graphs  the training network BertForQA, fp16, CUDA graphs (TorchCudaEngine fused=False)
+    fused         FusedBertForQA, fp16, Triton kernels, CUDA graphs (TorchCudaEngine: the product)
+    compiled      FusedBertForQA through torch.compile(mode), then CUDA graphs (only with --compile-mode)
+
+`--e2e` adds end-to-end latency on SQuAD dev questions (tokenize + infer + decode, one question at a
+time) through `QuestionAnswerer` with each engine. Writes JSON (--out) and prints a table.
+Needs a CUDA GPU, torch and transformers (dev extras).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qacore.config import ModelConfig
+from qacore.engine import Engine, EngineMeta, EngineOutputs
+from qacore.features import EngineInputs
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED_MODEL_DIR = REPO / "models" / "minilm-l6-squad"
+MODEL_SHAPES = {
+    "bert-base": ModelConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "bert-large": ModelConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+}
+VARIANTS = ("hf_eager", "torch_graphs", "fused", "compiled")
+DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+DEFAULT_SEQUENCE_LENGTHS = (128, 384)
+# The issue's goals (H100, fp16, engine only): (model, batch, seq) -> ("latency_ms" max | "throughput" min, value)
+GOALS = {
+    ("bert-large", 1, 128): ("p50_ms", 0.6),
+    ("bert-base", 1, 128): ("p50_ms", 0.30),
+    ("shipped", 1, 128): ("p50_ms", 0.12),
+    ("bert-large", 128, 384): ("throughput", 3000.0),
+}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    models: tuple[str, ...] = ("shipped", "bert-base", "bert-large")
+    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
+    sequence_lengths: tuple[int, ...] = DEFAULT_SEQUENCE_LENGTHS
+    variants: tuple[str, ...] = ("hf_eager", "torch_graphs", "fused")
+    precision: str = "fp16"
+    warmup_s: float = 0.1
+    min_iterations: int = 30
+    min_time_s: float = 0.3
+    max_iterations: int = 2000
+    compile_mode: str | None = None  # adds the "compiled" variant
+    compile_shapes: tuple[tuple[int, int], ...] = ((1, 128),)  # (batch, seq) the compiled variant is timed at
+    shipped_model: Path = SHIPPED_MODEL_DIR
+    e2e_squad: Path | None = None  # SQuAD dev JSON(.gz) for the end-to-end rows
+    e2e_questions: int = 300
+    profile_shapes: tuple[tuple[int, int], ...] = ()  # (batch, seq) whose kernels are listed per model
+    seed: int = 0
+
+
+@dataclass
+class Timing:
+    model: str
+    variant: str
+    batch: int
+    seq: int
+    iterations: int
+    mean_ms: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    throughput: float  # sequences per second at the mean latency
+    setup_s: float = 0.0  # capture / compile time of this shape
+    max_abs_diff_vs_hf: float | None = None  # start/end logits against hf_eager on the same inputs
+
+
+@dataclass
+class E2ETiming:
+    variant: str
+    questions: int
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    mean_ms: float
+    stage_p50_ms: dict[str, float] = field(default_factory=dict)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+def time_device(step: Callable[[], Any], stream: Any, config: BenchConfig) -> list[float]:
+    """Per-iteration latency in ms of `step` on `stream`, between CUDA events, after a warm-up."""
+    import torch
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with torch.cuda.stream(stream):
+        deadline = time.perf_counter() + config.warmup_s
+        for count in range(1_000_000):
+            step()
+            if count >= 4 and time.perf_counter() > deadline:
+                break
+        stream.synchronize()
+        times: list[float] = []
+        began = time.perf_counter()
+        while len(times) < config.max_iterations and (
+            len(times) < config.min_iterations or time.perf_counter() - began < config.min_time_s
+        ):
+            start.record(stream)
+            step()
+            end.record(stream)
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    return times
+
+
+def summarize(model: str, variant: str, batch: int, seq: int, times: list[float], setup_s: float) -> Timing:
+    mean = statistics.fmean(times)
+    return Timing(
+        model=model,
+        variant=variant,
+        batch=batch,
+        seq=seq,
+        iterations=len(times),
+        mean_ms=mean,
+        p50_ms=percentile(times, 50),
+        p95_ms=percentile(times, 95),
+        p99_ms=percentile(times, 99),
+        throughput=batch * 1000.0 / mean,
+        setup_s=setup_s,
+    )
+
+
+# -- models ------------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchModel:
+    name: str
+    config: ModelConfig
+    weights: dict[str, np.ndarray]  # canonical HF names, float32
+    hf: Any  # transformers BertForQuestionAnswering on the GPU, benchmark precision
+
+
+def load_bench_model(name: str, config: BenchConfig) -> BenchModel:
+    """The named model: real weights for "shipped", seeded random weights for the BERT shapes."""
+    import torch
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    from builder.checkpoint import canonical_names, load_checkpoint
+
+    if name == "shipped":
+        checkpoint = load_checkpoint(config.shipped_model, init_qa_head_seed=0)
+        model_config, weights = checkpoint.config, checkpoint.weights
+    else:
+        model_config, weights = MODEL_SHAPES[name], {}
+    hf_config = BertConfig(**model_config.to_dict())
+    hf_config._attn_implementation = "sdpa"
+    torch.manual_seed(config.seed)
+    hf: Any = BertForQuestionAnswering(hf_config)
+    if weights:
+        missing, unexpected = hf.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=False)
+        if unexpected or [key for key in missing if not key.endswith("position_ids")]:
+            raise RuntimeError(f"weights do not fit transformers' BERT: {missing[:3]} {unexpected[:3]}")
+    else:
+        weights = canonical_names({k: v.float().numpy() for k, v in hf.state_dict().items()})
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[config.precision]
+    hf = hf.to("cuda", dtype).eval()
+    return BenchModel(name, model_config, weights, hf)
+
+
+def bench_meta(model: BenchModel, config: BenchConfig) -> EngineMeta:
+    return EngineMeta(
+        backend="torch",
+        precision=config.precision,
+        model_id=model.name,
+        model_config=model.config,
+        vocab_sha256="",
+        source_sha256="benchmark",
+        engine_file="model.safetensors",
+        max_batch_size=max(config.batch_sizes),
+        sequence_lengths=tuple(sorted(config.sequence_lengths)),
+    )
+
+
+def make_engine(model: BenchModel, config: BenchConfig, variant: str) -> Any:
+    from qacore.backends.torch_cuda import TorchCudaEngine, TorchEngineConfig
+
+    engine_config = TorchEngineConfig(
+        device="cuda:0",
+        fused=variant != "torch_graphs",
+        compile_mode=config.compile_mode if variant == "compiled" else None,
+    )
+    return TorchCudaEngine(bench_meta(model, config), model.weights, engine_config)
+
+
+def random_inputs(batch: int, seq: int, vocab: int, rng: np.random.Generator) -> EngineInputs:
+    input_ids = rng.integers(1000, vocab, size=(batch, seq), dtype=np.int32)
+    input_ids[:, 0] = 101
+    segment_ids = np.zeros((batch, seq), np.int32)
+    segment_ids[:, seq // 4 :] = 1
+    return EngineInputs(input_ids, segment_ids, np.ones((batch, seq), np.int32))
+
+
+def hf_logits(hf: Any, inputs: EngineInputs) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
+    tensors = [torch.from_numpy(array).cuda() for array in (inputs.input_ids, inputs.segment_ids, inputs.input_mask)]
+    with torch.inference_mode():
+        out = hf(input_ids=tensors[0], token_type_ids=tensors[1], attention_mask=tensors[2])
+    return out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy()
+
+
+def bench_model(model: BenchModel, config: BenchConfig, rng: np.random.Generator) -> list[Timing]:
+    import torch
+
+    engines = {variant: make_engine(model, config, variant) for variant in config.variants if variant != "hf_eager"}
+    stream = torch.cuda.Stream()
+    results: list[Timing] = []
+    for seq in config.sequence_lengths:
+        for batch in config.batch_sizes:
+            inputs = random_inputs(batch, seq, model.config.vocab_size, rng)
+            reference = hf_logits(model.hf, inputs)
+            for variant in config.variants:
+                if variant == "compiled" and (batch, seq) not in config.compile_shapes:
+                    continue
+                began = time.perf_counter()
+                try:
+                    if variant == "hf_eager":
+                        step, diff = _hf_step(model.hf, inputs), None
+                    else:
+                        engine = engines[variant]
+                        outputs = engine.infer(inputs)  # captures (and compiles) this shape
+                        diff = max(
+                            float(np.abs(outputs.start_logits - reference[0]).max()),
+                            float(np.abs(outputs.end_logits - reference[1]).max()),
+                        )
+                        step = engine.graphed_shape(batch, seq).graph.replay
+                    setup = time.perf_counter() - began
+                    times = time_device(step, stream, config)
+                except Exception:  # one failing variant (e.g. a compile error) must not end the run
+                    log.exception("%s %s b=%d s=%d failed", model.name, variant, batch, seq)
+                    continue
+                timing = summarize(model.name, variant, batch, seq, times, setup)
+                timing.max_abs_diff_vs_hf = diff
+                results.append(timing)
+                log.info(
+                    "%s %s b=%d s=%d: p50 %.3f ms, %.0f seq/s (setup %.1f s, diff %s)",
+                    model.name, variant, batch, seq, timing.p50_ms, timing.throughput, setup, diff,
+                )  # fmt: skip
+    for engine in engines.values():
+        engine.close()
+    return results
+
+
+def _hf_step(hf: Any, inputs: EngineInputs) -> Callable[[], Any]:
+    import torch
+
+    tensors = [torch.from_numpy(array).cuda() for array in (inputs.input_ids, inputs.segment_ids, inputs.input_mask)]
+
+    def step() -> Any:
+        with torch.inference_mode():
+            return hf(input_ids=tensors[0], token_type_ids=tensors[1], attention_mask=tensors[2])
+
+    return step
+
+
+def kernel_profile(model: BenchModel, config: BenchConfig, batch: int, seq: int, rng: np.random.Generator) -> str:
+    """The fused module's CUDA kernels at one shape (eager, so each kernel shows), by total device time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = make_engine(model, config, "fused")
+    inputs = random_inputs(batch, seq, model.config.vocab_size, rng)
+    tensors = [torch.from_numpy(a).cuda() for a in (inputs.input_ids, inputs.segment_ids, inputs.input_mask)]
+    with torch.inference_mode():
+        for _ in range(3):
+            engine.module(*tensors)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                engine.module(*tensors)
+            torch.cuda.synchronize()
+    engine.close()
+    title = f"kernels of fused {model.name} b={batch} s={seq} (5 eager forwards)"
+    return title + "\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70)
+
+
+# -- end to end ----------------------------------------------------------------------------------
+
+
+class HFEagerEngine(Engine):
+    """The baseline as an Engine: transformers' BertForQuestionAnswering, eager, on the GPU."""
+
+    def __init__(self, meta: EngineMeta, hf: Any) -> None:
+        super().__init__(meta)
+        self.hf = hf
+
+    def infer(self, inputs: EngineInputs) -> EngineOutputs:
+        self.check_inputs(inputs)
+        start, end = hf_logits(self.hf, inputs)
+        return EngineOutputs(start, end)
+
+
+def bench_e2e(model: BenchModel, config: BenchConfig) -> list[E2ETiming]:
+    """One question at a time through QuestionAnswerer: tokenize + infer + decode, per engine."""
+    from qacore.answerer import QuestionAnswerer
+    from qacore.features import Featurizer
+    from qacore.squad import read_dataset
+    from qacore.tokenization import load_tokenizer
+
+    assert config.e2e_squad is not None
+    dataset = read_dataset(config.e2e_squad)
+    items = [(question.question, paragraph.context) for paragraph, question in dataset.questions()]
+    items = items[: config.e2e_questions]
+    featurizer = Featurizer(load_tokenizer(config.shipped_model))
+    rows = []
+    for variant in config.variants:
+        if variant == "compiled":
+            continue
+        engine: Engine
+        if variant == "hf_eager":
+            engine = HFEagerEngine(bench_meta(model, config), model.hf)
+        else:
+            engine = make_engine(model, config, variant)
+            engine.warmup()
+        answerer = QuestionAnswerer(engine, featurizer)
+        for question, passage in items[:20]:
+            answerer.answer(question, passage)
+        latencies: list[float] = []
+        stages: dict[str, list[float]] = {"tokenize": [], "infer": [], "decode": []}
+        for question, passage in items:
+            began = time.perf_counter_ns()
+            result = answerer.answer(question, passage)
+            latencies.append((time.perf_counter_ns() - began) / 1e6)
+            for stage, values in stages.items():
+                values.append(result.timings.stage_ns(stage) / 1e6)
+        rows.append(
+            E2ETiming(
+                variant=variant,
+                questions=len(items),
+                p50_ms=percentile(latencies, 50),
+                p95_ms=percentile(latencies, 95),
+                p99_ms=percentile(latencies, 99),
+                mean_ms=statistics.fmean(latencies),
+                stage_p50_ms={stage: percentile(values, 50) for stage, values in stages.items()},
+            )
+        )
+        engine.close()
+    return rows
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+def environment() -> dict[str, Any]:
+    import torch
+
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "gpu": props.name,
+        "multiprocessors": props.multi_processor_count,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "transformers": __import__("transformers").__version__,
+        "triton": __import__("triton").__version__,
+    }
+
+
+def table(results: list[Timing]) -> str:
+    """One row per (model, seq, batch): p50 of each variant, the fused engine's speed-up and seq/s."""
+    by_key: dict[tuple[str, int, int], dict[str, Timing]] = {}
+    for timing in results:
+        by_key.setdefault((timing.model, timing.seq, timing.batch), {})[timing.variant] = timing
+    variants = [variant for variant in VARIANTS if any(variant in row for row in by_key.values())]
+    header = ["model", "seq", "batch", *[f"{v} p50 ms" for v in variants], "fused p99 ms", "vs eager", "fused seq/s"]
+    lines = [" | ".join(header), " | ".join("---" for _ in header)]
+    for (model, seq, batch), row in by_key.items():
+        cells = [model, str(seq), str(batch)]
+        cells += [f"{row[v].p50_ms:.3f}" if v in row else "" for v in variants]
+        fused, eager = row.get("fused"), row.get("hf_eager")
+        cells.append(f"{fused.p99_ms:.3f}" if fused else "")
+        cells.append(f"{eager.p50_ms / fused.p50_ms:.1f}x" if fused and eager else "")
+        cells.append(f"{fused.throughput:,.0f}" if fused else "")
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
+
+
+def goal_lines(results: list[Timing]) -> list[str]:
+    lines = []
+    for (model, batch, seq), (metric, target) in GOALS.items():
+        for variant in ("fused", "compiled"):
+            found = [t for t in results if (t.model, t.batch, t.seq, t.variant) == (model, batch, seq, variant)]
+            if not found:
+                continue
+            value = getattr(found[0], metric)
+            met = value <= target if metric == "p50_ms" else value >= target
+            unit = "ms" if metric == "p50_ms" else "seq/s"
+            lines.append(
+                f"goal {model} b={batch} s={seq} {variant}: {value:,.3f} {unit} "
+                f"({'<=' if metric == 'p50_ms' else '>='} {target:,} {unit}): {'MET' if met else 'MISSED'}"
+            )
+    return lines
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The results file: environment, exact command, the table with its baselines, e2e rows, goals."""
+    env = report["environment"]
+    lines = [
+        f"# GPU engine benchmark: {env['gpu']}",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        f"PyTorch {env['torch']} (CUDA {env['cuda']}), Triton {env['triton']}, transformers {env['transformers']}, "
+        f"Python {env['python']}. Precision {report['config']['precision']}. Engine-only latency between CUDA "
+        "events (random token ids, full-length windows), warm-up first; p50 per variant, same weights and "
+        "inputs for every variant of a row, measured one right after another.",
+        "",
+        report["table"],
+        "",
+    ]
+    if report.get("e2e"):
+        lines += ["End to end, one SQuAD dev question at a time (tokenize + infer + decode), shipped model:", ""]
+        lines += [
+            "variant | p50 ms | p95 ms | p99 ms | tokenize p50 | infer p50 | decode p50",
+            "---|---|---|---|---|---|---",
+        ]
+        for row in report["e2e"]:
+            stages = row["stage_p50_ms"]
+            lines.append(
+                f"{row['variant']} | {row['p50_ms']:.3f} | {row['p95_ms']:.3f} | {row['p99_ms']:.3f} | "
+                f"{stages['tokenize']:.3f} | {stages['infer']:.3f} | {stages['decode']:.3f}"
+            )
+        lines.append("")
+    lines += ["Goals:", ""] + [f"- {line}" for line in report["goals"]] + [""]
+    return "\n".join(lines)
+
+
+def run(config: BenchConfig, out: Path | None, argv: Sequence[str]) -> dict[str, Any]:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("qa-bench engine: needs a CUDA GPU (PyTorch sees none)")
+    rng = np.random.default_rng(config.seed)
+    report: dict[str, Any] = {
+        "command": "qa-bench engine " + " ".join(argv),
+        "environment": environment(),
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+        "results": [],
+        "e2e": [],
+    }
+    for name in config.models:
+        began = time.perf_counter()
+        model = load_bench_model(name, config)
+        report["results"] += [asdict(t) for t in bench_model(model, config, rng)]
+        for batch, seq in config.profile_shapes:
+            try:
+                report.setdefault("kernel_profiles", []).append(kernel_profile(model, config, batch, seq, rng))
+                print(report["kernel_profiles"][-1])
+            except Exception:
+                log.exception("kernel profile of %s failed", name)
+        if name == "shipped" and config.e2e_squad is not None:
+            report["e2e"] = [asdict(t) for t in bench_e2e(model, config)]
+        log.info("%s done in %.1f s", name, time.perf_counter() - began)
+        del model
+        torch.cuda.empty_cache()
+        if out is not None:  # partial results survive a run cut short
+            out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    results = [Timing(**raw) for raw in report["results"]]
+    report["table"] = table(results)
+    report["goals"] = goal_lines(results)
+    if out is not None:
+        out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        out.with_suffix(".md").write_text(markdown(report), encoding="utf-8")
+    print(report["table"])
+    for row in report["e2e"]:
+        stages = ", ".join(f"{k} {v:.3f}" for k, v in row["stage_p50_ms"].items())
+        print(f"e2e {row['variant']}: p50 {row['p50_ms']:.3f} ms, p99 {row['p99_ms']:.3f} ms ({stages})")
+    print("\n".join(report["goals"]))
+    return report
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(value < 1 for value in values):
+        raise argparse.ArgumentTypeError(f"values must be >= 1, got {text!r}")
+    return values
+
+
+def _shapes(text: str) -> tuple[tuple[int, int], ...]:
+    shapes = []
+    for part in text.split(","):
+        batch, _, seq = part.partition("x")
+        shapes.append((_ints(batch)[0], _ints(seq)[0]))
+    return tuple(shapes)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `engine` subcommand's options (benchmarks.cli registers the subcommand with these)."""
+    parser.add_argument(
+        "--models", default="shipped,bert-base,bert-large", help="comma-separated: shipped, bert-base, bert-large"
+    )
+    parser.add_argument("--batch-sizes", type=_ints, default=DEFAULT_BATCH_SIZES)
+    parser.add_argument("--seq-lengths", type=_ints, default=DEFAULT_SEQUENCE_LENGTHS)
+    parser.add_argument(
+        "--variants", default="hf_eager,torch_graphs,fused", help=f"comma-separated of {', '.join(VARIANTS)}"
+    )
+    parser.add_argument("--precision", choices=("fp16", "bf16"), default="fp16")
+    parser.add_argument("--min-iterations", type=int, default=30)
+    parser.add_argument("--min-time", type=float, default=0.3, help="seconds timed per row at least")
+    parser.add_argument("--compile-mode", default=None, help="torch.compile mode for the 'compiled' variant")
+    parser.add_argument("--compile-shapes", type=_shapes, default=((1, 128),), help="BxS,... timed with --compile-mode")
+    parser.add_argument("--shipped-model", type=Path, default=SHIPPED_MODEL_DIR)
+    parser.add_argument("--e2e-squad", type=Path, default=None, help="SQuAD dev JSON(.gz): add end-to-end rows")
+    parser.add_argument("--e2e-questions", type=int, default=300)
+    parser.add_argument("--profile-shapes", type=_shapes, default=(), help="BxS,... list the fused kernels there")
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    models = tuple(name for name in args.models.split(",") if name)
+    unknown = [name for name in models if name != "shipped" and name not in MODEL_SHAPES]
+    variants = tuple(name for name in args.variants.split(",") if name)
+    bad_variants = [name for name in variants if name not in VARIANTS]
+    if unknown or bad_variants:
+        raise SystemExit(f"qa-bench engine: unknown model or variant: {', '.join(unknown + bad_variants)}")
+    if args.compile_mode and "compiled" not in variants:
+        variants = (*variants, "compiled")
+    if "compiled" in variants and not args.compile_mode:
+        raise SystemExit("qa-bench engine: the compiled variant needs --compile-mode")
+    return BenchConfig(
+        models=models,
+        batch_sizes=args.batch_sizes,
+        sequence_lengths=args.seq_lengths,
+        variants=variants,
+        precision=args.precision,
+        min_iterations=args.min_iterations,
+        min_time_s=args.min_time,
+        compile_mode=args.compile_mode,
+        compile_shapes=args.compile_shapes,
+        shipped_model=args.shipped_model,
+        e2e_squad=args.e2e_squad,
+        e2e_questions=args.e2e_questions,
+        profile_shapes=args.profile_shapes,
+    )
+
+
+def run_from_args(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    run(config_from_args(args), args.out, argv)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="qa-bench engine", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    return run_from_args(parser.parse_args(argv), argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,40 @@
+"""Helpers every benchmark shares: percentile summaries and a description of the machine."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import numpy as np
+
+
+def percentile_summary(values: np.ndarray) -> dict[str, float]:
+    """mean, p50, p90, p95, p99, min and max of a sample, rounded for reports."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return {}
+    p50, p90, p95, p99 = np.percentile(values, [50, 90, 95, 99])
+    return {
+        "mean": round(float(values.mean()), 4),
+        "p50": round(float(p50), 4),
+        "p90": round(float(p90), 4),
+        "p95": round(float(p95), 4),
+        "p99": round(float(p99), 4),
+        "min": round(float(values.min()), 4),
+        "max": round(float(values.max()), 4),
+        "n": int(values.size),
+    }
+
+
+def machine_description() -> str:
+    """CPU model, core count and OS, e.g. for the header of a results table."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"

@@ -1,0 +1,1 @@
+"""Offline journey: checkpoints -> one in-memory form -> ONNX -> backend engines (`qa-build`)."""

@@ -1,0 +1,75 @@
+"""Calibration data for INT8 engines: real SQuAD questions and passages, featurized as at serving time.
+
+Each calibration batch holds the windows of one question, padded to the longest of them, exactly
+as the runtime batches them, so the activation ranges seen here are the ones INT8 must cover.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from onnxruntime.quantization import CalibrationDataReader
+
+from qacore.features import EngineInputs, Featurizer, featurizer_config_for
+from qacore.squad import read_dataset
+from qacore.tokenization import load_tokenizer
+
+
+def calibration_batches(
+    squad_json: Path, tokenizer_dir: Path, num_questions: int, max_seq_length: int
+) -> Iterator[EngineInputs]:
+    """The windows of the first `num_questions` questions of a SQuAD file, one batch per question."""
+    dataset = read_dataset(squad_json)
+    featurizer = Featurizer(load_tokenizer(tokenizer_dir), featurizer_config_for(max_seq_length))
+    passages: dict[str, object] = {}
+    for paragraph, question in dataset.questions(limit=num_questions):
+        encoded = passages.get(paragraph.context)
+        if encoded is None:
+            encoded = passages[paragraph.context] = featurizer.encode_passage(paragraph.context)
+        features = featurizer.featurize(question.question, encoded)  # type: ignore[arg-type]
+        yield featurizer.batch(features.windows)
+
+
+class SquadCalibrationReader(CalibrationDataReader):
+    """An `onnxruntime.quantization.CalibrationDataReader` over calibration batches.
+
+    Supports `set_range` and `len`, which ORT's strided calibration uses to collect ranges a few
+    batches at a time (memory stays bounded by one batch's activations, not the whole set's).
+    """
+
+    def __init__(self, batches: list[EngineInputs]) -> None:
+        if not batches:
+            raise ValueError("no calibration batches")
+        self.feeds = [
+            {
+                "input_ids": np.ascontiguousarray(batch.input_ids, np.int32),
+                "segment_ids": np.ascontiguousarray(batch.segment_ids, np.int32),
+                "input_mask": np.ascontiguousarray(batch.input_mask, np.int32),
+            }
+            for batch in batches
+        ]
+        self.start, self.end = 0, len(self.feeds)
+        self.position = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.position >= self.end:
+            return None
+        feed = self.feeds[self.position]
+        self.position += 1
+        return feed
+
+    def rewind(self) -> None:
+        self.position = self.start
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.start, self.end = start_index, min(end_index, len(self.feeds))
+        self.position = self.start
+
+    def __len__(self) -> int:
+        return len(self.feeds)
+
+    @property
+    def num_windows(self) -> int:
+        return sum(int(feed["input_ids"].shape[0]) for feed in self.feeds)

@@ -1,0 +1,276 @@
+"""`qa-assistant`: ask questions about a passage with a compiled engine (the embedded, serverless path).
+
+Mirrors the interface of NVIDIA's TensorRT BERT `inference.py`: passages from -p/-pf, questions from
+-q/-qf or an interactive prompt, or a whole SQuAD file with -sq/-o. With no -e the shipped model's CPU
+engine is used (built on first use). Every failure is one line on stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from qacore.answerer import AnswerResult, QuestionAnswerer, featurizer_for_engine
+from qacore.decoding import DecoderConfig
+from qacore.errors import EngineError, InvalidInputError, QAError
+from qacore.factory import EngineOptions, load_engine
+from qacore.features import Featurizer, FeaturizerConfig
+from qacore.tokenization import load_tokenizer, vocab_sha256
+
+EXIT_BAD_INPUT = 2
+EXIT_ENGINE = 3
+
+DEMO_PASSAGE = (
+    "TensorRT is a high performance deep learning inference platform that delivers low latency and high "
+    "throughput for apps such as recommenders, speech and image/video on NVIDIA GPUs. It includes parsers to "
+    "import models, and plugins to support novel ops and layers before applying optimizations for inference. "
+    "Today NVIDIA is open-sourcing parsers and plugins in TensorRT so that the deep learning community can "
+    "customize and extend these components to take advantage of powerful TensorRT optimizations for your apps."
+)
+DEMO_QUESTIONS = ("What is TensorRT?", "What is included in TensorRT?")
+QUIT_WORDS = frozenset({"exit", "quit"})
+SQUAD_CHUNK_QUESTIONS = 64  # questions answered per engine round in SQuAD mode
+
+log = logging.getLogger("qa-assistant")
+
+
+@dataclass(frozen=True)
+class AssistantConfig:
+    """Everything the CLI was asked to do, validated."""
+
+    engine_dir: Path | None
+    passage: str | None
+    questions: tuple[str, ...]
+    squad_json: Path | None
+    prediction_file: Path | None
+    vocab_file: Path | None
+    featurizer: FeaturizerConfig
+    decoder: DecoderConfig
+    engine: EngineOptions
+    json_output: bool
+    interactive: bool
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qa-assistant",
+        description="Answer questions about a passage with a BERT QA engine (CPU ONNX Runtime by default).",
+    )
+    parser.add_argument("-e", "--engine", type=Path, help="engine directory (default: the shipped model on CPU)")
+    parser.add_argument("-p", "--passage", nargs="*", default=[], help="passage text (several are joined)")
+    parser.add_argument("-pf", "--passage-file", type=Path, help="file with the passage (UTF-8)")
+    parser.add_argument("-q", "--question", nargs="*", default=[], help="question(s) to ask")
+    parser.add_argument("-qf", "--question-file", type=Path, help="file with one question per line")
+    parser.add_argument("-sq", "--squad-json", type=Path, help="answer every question of a SQuAD file")
+    parser.add_argument("-o", "--output-prediction-file", type=Path, help="write SQuAD predictions here (with -sq)")
+    parser.add_argument("-v", "--vocab-file", type=Path, help="vocab.txt or tokenizer.json (default: the engine's)")
+    parser.add_argument("-s", "--sequence-length", type=int, default=384, help="window length in tokens")
+    parser.add_argument("--max-query-length", type=int, default=64, help="question tokens kept")
+    parser.add_argument("--doc-stride", type=int, default=128, help="tokens between window starts")
+    parser.add_argument("--max-answer-length", type=int, default=30, help="longest answer in tokens")
+    parser.add_argument("--n-best-size", type=int, default=20, help="candidate spans kept")
+    parser.add_argument(
+        "--allow-null", action="store_true", help="SQuAD 2.0: the model may answer that there is no answer"
+    )
+    parser.add_argument("--null-threshold", type=float, default=0.0, help="abstain when null - best > this (logits)")
+    parser.add_argument("--threads", type=int, default=0, help="engine threads (0: the runtime's default)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line and question")
+    parser.add_argument("--demo", action="store_true", help="ask the two example questions about TensorRT")
+    parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
+    return parser
+
+
+def parse_config(argv: Sequence[str] | None) -> AssistantConfig:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if args.threads < 0:
+        raise InvalidInputError(f"--threads must be >= 0, got {args.threads}")
+    if args.output_prediction_file and not args.squad_json:
+        raise InvalidInputError("-o/--output-prediction-file needs -sq/--squad-json")
+    passage = " ".join(args.passage) if args.passage else None
+    if args.passage_file:
+        if passage is not None:
+            raise InvalidInputError("give the passage with -p or -pf, not both")
+        passage = read_text(args.passage_file, "passage")
+    questions = list(args.question)
+    if args.question_file:
+        questions += [line.strip() for line in read_text(args.question_file, "question").splitlines() if line.strip()]
+    if args.demo:
+        if passage is not None or questions or args.squad_json:
+            raise InvalidInputError("--demo takes no passage, questions or SQuAD file")
+        passage, questions = DEMO_PASSAGE, list(DEMO_QUESTIONS)
+    if args.squad_json and (passage is not None or questions):
+        raise InvalidInputError("-sq/--squad-json takes its passages and questions from the file; drop -p/-q")
+    if not args.squad_json and passage is None:
+        raise InvalidInputError("no passage: give -p TEXT, -pf FILE, -sq SQUAD_JSON or --demo")
+    return AssistantConfig(
+        engine_dir=args.engine,
+        passage=passage,
+        questions=tuple(questions),
+        squad_json=args.squad_json,
+        prediction_file=args.output_prediction_file,
+        vocab_file=args.vocab_file,
+        featurizer=FeaturizerConfig(args.sequence_length, args.doc_stride, args.max_query_length),
+        decoder=DecoderConfig(args.n_best_size, args.max_answer_length, args.allow_null, args.null_threshold),
+        engine=EngineOptions(intra_op_threads=args.threads),
+        json_output=args.json,
+        interactive=not questions and not args.squad_json,
+    )
+
+
+def read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise InvalidInputError(f"{what} file not found: {path}") from None
+    except IsADirectoryError:
+        raise InvalidInputError(f"{what} file is a directory: {path}") from None
+    except UnicodeDecodeError as exc:
+        raise InvalidInputError(f"{what} file {path} is not valid UTF-8 (byte {exc.start})") from None
+
+
+def open_answerer(config: AssistantConfig) -> QuestionAnswerer:
+    engine_dir = config.engine_dir
+    if engine_dir is None:
+        from builder.defaults import ensure_default_engine
+
+        engine_dir = ensure_default_engine()
+    engine = load_engine(engine_dir, config.engine)
+    try:
+        if config.vocab_file is None:
+            featurizer = featurizer_for_engine(engine, engine_dir, config.featurizer)
+        else:
+            tokenizer = load_tokenizer(config.vocab_file)
+            if vocab_sha256(tokenizer) != engine.meta.vocab_sha256:
+                raise EngineError(f"vocabulary {config.vocab_file} does not match the engine's")
+            featurizer = Featurizer(tokenizer, config.featurizer)
+            if config.featurizer.max_seq_length > engine.meta.max_seq_length:
+                raise InvalidInputError(
+                    f"sequence length {config.featurizer.max_seq_length} exceeds the engine's "
+                    f"{engine.meta.max_seq_length}"
+                )
+    except Exception:
+        engine.close()
+        raise
+    return QuestionAnswerer(engine, featurizer, config.decoder)
+
+
+def format_result(result: AnswerResult, as_json: bool) -> str:
+    timings = result.timings
+    timings_ms = {
+        "tokenize": timings.tokenize_ns / 1e6,
+        "infer": timings.infer_ns / 1e6,
+        "decode": timings.decode_ns / 1e6,
+        "total": timings.total_ns / 1e6,
+    }
+    best = result.prediction.best
+    if as_json:
+        return json.dumps(
+            {
+                "question": result.question,
+                "answer": result.prediction.text,
+                "score": best.score if best else result.prediction.null_probability,
+                "start": best.start if best else -1,
+                "end": best.end if best else -1,
+                "abstained": result.prediction.abstained,
+                "timings_ms": {stage: round(value, 4) for stage, value in timings_ms.items()},
+            },
+            ensure_ascii=False,
+        )
+    answer = f"{best.text!r}  (score {best.score:.3f}, characters {best.start}-{best.end})" if best else "(no answer)"
+    stages = " | ".join(f"{stage} {value:.2f} ms" for stage, value in timings_ms.items())
+    return f"Question: {result.question}\nAnswer: {answer}\nTimings: {stages}\n"
+
+
+def prompt_questions(stream: TextIO) -> Iterator[str]:
+    """Questions typed at the prompt until exit, quit or end of input."""
+    while True:
+        print("Question (exit or quit to leave): ", end="", flush=True, file=sys.stderr)
+        line = stream.readline()
+        if not line:
+            return
+        question = line.strip()
+        if question.lower() in QUIT_WORDS:
+            return
+        if question:
+            yield question
+
+
+def answer_passage(answerer: QuestionAnswerer, config: AssistantConfig, questions: Iterable[str]) -> int:
+    assert config.passage is not None
+    passage = answerer.encode_passage(config.passage)  # tokenized once for every question
+    failures = 0
+    for question in questions:
+        try:
+            print(format_result(answerer.answer(question, passage), config.json_output), flush=True)
+        except InvalidInputError as exc:
+            if not config.interactive:
+                raise
+            failures += 1
+            print(f"qa-assistant: {exc}", file=sys.stderr)
+    return 0 if not failures else EXIT_BAD_INPUT
+
+
+def answer_squad(answerer: QuestionAnswerer, config: AssistantConfig) -> int:
+    from tqdm import tqdm
+
+    from qacore.squad import read_dataset, write_predictions
+
+    assert config.squad_json is not None
+    dataset = read_dataset(config.squad_json)
+    predictions: dict[str, str] = {}
+    pending: list[tuple[str, str, object]] = []
+    passages: dict[str, object] = {}
+    progress = tqdm(total=dataset.num_questions, unit="q", file=sys.stderr, disable=None)
+
+    def flush() -> None:
+        items = [(question, passage) for _, question, passage in pending]
+        for (qid, _, _), result in zip(pending, answerer.answer_many(items), strict=True):  # type: ignore[arg-type]
+            predictions[qid] = result.prediction.text
+            if config.json_output:
+                print(json.dumps({"id": qid, **json.loads(format_result(result, True))}, ensure_ascii=False))
+        progress.update(len(pending))
+        pending.clear()
+
+    for paragraph, question in dataset.questions():
+        if paragraph.context not in passages:
+            passages.clear()  # consecutive questions share a paragraph: keep only the current one
+            passages[paragraph.context] = answerer.encode_passage(paragraph.context)
+        pending.append((question.id, question.question, passages[paragraph.context]))
+        if len(pending) >= SQUAD_CHUNK_QUESTIONS:
+            flush()
+    if pending:
+        flush()
+    progress.close()
+    if config.prediction_file:
+        write_predictions(config.prediction_file, predictions)
+        print(f"wrote {len(predictions)} predictions to {config.prediction_file}", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config = parse_config(argv)
+        with open_answerer(config) as answerer:
+            if config.squad_json:
+                return answer_squad(answerer, config)
+            questions: Iterable[str] = config.questions or prompt_questions(sys.stdin)
+            return answer_passage(answerer, config, questions)
+    except InvalidInputError as exc:
+        print(f"qa-assistant: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except QAError as exc:
+        print(f"qa-assistant: error: {exc}", file=sys.stderr)
+        return EXIT_ENGINE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

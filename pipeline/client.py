@@ -1,0 +1,448 @@
+"""A typed asyncio client of the qa.v1 QuestionAnswering service.
+
+Domain dataclasses in, domain dataclasses out (protobuf stays inside this module). Unary calls take a
+deadline and retry UNAVAILABLE (server warming up or restarting) with exponential backoff and jitter
+inside that deadline; failures raise `QAClientError` with the gRPC status code. Streams are not
+retried: a failed question on a stream arrives as an `AnswerFailure`, the stream stays open.
+
+    async with QAClient("127.0.0.1:50051") as client:
+        answer = await client.answer("Who wrote it?", passage)
+        async for result in client.answer_stream(questions):
+            ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from qa.v1 import qa_pb2, qa_pb2_grpc
+from qacore.decoding import Span
+from qacore.latency import StageTimings
+
+REQUEST_ID_HEADER = "x-request-id"
+SERVICE_NAME = "qa.v1.QuestionAnswering"
+T = TypeVar("T")
+
+
+class QAClientError(Exception):
+    """A call failed with gRPC status `code` (after any retries)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, request_id: str = "") -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff: attempt n waits about initial * multiplier**(n-1), capped, with full jitter."""
+
+    max_attempts: int = 5
+    initial_backoff_s: float = 0.05
+    max_backoff_s: float = 1.0
+    multiplier: float = 2.0
+    retry_codes: frozenset[grpc.StatusCode] = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+    def backoff_s(self, attempt: int) -> float:
+        ceiling = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (attempt - 1))
+        return random.uniform(0.0, ceiling)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    timeout_s: float | None = 10.0  # default deadline of a unary call, retries included
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    max_message_bytes: int = 8 * 1024 * 1024
+    tls_root_cert: Path | None = None  # PEM; set to use TLS
+
+
+@dataclass(frozen=True)
+class AnswerOptions:
+    """Per-question options; None leaves the server's default."""
+
+    n_best_size: int | None = None
+    max_answer_length: int | None = None
+    allow_null: bool = False
+    null_threshold: float | None = None
+    timeout_ms: int | None = None
+
+    def to_pb(self) -> qa_pb2.AnswerOptions:
+        options = qa_pb2.AnswerOptions(allow_null=self.allow_null)
+        if self.n_best_size is not None:
+            options.n_best_size = self.n_best_size
+        if self.max_answer_length is not None:
+            options.max_answer_length = self.max_answer_length
+        if self.null_threshold is not None:
+            options.null_threshold = self.null_threshold
+        if self.timeout_ms is not None:
+            options.timeout_ms = self.timeout_ms
+        return options
+
+
+@dataclass(frozen=True)
+class Question:
+    """One question about a passage given as text or as a passage id from `put_passage`."""
+
+    question: str
+    passage: str | None = None
+    passage_id: str | None = None
+    request_id: str = ""  # tag echoed in the answer (matches answers on streams)
+    model_id: str = ""
+    options: AnswerOptions = field(default_factory=AnswerOptions)
+
+    def to_pb(self) -> qa_pb2.AnswerRequest:
+        request = qa_pb2.AnswerRequest(
+            request_id=self.request_id, model_id=self.model_id, question=self.question, options=self.options.to_pb()
+        )
+        if self.passage_id is not None:
+            request.passage_id = self.passage_id
+        elif self.passage is not None:
+            request.passage = self.passage
+        return request
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The server's answer to one question."""
+
+    request_id: str
+    best: Span | None  # None when the model abstained
+    nbest: list[Span]
+    abstained: bool
+    null_probability: float
+    model_id: str
+    engine: str
+    passage_id: str
+    timings: StageTimings
+
+    @property
+    def text(self) -> str:
+        return self.best.text if self.best is not None else ""
+
+    @classmethod
+    def from_pb(cls, message: qa_pb2.AnswerResponse) -> Answer:
+        timings = message.timings
+        return cls(
+            request_id=message.request_id,
+            best=span_from_pb(message.answer) if message.HasField("answer") else None,
+            nbest=[span_from_pb(span) for span in message.nbest],
+            abstained=message.abstained,
+            null_probability=message.null_probability,
+            model_id=message.model_id,
+            engine=message.engine,
+            passage_id=message.passage_id,
+            timings=StageTimings(
+                queue_ns=timings.queue_ns,
+                tokenize_ns=timings.tokenize_ns,
+                infer_ns=timings.infer_ns,
+                decode_ns=timings.decode_ns,
+                total_ns=timings.total_ns,
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class AnswerFailure:
+    """A question on a stream that failed; the stream goes on."""
+
+    request_id: str
+    code: grpc.StatusCode
+    message: str
+
+    @classmethod
+    def from_pb(cls, message: qa_pb2.AnswerResponse) -> AnswerFailure:
+        return cls(message.request_id, status_code_of(message.error.code), message.error.message)
+
+
+@dataclass(frozen=True)
+class StoredPassage:
+    passage_id: str
+    num_tokens: int
+    num_windows: int
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    model_id: str
+    is_default: bool
+    ready: bool
+    backend: str
+    backend_version: str
+    precision: str
+    max_batch_size: int
+    sequence_lengths: tuple[int, ...]
+    max_seq_length: int
+    doc_stride: int
+    max_query_length: int
+    model_card: str
+    vocab_sha256: str
+    engine_contexts: int
+
+    @classmethod
+    def from_pb(cls, message: qa_pb2.ModelInfo) -> ModelDescription:
+        return cls(
+            model_id=message.model_id,
+            is_default=message.is_default,
+            ready=message.ready,
+            backend=message.backend,
+            backend_version=message.backend_version,
+            precision=message.precision,
+            max_batch_size=message.max_batch_size,
+            sequence_lengths=tuple(message.sequence_lengths),
+            max_seq_length=message.max_seq_length,
+            doc_stride=message.doc_stride,
+            max_query_length=message.max_query_length,
+            model_card=message.model_card,
+            vocab_sha256=message.vocab_sha256,
+            engine_contexts=message.engine_contexts,
+        )
+
+
+StreamResult = Answer | AnswerFailure
+
+
+def span_from_pb(message: qa_pb2.Span) -> Span:
+    return Span(text=message.text, start=message.start, end=message.end, score=message.score, logit=message.logit)
+
+
+def status_code_of(number: int) -> grpc.StatusCode:
+    for code in grpc.StatusCode:
+        if code.value[0] == number:
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
+def result_from_pb(message: qa_pb2.AnswerResponse) -> StreamResult:
+    return AnswerFailure.from_pb(message) if message.HasField("error") else Answer.from_pb(message)
+
+
+class QAClient:
+    """One channel to a QA server; safe to share between tasks."""
+
+    def __init__(self, target: str, config: ClientConfig | None = None) -> None:
+        self.target = target
+        self.config = config or ClientConfig()
+        options = [
+            ("grpc.max_receive_message_length", self.config.max_message_bytes),
+            ("grpc.max_send_message_length", self.config.max_message_bytes),
+        ]
+        if self.config.tls_root_cert is not None:
+            credentials = grpc.ssl_channel_credentials(self.config.tls_root_cert.read_bytes())
+            self.channel = grpc.aio.secure_channel(target, credentials, options=options)
+        else:
+            self.channel = grpc.aio.insecure_channel(target, options=options)
+        self._stub = qa_pb2_grpc.QuestionAnsweringStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    async def __aenter__(self) -> QAClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    # -- unary -------------------------------------------------------------------------------------
+
+    async def answer(
+        self,
+        question: str | Question,
+        passage: str | None = None,
+        *,
+        passage_id: str | None = None,
+        model_id: str = "",
+        options: AnswerOptions | None = None,
+        timeout_s: float | None = -1.0,
+        request_id: str | None = None,
+    ) -> Answer:
+        """Answer one question (a `Question`, or its fields as arguments).
+
+        `timeout_s` bounds the call, retries included: -1 (default) uses `ClientConfig.timeout_s`,
+        None means no deadline. Raises `QAClientError` with the final status code.
+        """
+        if not isinstance(question, Question):
+            question = Question(question, passage, passage_id, model_id=model_id, options=options or AnswerOptions())
+        message = question.to_pb()
+        response: qa_pb2.AnswerResponse = await self._call(self._stub.Answer, message, timeout_s, request_id)
+        return Answer.from_pb(response)
+
+    async def put_passage(self, passage: str, model_id: str = "", timeout_s: float | None = -1.0) -> StoredPassage:
+        """Store (and tokenize) a passage once; ask about it by `passage_id` afterwards."""
+        request = qa_pb2.PutPassageRequest(passage=passage, model_id=model_id)
+        response: qa_pb2.PutPassageResponse = await self._call(self._stub.PutPassage, request, timeout_s)
+        return StoredPassage(response.passage_id, response.num_tokens, response.num_windows)
+
+    async def list_models(self, timeout_s: float | None = -1.0) -> list[ModelDescription]:
+        response: qa_pb2.ListModelsResponse = await self._call(
+            self._stub.ListModels, qa_pb2.ListModelsRequest(), timeout_s
+        )
+        return [ModelDescription.from_pb(model) for model in response.models]
+
+    async def model_info(self, model_id: str = "", timeout_s: float | None = -1.0) -> ModelDescription:
+        response: qa_pb2.ModelInfo = await self._call(
+            self._stub.GetModelInfo, qa_pb2.GetModelInfoRequest(model_id=model_id), timeout_s
+        )
+        return ModelDescription.from_pb(response)
+
+    async def health(self, service: str = SERVICE_NAME, timeout_s: float = 2.0) -> str:
+        """The health status name of `service` ("SERVING", "NOT_SERVING", ...)."""
+        try:
+            response = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            raise QAClientError(exc.code(), exc.details() or "") from None
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+    async def wait_ready(self, timeout_s: float = 60.0, service: str = SERVICE_NAME) -> None:
+        """Wait until the server reports `service` SERVING (QAClientError DEADLINE_EXCEEDED otherwise)."""
+        deadline = time.monotonic() + timeout_s
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                if await self.health(service, timeout_s=max(0.05, min(2.0, deadline - time.monotonic()))) == "SERVING":
+                    return
+            except QAClientError as exc:
+                if exc.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+            if time.monotonic() >= deadline:
+                raise QAClientError(grpc.StatusCode.DEADLINE_EXCEEDED, f"{self.target} not SERVING in {timeout_s} s")
+            await asyncio.sleep(min(self.config.retry.backoff_s(attempt) + 0.01, max(0.0, deadline - time.monotonic())))
+
+    async def _call(
+        self,
+        method: Callable[..., Awaitable[T]],
+        request: Any,
+        timeout_s: float | None = -1.0,
+        request_id: str | None = None,
+    ) -> T:
+        """One unary call with retries on the policy's codes, all inside one deadline."""
+        timeout = self.config.timeout_s if timeout_s == -1.0 else timeout_s
+        deadline = None if timeout is None else time.monotonic() + timeout
+        request_id = request_id or uuid.uuid4().hex[:16]
+        metadata = ((REQUEST_ID_HEADER, request_id),)
+        policy = self.config.retry
+        attempt = 0
+        while True:
+            attempt += 1
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise QAClientError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded (while retrying)", request_id)
+            try:
+                return await method(request, timeout=remaining, metadata=metadata)
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                if code not in policy.retry_codes or attempt >= policy.max_attempts:
+                    raise QAClientError(code, exc.details() or "", request_id) from None
+                pause = policy.backoff_s(attempt)
+                if deadline is not None:
+                    pause = min(pause, max(0.0, deadline - time.monotonic()))
+                await asyncio.sleep(pause)
+
+    # -- streaming ---------------------------------------------------------------------------------
+
+    async def answer_stream(
+        self,
+        questions: Iterable[Question] | AsyncIterable[Question],
+        timeout_s: float | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[StreamResult]:
+        """Send every question over one stream; yield results as the server completes them.
+
+        Questions without a request_id are tagged with their position ("0", "1", ...). Leaving the
+        loop early cancels the stream (the server drops the remaining work).
+        """
+        call = self._stub.AnswerStream(
+            _tagged_requests(questions),
+            timeout=timeout_s,
+            metadata=((REQUEST_ID_HEADER, request_id or uuid.uuid4().hex[:16]),),
+        )
+        try:
+            async for response in call:
+                yield result_from_pb(response)
+        except grpc.aio.AioRpcError as exc:
+            raise QAClientError(exc.code(), exc.details() or "") from None
+        finally:
+            call.cancel()
+
+    def open_stream(self, timeout_s: float | None = None, request_id: str | None = None) -> QAStream:
+        """A bidirectional stream to drive by hand: `send()` questions, `receive()` results, interleaved."""
+        call = self._stub.AnswerStream(
+            timeout=timeout_s, metadata=((REQUEST_ID_HEADER, request_id or uuid.uuid4().hex[:16]),)
+        )
+        return QAStream(call)
+
+
+async def _tagged_requests(
+    questions: Iterable[Question] | AsyncIterable[Question],
+) -> AsyncIterator[qa_pb2.AnswerRequest]:
+    index = 0
+    if isinstance(questions, AsyncIterable):
+        async for question in questions:
+            yield _tagged(question, index)
+            index += 1
+    else:
+        for question in questions:
+            yield _tagged(question, index)
+            index += 1
+
+
+def _tagged(question: Question, index: int) -> qa_pb2.AnswerRequest:
+    message = question.to_pb()
+    if not message.request_id:
+        message.request_id = str(index)
+    return message
+
+
+class QAStream:
+    """One open AnswerStream call: questions go out with `send`, results come back with `receive`."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    async def send(self, question: Question) -> None:
+        try:
+            await self._call.write(question.to_pb())
+        except grpc.aio.AioRpcError as exc:
+            raise QAClientError(exc.code(), exc.details() or "") from None
+
+    async def done_sending(self) -> None:
+        """Half-close: the server answers what it has, then ends the stream."""
+        await self._call.done_writing()
+
+    async def receive(self) -> StreamResult | None:
+        """The next result, or None once the server has ended the stream."""
+        try:
+            response = await self._call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise QAClientError(exc.code(), exc.details() or "") from None
+        if response is grpc.aio.EOF:
+            return None
+        return result_from_pb(response)
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    async def __aenter__(self) -> QAStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.cancel()
+
+    def __aiter__(self) -> AsyncIterator[StreamResult]:
+        return self._results()
+
+    async def _results(self) -> AsyncIterator[StreamResult]:
+        while (result := await self.receive()) is not None:
+            yield result

@@ -1,0 +1,1 @@
+"""Engine backends. Each imports its runtime library lazily so CPU hosts never need GPU libraries."""

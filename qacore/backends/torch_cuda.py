@@ -1,0 +1,280 @@
+"""PyTorch engine (backend "torch"): the BERT QA network on a CUDA GPU in fp16/bf16, replayed from CUDA graphs.
+
+The engine directory holds meta.json and the HF-named weights (`model.safetensors`, written by
+`qa-build --backend torch`). At load time the weights become a `FusedBertForQA` (one QKV GEMM,
+SDPA attention, Triton bias+GELU and residual+LayerNorm kernels) or, with `fused=False`, the training
+network `BertForQA` itself. Each padded shape (batch bucket x sequence bucket) is captured once
+into a CUDA graph with static input and output buffers; `infer` copies the batch into pinned host
+memory, into the static inputs, replays the graph and copies the logits back: two copies and one
+graph launch per call. Batches are padded up to the bucket and the logits sliced back, so callers
+see the shape they passed, exactly as with the other backends.
+
+`device="cpu"` (float32, no graphs) exists for tests on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qacore.engine import Engine, EngineMeta, EngineOutputs
+from qacore.errors import EngineError
+from qacore.factory import EngineOptions
+from qacore.features import EngineInputs
+
+log = logging.getLogger(__name__)
+
+SEQ_BUCKET_STEP = 64
+
+
+@dataclass(frozen=True)
+class TorchEngineConfig:
+    """How the PyTorch engine runs; what the engine *is* (model, precision, shapes) lives in meta.json."""
+
+    device: str = "cuda:0"
+    precision: str | None = None  # "fp16" | "bf16" | "fp32"; None = the precision in meta.json
+    cuda_graphs: bool = True
+    fused: bool = True  # FusedBertForQA; False runs the training network BertForQA unchanged
+    use_triton: bool = True  # the fused path's Triton kernels (else plain torch ops)
+    compile_mode: str | None = None  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"; None = eager
+
+    def __post_init__(self) -> None:
+        if self.precision not in (None, "fp16", "bf16", "fp32"):
+            raise EngineError(f"torch engine precision must be fp16, bf16 or fp32, got {self.precision!r}")
+        if self.cuda_graphs and not self.device.startswith("cuda"):
+            raise EngineError(f"CUDA graphs need a CUDA device, got {self.device!r}")
+
+
+def batch_buckets(max_batch: int) -> tuple[int, ...]:
+    """Powers of two below `max_batch`, then `max_batch`: a batch pads to at most twice its size."""
+    sizes = {max_batch}
+    size = 1
+    while size < max_batch:
+        sizes.add(size)
+        size *= 2
+    return tuple(sorted(sizes))
+
+
+def sequence_buckets(lengths: tuple[int, ...]) -> tuple[int, ...]:
+    """The engine's lengths plus every multiple of 64 below the longest: short batches stay cheap."""
+    longest = max(lengths)
+    return tuple(sorted(set(lengths) | set(range(SEQ_BUCKET_STEP, longest, SEQ_BUCKET_STEP))))
+
+
+def bucket(value: int, buckets: tuple[int, ...]) -> int:
+    for size in buckets:
+        if size >= value:
+            return size
+    raise EngineError(f"{value} exceeds the largest bucket {buckets[-1]}")
+
+
+class _GraphedShape:
+    """One captured forward: static device inputs [3, B, S] int32 and output [B, S, 2] float32."""
+
+    def __init__(self, module: Any, batch: int, seq: int, device: Any, pool: Any, stream: Any) -> None:
+        import torch
+
+        self.batch, self.seq = batch, seq
+        self.host_inputs = torch.zeros((3, batch, seq), dtype=torch.int32, pin_memory=True)
+        self.host_logits = torch.empty((batch, seq, 2), dtype=torch.float32, pin_memory=True)
+        self.inputs = torch.zeros((3, batch, seq), dtype=torch.int32, device=device)
+        self.inputs[0] = 101  # [CLS]-like ids and a full mask: warm-up runs on valid values
+        self.inputs[2] = 1
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        side.wait_stream(stream)
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(2):  # allocator, cuBLAS handles and autotuning settle before capture
+                module(self.inputs[0], self.inputs[1], self.inputs[2])
+        stream.wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(self.graph, pool=pool, stream=side):
+            self.logits = module(self.inputs[0], self.inputs[1], self.inputs[2])
+        stream.wait_stream(side)
+
+    def run(self, inputs: EngineInputs, stream: Any) -> np.ndarray:
+        """Logits [batch, seq, 2] of `inputs` (smaller than or equal to this shape), on the host."""
+        host = self.host_inputs.numpy()
+        rows, width = inputs.batch_size, inputs.seq_len
+        host[:, rows:] = 0  # padding rows and columns: pad id 0, segment 0, mask 0
+        host[:, :rows, width:] = 0
+        host[0, :rows, :width] = inputs.input_ids
+        host[1, :rows, :width] = inputs.segment_ids
+        host[2, :rows, :width] = inputs.input_mask
+        import torch
+
+        with torch.cuda.stream(stream):  # copies, replay and the wait all on the engine's stream
+            self.inputs.copy_(self.host_inputs, non_blocking=True)
+            self.graph.replay()
+            self.host_logits.copy_(self.logits, non_blocking=True)
+        stream.synchronize()
+        return np.array(self.host_logits.numpy()[:rows, :width])
+
+
+class TorchCudaEngine(Engine):
+    """The BERT QA network in PyTorch on one device; not thread-safe (one engine per executor thread)."""
+
+    def __init__(self, meta: EngineMeta, weights: Mapping[str, np.ndarray], config: TorchEngineConfig) -> None:
+        super().__init__(meta)
+        import torch
+
+        self.config = config
+        precision = config.precision or meta.precision
+        if precision not in ("fp16", "bf16", "fp32"):
+            raise EngineError(f"the torch backend runs fp16, bf16 or fp32, not {precision!r}")
+        self.precision = precision
+        self.device = torch.device(config.device)
+        if self.device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise EngineError("the torch engine needs a CUDA GPU, and PyTorch sees none here")
+            if (self.device.index or 0) >= torch.cuda.device_count():
+                raise EngineError(f"CUDA device {self.device} does not exist ({torch.cuda.device_count()} visible)")
+        elif precision != "fp32":
+            raise EngineError(f"on {self.device} the torch engine runs fp32 only, not {precision}")
+        self.module = self._make_module(weights)
+        self.batch_buckets = batch_buckets(meta.max_batch_size)
+        self.seq_buckets = sequence_buckets(meta.sequence_lengths)
+        self._graphs: dict[tuple[int, int], _GraphedShape] = {}
+        self._lock = threading.Lock()
+        if self.device.type == "cuda":
+            self.stream: Any = torch.cuda.Stream(self.device)
+            self._pool = torch.cuda.graph_pool_handle() if config.cuda_graphs else None
+
+    def _make_module(self, weights: Mapping[str, np.ndarray]) -> Any:
+        import torch
+
+        from qacore.backends.torch_fused import FusedBertForQA, torch_dtype
+        from qacore.backends.torch_network import BertForQA
+
+        dtype = torch_dtype(self.precision)
+        config = self.meta.model_config
+        as_float32 = {name: np.asarray(value, dtype=np.float32) for name, value in weights.items()}
+        module: Any
+        try:
+            if self.config.fused:
+                use_triton = self.config.use_triton and self.config.compile_mode is None
+                module = FusedBertForQA.from_weights(config, as_float32, use_triton=use_triton)
+            else:
+                network = BertForQA(config)
+                network.load_weights(as_float32)
+                module = _StackedLogits(network)
+        except KeyError as exc:
+            raise EngineError(f"engine weights do not fit the model: {exc}") from None
+        module = module.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
+        if self.config.compile_mode is not None:
+            module = torch.compile(module, mode=self.config.compile_mode, dynamic=False, fullgraph=True)
+        return module
+
+    # -- inference ------------------------------------------------------------------------------
+
+    def infer(self, inputs: EngineInputs) -> EngineOutputs:
+        self.check_inputs(inputs)
+        shape = (bucket(inputs.batch_size, self.batch_buckets), bucket(inputs.seq_len, self.seq_buckets))
+        if self.device.type == "cuda" and self.config.cuda_graphs:
+            with self._lock:
+                logits = self._graphed(shape).run(inputs, self.stream)
+        else:
+            logits = self._eager(inputs)
+        return EngineOutputs(np.ascontiguousarray(logits[..., 0]), np.ascontiguousarray(logits[..., 1]))
+
+    def graphed_shape(self, batch: int, seq: int) -> _GraphedShape:
+        """The captured graph that serves (batch, seq), captured now if it is new (benchmarks time its replay)."""
+        if not (self.device.type == "cuda" and self.config.cuda_graphs):
+            raise EngineError("this engine runs without CUDA graphs")
+        self.check_inputs(EngineInputs(*(np.zeros((batch, seq), np.int32) for _ in range(3))))
+        with self._lock:
+            return self._graphed((bucket(batch, self.batch_buckets), bucket(seq, self.seq_buckets)))
+
+    def _graphed(self, shape: tuple[int, int]) -> _GraphedShape:
+        import torch
+
+        graphed = self._graphs.get(shape)
+        if graphed is None:
+            log.info("capturing a CUDA graph for batch %d x sequence %d", *shape)
+            with torch.cuda.device(self.device):
+                graphed = _GraphedShape(self.module, shape[0], shape[1], self.device, self._pool, self.stream)
+            self._graphs[shape] = graphed
+        return graphed
+
+    def _eager(self, inputs: EngineInputs) -> np.ndarray:
+        import torch
+
+        stacked = np.stack([inputs.input_ids, inputs.segment_ids, inputs.input_mask]).astype(np.int32, copy=False)
+        with torch.inference_mode():
+            if self.device.type == "cuda":
+                with torch.cuda.stream(self.stream):
+                    device_inputs = torch.from_numpy(stacked).pin_memory().to(self.device, non_blocking=True)
+                    logits = self.module(device_inputs[0], device_inputs[1], device_inputs[2]).cpu()
+            else:
+                tensors = torch.from_numpy(stacked)
+                logits = self.module(tensors[0], tensors[1], tensors[2])
+        return logits.numpy()
+
+    def check_inputs(self, inputs: EngineInputs) -> None:
+        super().check_inputs(inputs)
+        shape = inputs.input_ids.shape
+        if len(shape) != 2 or inputs.segment_ids.shape != shape or inputs.input_mask.shape != shape:
+            raise EngineError(
+                f"inputs must share one [batch, seq] shape, got input_ids {inputs.input_ids.shape}, "
+                f"segment_ids {inputs.segment_ids.shape}, input_mask {inputs.input_mask.shape}"
+            )
+        if inputs.batch_size < 1 or inputs.seq_len < 1:
+            raise EngineError(f"empty batch of shape {shape}")
+
+    def warmup(self) -> None:
+        """Capture (or run once) every bucketed shape, so no request pays for a capture."""
+        for batch in self.batch_buckets:
+            for seq in self.seq_buckets:
+                shape = (batch, seq)
+                self.infer(EngineInputs(*(np.ones(shape, np.int32) for _ in range(3))))
+
+    def close(self) -> None:
+        self._graphs.clear()
+        self.module = None
+
+
+def _StackedLogits(network: Any) -> Any:  # noqa: N802 - builds a module, reads like a class
+    """`BertForQA` returning one [B, S, 2] float32 tensor, as the fused network does (graphs need one output)."""
+    import torch
+
+    class StackedLogits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.network = network
+
+        def forward(self, input_ids: torch.Tensor, segment_ids: torch.Tensor, input_mask: torch.Tensor) -> torch.Tensor:
+            start, end = self.network(input_ids, segment_ids, input_mask)
+            return torch.stack((start, end), dim=-1)
+
+    return StackedLogits()
+
+
+def load_weights(path: Path) -> dict[str, np.ndarray]:
+    """The engine's HF-named weights (one safetensors file, or a sharded index written by hf_export)."""
+    from safetensors.numpy import load_file
+
+    files = [path]
+    if path.name.endswith(".index.json"):
+        import json
+
+        index = json.loads(path.read_text(encoding="utf-8"))
+        files = [path.parent / name for name in sorted(set(index["weight_map"].values()))]
+    weights: dict[str, np.ndarray] = {}
+    try:
+        for file in files:
+            weights.update(load_file(str(file)))
+    except (OSError, ValueError) as exc:
+        raise EngineError(f"cannot read engine weights {path}: {exc}") from None
+    return weights
+
+
+def open_engine(engine_dir: Path, meta: EngineMeta, options: EngineOptions) -> TorchCudaEngine:
+    """The backend entry point `qacore.factory.load_engine` calls."""
+    config = TorchEngineConfig(device=f"cuda:{options.device_id}", cuda_graphs=options.use_cuda_graphs)
+    return TorchCudaEngine(meta, load_weights(engine_dir / meta.engine_file), config)

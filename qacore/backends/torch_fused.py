@@ -1,0 +1,250 @@
+"""An inference-only BERT QA forward with fused stages, loaded from the same HF-named weights.
+
+`qacore.backends.torch_network.BertForQA` stays the one network for training; this module reads its
+state dict (or the canonical numpy weights) and runs the same function with fewer, larger kernels:
+
+- Q, K and V in one GEMM (their weights concatenated once at load time), biases in the GEMM epilogue;
+- attention through `scaled_dot_product_attention` straight on strided views of the QKV output;
+- bias + residual + LayerNorm in one Triton kernel, bias + exact (erf) GELU in one Triton kernel, and the
+  embedding sum + LayerNorm in one Triton kernel, each computing in float32 and storing in the
+  activation dtype.
+
+Per encoder layer that is 4 GEMMs, one attention call and 3 small kernels (the plain network launches
+about 14). Without Triton (CPU, or `use_triton=False`) the same stages run as plain torch ops, so the
+module is testable on CPU in float32. Importing this module imports torch; Triton is imported only
+when the kernels are first used on a CUDA device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qacore.config import ModelConfig
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    try:
+        return DTYPES[precision]
+    except KeyError:
+        raise ValueError(f"precision must be one of {', '.join(DTYPES)}, got {precision!r}") from None
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    qkv_weight: torch.Tensor  # [3H, H]: query, key, value rows stacked
+    qkv_bias: torch.Tensor  # [3H]
+    attn_out_weight: torch.Tensor  # [H, H]
+    attn_out_bias: torch.Tensor
+    attn_ln_weight: torch.Tensor
+    attn_ln_bias: torch.Tensor
+    ffn_in_weight: torch.Tensor  # [I, H]
+    ffn_in_bias: torch.Tensor
+    ffn_out_weight: torch.Tensor  # [H, I]
+    ffn_out_bias: torch.Tensor
+    ffn_ln_weight: torch.Tensor
+    ffn_ln_bias: torch.Tensor
+
+
+class FusedBertForQA(nn.Module):
+    """(input_ids, segment_ids, input_mask) int32 [B, S] -> logits float32 [B, S, 2] (start, end).
+
+    Weights live in buffers (no parameters: this module never trains). Build it with `from_weights`
+    or `from_state_dict`, then move it with `.to(device=..., dtype=...)` like any module.
+    """
+
+    def __init__(self, config: ModelConfig, tensors: Mapping[str, torch.Tensor], use_triton: bool = True) -> None:
+        super().__init__()
+        self.config = config
+        self.use_triton = use_triton
+        for name, tensor in tensors.items():
+            self.register_buffer(name, tensor.detach().clone(), persistent=True)
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_weights(
+        cls, config: ModelConfig, weights: Mapping[str, np.ndarray], use_triton: bool = True
+    ) -> FusedBertForQA:
+        """From canonical numpy weights (`builder.checkpoint.Checkpoint.weights`, HF names)."""
+        return cls.from_state_dict(
+            config,
+            {name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in weights.items()},
+            use_triton,
+        )
+
+    @classmethod
+    def from_state_dict(
+        cls, config: ModelConfig, state: Mapping[str, torch.Tensor], use_triton: bool = True
+    ) -> FusedBertForQA:
+        """From a `BertForQA` / HF `BertForQuestionAnswering` state dict; every needed tensor must be there."""
+
+        def get(name: str) -> torch.Tensor:
+            try:
+                return state[name]
+            except KeyError:
+                raise KeyError(f"weights lack {name!r}") from None
+
+        emb = "bert.embeddings."
+        packed: dict[str, torch.Tensor] = {
+            "word_embeddings": get(emb + "word_embeddings.weight"),
+            "position_embeddings": get(emb + "position_embeddings.weight"),
+            "token_type_embeddings": get(emb + "token_type_embeddings.weight"),
+            "embeddings_ln_weight": get(emb + "LayerNorm.weight"),
+            "embeddings_ln_bias": get(emb + "LayerNorm.bias"),
+            "qa_weight": get("qa_outputs.weight"),
+            "qa_bias": get("qa_outputs.bias"),
+        }
+        for index in range(config.num_hidden_layers):
+            prefix = f"bert.encoder.layer.{index}."
+            attn = prefix + "attention."
+            parts = {
+                "qkv_weight": torch.cat([get(f"{attn}self.{p}.weight") for p in ("query", "key", "value")]),
+                "qkv_bias": torch.cat([get(f"{attn}self.{p}.bias") for p in ("query", "key", "value")]),
+                "attn_out_weight": get(attn + "output.dense.weight"),
+                "attn_out_bias": get(attn + "output.dense.bias"),
+                "attn_ln_weight": get(attn + "output.LayerNorm.weight"),
+                "attn_ln_bias": get(attn + "output.LayerNorm.bias"),
+                "ffn_in_weight": get(prefix + "intermediate.dense.weight"),
+                "ffn_in_bias": get(prefix + "intermediate.dense.bias"),
+                "ffn_out_weight": get(prefix + "output.dense.weight"),
+                "ffn_out_bias": get(prefix + "output.dense.bias"),
+                "ffn_ln_weight": get(prefix + "output.LayerNorm.weight"),
+                "ffn_ln_bias": get(prefix + "output.LayerNorm.bias"),
+            }
+            packed.update({f"layer{index}_{name}": tensor for name, tensor in parts.items()})
+        return cls(config, packed, use_triton)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One of the packed weights by buffer name (e.g. "word_embeddings", "layer0_qkv_weight")."""
+        return cast(torch.Tensor, getattr(self, name))
+
+    def layer_weights(self, index: int) -> LayerWeights:
+        names = LayerWeights.__dataclass_fields__
+        return LayerWeights(**{name: self.tensor(f"layer{index}_{name}") for name in names})
+
+    # -- forward ------------------------------------------------------------------------------
+
+    @property
+    def _kernels(self) -> bool:
+        return self.use_triton and self.tensor("word_embeddings").is_cuda
+
+    def forward(self, input_ids: torch.Tensor, segment_ids: torch.Tensor, input_mask: torch.Tensor) -> torch.Tensor:
+        config = self.config
+        batch, seq = input_ids.shape
+        hidden = config.hidden_size
+        heads = config.num_attention_heads
+        eps = config.layer_norm_eps
+        ops = _triton_ops() if self._kernels else _TORCH_OPS
+        dtype = self.tensor("word_embeddings").dtype
+
+        x = ops.embed(
+            input_ids,
+            segment_ids,
+            self.tensor("word_embeddings"),
+            self.tensor("position_embeddings"),
+            self.tensor("token_type_embeddings"),
+            self.tensor("embeddings_ln_weight"),
+            self.tensor("embeddings_ln_bias"),
+            eps,
+        )  # [B*S, H]
+        # Additive key mask, broadcast over heads and query positions, as in BertForQA.
+        mask = ((1.0 - input_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min).to(dtype)
+        act = _activation(config.hidden_act)
+        for index in range(config.num_hidden_layers):
+            prefix = f"layer{index}_"
+
+            def w(name: str, prefix: str = prefix) -> torch.Tensor:
+                return self.tensor(prefix + name)
+
+            qkv = F.linear(x, w("qkv_weight"), w("qkv_bias")).view(batch, seq, 3, heads, hidden // heads)
+            q, k, v = (qkv[:, :, part].transpose(1, 2) for part in range(3))  # [B, heads, S, d] views
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            context = context.transpose(1, 2).reshape(batch * seq, hidden)
+            x = ops.residual_layernorm(
+                F.linear(context, w("attn_out_weight")),
+                w("attn_out_bias"),
+                x,
+                w("attn_ln_weight"),
+                w("attn_ln_bias"),
+                eps,
+            )
+            inner = ops.bias_activation(F.linear(x, w("ffn_in_weight")), w("ffn_in_bias"), act)
+            x = ops.residual_layernorm(
+                F.linear(inner, w("ffn_out_weight")), w("ffn_out_bias"), x, w("ffn_ln_weight"), w("ffn_ln_bias"), eps
+            )
+        return F.linear(x, self.tensor("qa_weight"), self.tensor("qa_bias")).float().view(batch, seq, 2)
+
+
+def _activation(name: str) -> str:
+    return {"gelu": "gelu", "relu": "relu"}.get(name, "gelu_tanh")
+
+
+# -- plain torch stages (CPU, reference, torch.compile) -----------------------------------------
+
+
+@dataclass(frozen=True)
+class _Ops:
+    embed: Callable[..., torch.Tensor]
+    residual_layernorm: Callable[..., torch.Tensor]
+    bias_activation: Callable[..., torch.Tensor]
+
+
+def _torch_embed(
+    input_ids: torch.Tensor,
+    segment_ids: torch.Tensor,
+    word: torch.Tensor,
+    position: torch.Tensor,
+    token_type: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    seq = input_ids.shape[1]
+    summed = F.embedding(input_ids, word) + position[:seq][None] + F.embedding(segment_ids, token_type)
+    return F.layer_norm(summed, (word.shape[1],), ln_weight, ln_bias, eps).view(-1, word.shape[1])
+
+
+def _torch_residual_layernorm(
+    y: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, ln_bias: torch.Tensor, eps: float
+) -> torch.Tensor:
+    return F.layer_norm(y + bias + residual, (y.shape[-1],), weight, ln_bias, eps)
+
+
+def _torch_bias_activation(y: torch.Tensor, bias: torch.Tensor, activation: str) -> torch.Tensor:
+    y = y + bias
+    if activation == "relu":
+        return F.relu(y)
+    return F.gelu(y, approximate="none" if activation == "gelu" else "tanh")
+
+
+_TORCH_OPS = _Ops(_torch_embed, _torch_residual_layernorm, _torch_bias_activation)
+
+
+# -- Triton stages (CUDA) -----------------------------------------------------------------------
+
+_TRITON_OPS: _Ops | None = None
+
+
+def _triton_ops() -> _Ops:
+    global _TRITON_OPS
+    if _TRITON_OPS is None:
+        from qacore.backends import torch_kernels
+
+        _TRITON_OPS = _Ops(
+            torch_kernels.embed_layernorm, torch_kernels.residual_layernorm, torch_kernels.bias_activation
+        )
+    return _TRITON_OPS
+
+
+def state_dict_for(network: Any) -> dict[str, torch.Tensor]:
+    """The HF-named state dict of a `BertForQA` (or anything with `state_dict()`), detached."""
+    return {name: tensor.detach() for name, tensor in network.state_dict().items()}

@@ -1,0 +1,114 @@
+"""The one engine interface every backend implements, and the metadata written beside each engine."""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qacore.config import ModelConfig
+from qacore.errors import EngineError
+from qacore.features import EngineInputs
+
+META_FILE = "meta.json"
+META_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class EngineOutputs:
+    """Start and end logits, float32, shape [batch, seq] (the shape of the inputs)."""
+
+    start_logits: np.ndarray
+    end_logits: np.ndarray
+
+
+@dataclass(frozen=True)
+class EngineMeta:
+    """What a runtime must know about an engine before trusting it; stored as `meta.json`."""
+
+    backend: str  # "onnxruntime" | "tensorrt" | "torch"
+    precision: str  # "fp32" | "fp16" | "bf16" | "int8"
+    model_id: str  # the model's name, e.g. "minilm-l6-squad"
+    model_config: ModelConfig
+    vocab_sha256: str
+    source_sha256: str  # hash of the checkpoint the engine was built from
+    engine_file: str  # file name inside the engine directory
+    max_batch_size: int
+    sequence_lengths: tuple[int, ...]  # allowed (or optimised-for) sequence lengths, ascending
+    backend_version: str = ""
+    builder_options: dict[str, Any] = field(default_factory=dict)
+    model_card: str = ""  # one-paragraph summary of the model card
+    format: int = META_FORMAT
+
+    @property
+    def max_seq_length(self) -> int:
+        return max(self.sequence_lengths)
+
+    def to_json(self) -> str:
+        raw = asdict(self)
+        raw["sequence_lengths"] = list(self.sequence_lengths)
+        return json.dumps(raw, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> EngineMeta:
+        raw = json.loads(text)
+        if raw.get("format") != META_FORMAT:
+            raise EngineError(f"engine metadata format {raw.get('format')!r} is not {META_FORMAT}; rebuild the engine")
+        raw["model_config"] = ModelConfig.from_dict(raw["model_config"])
+        raw["sequence_lengths"] = tuple(raw["sequence_lengths"])
+        return cls(**raw)
+
+    def write(self, engine_dir: Path) -> None:
+        (engine_dir / META_FILE).write_text(self.to_json(), encoding="utf-8")
+
+    @classmethod
+    def read(cls, engine_dir: Path) -> EngineMeta:
+        path = engine_dir / META_FILE
+        if not path.is_file():
+            raise EngineError(f"not an engine directory (no {META_FILE}): {engine_dir}")
+        try:
+            return cls.from_json(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            raise EngineError(f"unreadable engine metadata {path}: {exc}") from None
+
+
+class Engine(ABC):
+    """A compiled BERT QA network: token windows in, start/end logits out.
+
+    `infer` is synchronous and not required to be thread-safe: callers (the batcher) run it on one
+    executor thread per engine context, so the event loop never blocks on it.
+    """
+
+    def __init__(self, meta: EngineMeta) -> None:
+        self.meta = meta
+
+    @abstractmethod
+    def infer(self, inputs: EngineInputs) -> EngineOutputs:
+        """Run one padded batch; `inputs.batch_size <= meta.max_batch_size`."""
+
+    def warmup(self) -> None:
+        """Run each optimised shape once so the first real request pays no start-up cost."""
+        for seq_len in self.meta.sequence_lengths:
+            shape = (1, seq_len)
+            self.infer(
+                EngineInputs(np.zeros(shape, np.int32) + 101, np.zeros(shape, np.int32), np.ones(shape, np.int32))
+            )
+
+    def close(self) -> None:  # noqa: B027 - backends without resources keep the default
+        """Release memory and threads held by the engine."""
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def check_inputs(self, inputs: EngineInputs) -> None:
+        if inputs.batch_size > self.meta.max_batch_size:
+            raise EngineError(f"batch of {inputs.batch_size} exceeds the engine's max {self.meta.max_batch_size}")
+        if inputs.seq_len > self.meta.max_seq_length:
+            raise EngineError(f"sequence of {inputs.seq_len} exceeds the engine's max {self.meta.max_seq_length}")

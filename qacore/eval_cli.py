@@ -1,0 +1,370 @@
+"""`qa-eval`: the SQuAD evaluator, scoring a predictions file or running an engine over a SQuAD dev set.
+
+Scoring mode, a drop-in for the official scripts (same numbers, same JSON on stdout):
+
+    qa-eval DATASET_FILE PREDICTIONS_FILE [--na-prob-file F] [--na-prob-thresh T] [--out-file F]
+
+Engine mode: answer the first N questions in file order with an engine (the default engine when
+`--engine` is not given), print a progress bar and a summary table on stderr and the metric JSON on stdout:
+
+    qa-eval [--engine DIR] --squad-json dev-v1.1.json.gz [--limit N] [--output-prediction-file F]
+
+The metric version comes from the dataset's "version" field unless `--version` says otherwise. Bad
+input gives a one-line error on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
+
+import numpy as np
+
+from qacore.errors import EngineError, InvalidInputError, QAError
+from qacore.features import EncodedPassage
+from qacore.squad import (
+    METRIC_VERSIONS,
+    SquadDataset,
+    read_dataset,
+    read_na_probs,
+    read_predictions,
+    write_na_probs,
+    write_predictions,
+)
+from qacore.squad_metric import DEFAULT_NA_PROB_THRESH, SquadScores, evaluate
+
+if TYPE_CHECKING:
+    from qacore.answerer import QuestionAnswerer
+
+log = logging.getLogger(__name__)
+
+EXIT_BAD_INPUT = 2
+MISSING_LISTED = 10  # missing-prediction warnings printed one by one before a count of the rest
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is a single line on stderr (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog="qa-eval",
+        description="Score SQuAD v1.1/v2.0 predictions exactly as the official scripts do, or run an engine "
+        "over a SQuAD dataset and score it.",
+    )
+    parser.add_argument("dataset_file", nargs="?", type=Path, help="SQuAD dataset (.json or .json.gz) to score against")
+    parser.add_argument("predictions_file", nargs="?", type=Path, help="predictions JSON {question id: answer}")
+    parser.add_argument(
+        "--version", choices=METRIC_VERSIONS, help="metric version (default: the dataset's 'version' field)"
+    )
+    parser.add_argument("--na-prob-file", type=Path, help="v2.0: JSON {question id: no-answer probability}")
+    parser.add_argument(
+        "--na-prob-thresh",
+        type=_finite_float,
+        default=DEFAULT_NA_PROB_THRESH,
+        help="v2.0: predict no answer when the no-answer probability exceeds this (default: %(default)s)",
+    )
+    parser.add_argument("--out-file", type=Path, help="also write the metric JSON to this file")
+    engine = parser.add_argument_group("engine mode")
+    engine.add_argument("--engine", type=Path, help="engine directory (default: the default engine, built if needed)")
+    engine.add_argument(
+        "--squad-json", type=Path, help="SQuAD dataset to answer with the engine (turns on engine mode)"
+    )
+    engine.add_argument("--limit", type=_count(0), help="answer only the first N questions in file order")
+    engine.add_argument("--output-prediction-file", type=Path, help="write the predictions JSON here")
+    engine.add_argument(
+        "--output-na-prob-file",
+        type=Path,
+        help="v2.0: write the no-answer probabilities here (default: beside --output-prediction-file)",
+    )
+    engine.add_argument(
+        "--batch-size", type=_count(1), default=1, help="questions answered per engine call group (default: 1)"
+    )
+    engine.add_argument(
+        "--threads", type=_count(0), default=0, help="CPU engine threads (default: 0 = one per physical core)"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="qa-eval: %(levelname)s: %(message)s")
+    engine_mode = args.engine is not None or args.squad_json is not None
+    try:
+        if engine_mode:
+            _check_engine_args(parser, args)
+            scores = run_engine_mode(args)
+        else:
+            _check_scoring_args(parser, args)
+            scores = run_scoring_mode(args)
+    except QAError as exc:
+        print(f"qa-eval: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(scores.to_json())
+    return 0
+
+
+def _check_scoring_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.dataset_file is None or args.predictions_file is None:
+        parser.error("give DATASET_FILE and PREDICTIONS_FILE, or --squad-json for engine mode")
+    engine_only = {
+        "--limit": args.limit is not None,
+        "--output-prediction-file": args.output_prediction_file is not None,
+        "--output-na-prob-file": args.output_na_prob_file is not None,
+        "--batch-size": args.batch_size != 1,
+        "--threads": args.threads != 0,
+    }
+    used = [flag for flag, given in engine_only.items() if given]
+    if used:
+        parser.error(f"{', '.join(used)} apply to engine mode only (--squad-json)")
+
+
+def _check_engine_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.squad_json is None:
+        parser.error("engine mode needs --squad-json DATASET")
+    if args.dataset_file is not None or args.predictions_file is not None:
+        parser.error("engine mode (--engine/--squad-json) takes no DATASET_FILE/PREDICTIONS_FILE arguments")
+    if args.na_prob_file is not None:
+        parser.error("--na-prob-file applies to scoring mode; engine mode computes its own no-answer probabilities")
+
+
+def resolve_version(dataset: SquadDataset, requested: str | None) -> str:
+    """The metric version to use: `requested`, else the one the dataset's version field names."""
+    if requested is not None:
+        return requested
+    own = dataset.metric_version
+    if own is None:
+        raise InvalidInputError(
+            f"cannot tell the SQuAD version of {dataset.source} from its version field {dataset.version!r}; "
+            "pass --version 1.1 or --version 2.0"
+        )
+    return own
+
+
+def _warn_version_override(dataset: SquadDataset, version: str) -> None:
+    # After scoring, so that a failed run prints its error line alone.
+    if dataset.metric_version != version:
+        print(
+            f"qa-eval: warning: scored as v{version}, but {dataset.source} says version {dataset.version!r}",
+            file=sys.stderr,
+        )
+
+
+def run_scoring_mode(args: argparse.Namespace) -> SquadScores:
+    dataset = read_dataset(args.dataset_file)
+    version = resolve_version(dataset, args.version)
+    predictions = read_predictions(args.predictions_file)
+    na_probs = read_na_probs(args.na_prob_file) if args.na_prob_file is not None else None
+    scores = evaluate(dataset, predictions, version, na_probs, args.na_prob_thresh)
+    _warn_version_override(dataset, version)
+    _warn_missing(scores)
+    _write_out_file(args.out_file, scores)
+    return scores
+
+
+@dataclass
+class EngineRun:
+    """What an engine answered over a dataset, and how long each question took."""
+
+    predictions: dict[str, str] = field(default_factory=dict)
+    na_probs: dict[str, float] = field(default_factory=dict)
+    latencies_ns: list[int] = field(default_factory=list)  # per question: tokenize + infer + decode, arrival to answer
+    wall_ns: int = 0  # the whole answering loop, passage tokenization included
+
+    @property
+    def questions_per_second(self) -> float:
+        return len(self.predictions) / (self.wall_ns / 1e9) if self.wall_ns else 0.0
+
+
+def answer_dataset(
+    answerer: QuestionAnswerer, dataset: SquadDataset, batch_size: int = 1, progress: bool = True
+) -> EngineRun:
+    """Answer every question of `dataset` in file order, `batch_size` questions per `answer_many` call.
+
+    Each passage is tokenized once and reused for all its questions. A question the featurizer refuses
+    (e.g. no tokens) is answered "" with no-answer probability 1 and a warning, so one bad row does not
+    end a run over thousands.
+    """
+    from tqdm import tqdm
+
+    run = EngineRun()
+    pending: list[tuple[str, str, str | EncodedPassage]] = []
+    last_context: str | None = None
+    encoded: str | EncodedPassage | None = None
+    begin = time.perf_counter_ns()
+    with tqdm(total=dataset.num_questions, unit="q", file=sys.stderr, disable=not progress) as bar:
+        for paragraph, question in dataset.questions():
+            if paragraph.context is not last_context:
+                last_context = paragraph.context
+                encoded = _encode_or_text(answerer, paragraph.context)
+            assert encoded is not None
+            pending.append((question.id, question.question, encoded))
+            if len(pending) == batch_size:
+                _answer_batch(answerer, pending, run)
+                bar.update(len(pending))
+                pending = []
+        if pending:
+            _answer_batch(answerer, pending, run)
+            bar.update(len(pending))
+    run.wall_ns = time.perf_counter_ns() - begin
+    return run
+
+
+def _encode_or_text(answerer: QuestionAnswerer, context: str) -> str | EncodedPassage:
+    try:
+        return answerer.encode_passage(context)
+    except InvalidInputError:
+        return context  # each of its questions fails on its own below and is answered ""
+
+
+def _answer_batch(
+    answerer: QuestionAnswerer, batch: list[tuple[str, str, str | EncodedPassage]], run: EngineRun
+) -> None:
+    try:
+        results = answerer.answer_many([(question, passage) for _, question, passage in batch])
+    except InvalidInputError:
+        if len(batch) > 1:
+            for item in batch:
+                _answer_batch(answerer, [item], run)
+            return
+        qid = batch[0][0]
+        log.warning("question %s cannot be answered (%s); predicting no answer", qid, sys.exc_info()[1])
+        run.predictions[qid] = ""
+        run.na_probs[qid] = 1.0
+        return
+    for (qid, _, _), result in zip(batch, results, strict=True):
+        run.predictions[qid] = result.prediction.text
+        run.na_probs[qid] = result.prediction.null_probability
+        run.latencies_ns.append(result.timings.total_ns)
+
+
+def run_engine_mode(args: argparse.Namespace) -> SquadScores:
+    dataset = read_dataset(args.squad_json)
+    version = resolve_version(dataset, args.version)
+    if args.limit is not None:
+        dataset = dataset.head(args.limit)
+    if version == "1.1" and args.output_na_prob_file is not None:
+        raise InvalidInputError(
+            "--output-na-prob-file applies to SQuAD 2.0 data only (v1.1 has no unanswerable questions)"
+        )
+    if dataset.num_questions == 0:
+        raise InvalidInputError(
+            f"no questions to answer in {args.squad_json}" + (" (--limit 0)" if args.limit == 0 else "")
+        )
+    # Heavy imports (engine runtimes) only here, so scoring mode stays light.
+    from qacore.answerer import QuestionAnswerer
+    from qacore.decoding import DecoderConfig
+    from qacore.factory import EngineOptions
+
+    engine_dir = args.engine if args.engine is not None else _default_engine_dir()
+    with QuestionAnswerer.from_engine_dir(
+        engine_dir,
+        decoder_config=DecoderConfig(allow_null=version == "2.0"),
+        engine_options=EngineOptions(intra_op_threads=args.threads),
+    ) as answerer:
+        run = answer_dataset(answerer, dataset, args.batch_size)
+    na_probs = run.na_probs if version == "2.0" else None
+    if args.output_prediction_file is not None:
+        write_predictions(args.output_prediction_file, run.predictions)
+    na_prob_file = args.output_na_prob_file or _beside(args.output_prediction_file, "_na_probs.json")
+    if na_probs is not None and na_prob_file is not None:
+        write_na_probs(na_prob_file, na_probs)
+    scores = evaluate(dataset, run.predictions, version, na_probs, args.na_prob_thresh)
+    _warn_version_override(dataset, version)
+    print(summary_table(scores, run), file=sys.stderr)
+    _write_out_file(args.out_file, scores)
+    return scores
+
+
+def _default_engine_dir() -> Path:
+    try:  # the builder sits above qacore; only this command-line entry reaches into it
+        from builder.defaults import ensure_default_engine
+    except ImportError as exc:
+        raise EngineError(f"the default engine cannot be built here ({exc}); pass --engine DIR") from None
+    return ensure_default_engine()
+
+
+def _beside(path: Path | None, suffix: str) -> Path | None:
+    if path is None:
+        return None
+    stem = path.name.removesuffix(".gz").removesuffix(".json")
+    return path.with_name(stem + suffix)
+
+
+def summary_table(scores: SquadScores, run: EngineRun) -> str:
+    """EM, F1, throughput and per-question latency percentiles, one row each."""
+    exact_key, f1_key = ("exact_match", "f1") if scores.version == "1.1" else ("exact", "f1")
+    latencies_ms = np.asarray(run.latencies_ns, dtype=np.float64) / 1e6
+    p50, p90, p99 = np.percentile(latencies_ms, [50, 90, 99]) if latencies_ms.size else (math.nan,) * 3
+    rows = [
+        ("questions", f"{len(run.predictions)}"),
+        ("EM", f"{scores[exact_key]:.2f}"),
+        ("F1", f"{scores[f1_key]:.2f}"),
+        ("questions/s", f"{run.questions_per_second:.1f}"),
+        ("latency p50 (ms)", f"{p50:.2f}"),
+        ("latency p90 (ms)", f"{p90:.2f}"),
+        ("latency p99 (ms)", f"{p99:.2f}"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    value_width = max(len(value) for _, value in rows)
+    lines = [f"{name:<{width}}  {value:>{value_width}}" for name, value in rows]
+    rule = "-" * (width + 2 + value_width)
+    return "\n".join([rule, *lines, rule])
+
+
+def _warn_missing(scores: SquadScores) -> None:
+    missing = scores.missing_predictions
+    for qid in missing[:MISSING_LISTED]:
+        print(f"qa-eval: warning: no prediction for question {qid}; it scores 0", file=sys.stderr)
+    if len(missing) > MISSING_LISTED:
+        print(
+            f"qa-eval: warning: ... and {len(missing) - MISSING_LISTED} more questions without a prediction",
+            file=sys.stderr,
+        )
+
+
+def _write_out_file(path: Path | None, scores: SquadScores) -> None:
+    if path is None:
+        return
+    try:
+        path.write_text(scores.to_json() + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise InvalidInputError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The asyncio gRPC question-answering service (`qa-serve`): batcher, health, reflection, metrics."""

@@ -1,0 +1,60 @@
+"""`qa-serve`: run the question-answering gRPC server until SIGTERM or SIGINT, then shut down gracefully."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from qacore.errors import QAError
+from services.config import ServerConfig, config_from_args
+from services.logctx import configure_logging
+from services.server import QAServer
+
+log = logging.getLogger("qa-serve")
+
+
+async def serve(config: ServerConfig) -> int:
+    """Run a server until a termination signal; returns the process exit code."""
+    server = QAServer(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    starting = asyncio.create_task(server.start())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        log.info("signal received during start-up: stopping")
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        await server.stop()
+        return 0
+    start_failure = starting.exception()
+    if start_failure is not None:
+        if isinstance(start_failure, (QAError, OSError, ValueError)):
+            log.error("cannot serve: %s", start_failure)
+        else:
+            log.error("cannot serve", exc_info=start_failure)
+        stopping.cancel()
+        await server.stop(0)
+        return 1
+    await stopping
+    log.info("signal received: shutting down")
+    await server.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = config_from_args(argv)
+    configure_logging(config.log_level)
+    try:
+        return asyncio.run(serve(config))
+    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Shared fixtures: the shipped model, the SQuAD data beside the repository, engines built once per run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SQUAD_DIR = SHARED / "data" / "squad"
+SHIPPED_MODEL_DIR = REPO / "models" / "minilm-l6-squad"
+
+
+@pytest.fixture(scope="session")
+def shipped_model_dir() -> Path:
+    assert (SHIPPED_MODEL_DIR / "config.json").is_file(), f"shipped model missing at {SHIPPED_MODEL_DIR}"
+    return SHIPPED_MODEL_DIR
+
+
+@pytest.fixture(scope="session")
+def squad_dir() -> Path:
+    assert SQUAD_DIR.is_dir(), f"SQuAD data missing at {SQUAD_DIR} (../shared beside the repository)"
+    return SQUAD_DIR
+
+
+# ---- engines of the shipped model, built once per test session (builder helper) ----
+
+
+@pytest.fixture(scope="session")
+def ort_fp32_engine_dir(shipped_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped model as an ONNX Runtime fp32 (fused) engine, as `qa-build` makes it by default."""
+    from builder.build import BuildConfig, build_engine
+
+    out = tmp_path_factory.mktemp("ort-fp32") / "engine"
+    return build_engine(BuildConfig(checkpoint=shipped_model_dir, output=out, backend="onnxruntime"))
+
+
+@pytest.fixture(scope="session")
+def engine_dir(ort_fp32_engine_dir: Path) -> Path:
+    """The engine tests answer with unless they need a particular one: the CPU fp32 engine."""
+    return ort_fp32_engine_dir
+
+
+INT8_CALIBRATION_QUESTIONS = 40  # from the training set, so dev questions measure INT8 on unseen data
+
+
+@pytest.fixture(scope="session")
+def int8_calibration_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("calibration") / "ranges.json"
+
+
+@pytest.fixture(scope="session")
+def ort_int8_engine_dir(
+    shipped_model_dir: Path, squad_dir: Path, int8_calibration_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The shipped model as an ONNX Runtime INT8 engine calibrated on SQuAD training questions."""
+    from builder.build import BuildConfig, build_engine
+
+    out = tmp_path_factory.mktemp("ort-int8") / "engine"
+    config = BuildConfig(
+        checkpoint=shipped_model_dir,
+        output=out,
+        backend="onnxruntime",
+        int8=True,
+        squad_json=squad_dir / "train-v1.1.json.gz",
+        calib_num=INT8_CALIBRATION_QUESTIONS,
+        calib_path=int8_calibration_cache,
+    )
+    return build_engine(config)

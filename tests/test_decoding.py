@@ -1,0 +1,110 @@
+"""Span decoding on hand-made logits: offsets, n-best, max-context, answer length and null answers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qacore.decoding import DecoderConfig, decode
+from qacore.errors import InvalidInputError
+from qacore.features import Featurizer, FeaturizerConfig, Features
+from qacore.tokenization import load_tokenizer
+
+PASSAGE = "Super Bowl 50 was played at Levi's Stadium in Santa Clara, California, on February 7, 2016."
+
+
+@pytest.fixture(scope="module")
+def featurizer(shipped_model_dir: Path) -> Featurizer:
+    return Featurizer(load_tokenizer(shipped_model_dir))
+
+
+def logits_for(features: Features, spans: dict[str, float], null: float = -5.0) -> tuple[np.ndarray, np.ndarray]:
+    """Logits that make each passage substring in `spans` a candidate of the given total score."""
+    width = max(w.seq_len for w in features.windows)
+    start = np.full((len(features.windows), width), -10.0, np.float32)
+    end = np.full_like(start, -10.0)
+    for row, window in enumerate(features.windows):
+        start[row, 0] = end[row, 0] = null / 2
+        for text, score in spans.items():
+            begin = features.passage.text.index(text)
+            first, last = _token_span(features, begin, begin + len(text))
+            if window.passage_start <= first and last < window.passage_start + window.length:
+                start[row, first - window.passage_start + window.context_offset] = score / 2
+                end[row, last - window.passage_start + window.context_offset] = score / 2
+    return start, end
+
+
+def _token_span(features: Features, begin: int, end: int) -> tuple[int, int]:
+    offsets = features.passage.offsets
+    tokens = np.nonzero((offsets[:, 1] > begin) & (offsets[:, 0] < end))[0]
+    return int(tokens[0]), int(tokens[-1])
+
+
+def test_best_span_is_a_slice_of_the_original_passage(featurizer: Featurizer) -> None:
+    features = featurizer.featurize("Where was Super Bowl 50 played?", PASSAGE)
+    start, end = logits_for(features, {"Levi's Stadium": 8.0, "Santa Clara, California": 6.0})
+    prediction = decode(features, start, end)
+    assert prediction.best is not None
+    assert prediction.text == "Levi's Stadium" == PASSAGE[prediction.best.start : prediction.best.end]
+    # Start and end logits combine: Levi's start (4) + California end (3) outranks Santa Clara alone (6).
+    assert [span.text for span in prediction.nbest[:3]] == [
+        "Levi's Stadium",
+        "Levi's Stadium in Santa Clara, California",
+        "Santa Clara, California",
+    ]
+    scores = [span.score for span in prediction.nbest]
+    assert scores == sorted(scores, reverse=True) and abs(sum(scores) - 1.0) < 1e-6
+    assert not prediction.abstained
+
+
+def test_original_casing_and_accents_survive(featurizer: Featurizer) -> None:
+    passage = "The café Ünïcode opened in MÜNCHEN in 1999."
+    features = featurizer.featurize("Where did it open?", passage)
+    start, end = logits_for(features, {"MÜNCHEN": 9.0})
+    assert decode(features, start, end).text == "MÜNCHEN"
+
+
+def test_n_best_size_and_max_answer_length_are_honoured(featurizer: Featurizer) -> None:
+    features = featurizer.featurize("When?", PASSAGE)
+    start, end = logits_for(features, {"Super Bowl 50 was played at Levi's Stadium": 9.0, "2016": 5.0})
+    short = decode(features, start, end, DecoderConfig(max_answer_length=4))
+    assert short.text == "2016"
+    assert len(decode(features, start, end, DecoderConfig(n_best_size=1)).nbest) == 1
+
+
+def test_null_answer_wins_only_when_allowed_and_above_threshold(featurizer: Featurizer) -> None:
+    features = featurizer.featurize("Who won?", PASSAGE)
+    start, end = logits_for(features, {"Levi's Stadium": 2.0}, null=4.0)
+    assert decode(features, start, end).text == "Levi's Stadium"
+    abstained = decode(features, start, end, DecoderConfig(allow_null=True))
+    assert abstained.abstained and abstained.text == "" and abstained.null_probability > 0.5
+    # null - best = 2 logits: a threshold above that keeps the span.
+    kept = decode(features, start, end, DecoderConfig(allow_null=True, null_threshold=2.5))
+    assert kept.text == "Levi's Stadium"
+
+
+def test_long_passage_answer_comes_from_its_max_context_window(featurizer: Featurizer) -> None:
+    small = Featurizer(featurizer.tokenizer, FeaturizerConfig(max_seq_length=64, doc_stride=16, max_query_length=8))
+    passage = " ".join(f"Fact {i} is about item {i}." for i in range(60)) + " The secret code is ZEBRA."
+    features = small.featurize("What is the secret code?", passage)
+    assert len(features.windows) > 5
+    start, end = logits_for(features, {"ZEBRA": 12.0})
+    prediction = decode(features, start, end)
+    assert prediction.text == "ZEBRA"
+    assert len({(s.start, s.end) for s in prediction.nbest}) == len(prediction.nbest)  # no duplicate spans
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"n_best_size": 0}, {"n_best_size": 10_000}, {"max_answer_length": 0}, {"null_threshold": float("nan")}]
+)
+def test_absurd_decoder_options_are_refused(kwargs: dict[str, float]) -> None:
+    with pytest.raises(InvalidInputError):
+        DecoderConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_logits_of_the_wrong_shape_are_refused(featurizer: Featurizer) -> None:
+    features = featurizer.featurize("Who?", PASSAGE)
+    with pytest.raises(InvalidInputError):
+        decode(features, np.zeros((3, 5), np.float32), np.zeros((3, 5), np.float32))

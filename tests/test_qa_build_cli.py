@@ -1,0 +1,236 @@
+"""`qa-build` as a user runs it, and the cached default engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from builder.checkpoint import checkpoint_sha256, load_checkpoint
+from builder.cli import main
+from builder.defaults import DefaultEngineOptions, ensure_default_engine
+from qacore.engine import EngineMeta
+from qacore.factory import load_engine
+from qacore.features import Featurizer
+from qacore.tokenization import load_tokenizer, vocab_sha256
+
+REPO = Path(__file__).resolve().parents[1]
+TF_TINY = Path(__file__).parent / "data" / "tf_bert_tiny"
+
+
+def run_cli(args: Sequence[object], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        code = main([str(arg) for arg in args])
+    except SystemExit as exit_:  # argparse's own usage errors
+        code = int(exit_.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_builds_an_engine_with_chosen_shapes(
+    shipped_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_dir = tmp_path / "engine"
+    code, out, err = run_cli(
+        ["-m", shipped_model_dir, "-o", out_dir, "-b", 4, "-b", 1, "-s", 256, "-s", 64, "-s", 256], capsys
+    )
+    assert code == 0, err
+    assert str(out_dir) in out and "onnxruntime fp32" in out
+    assert sorted(path.name for path in out_dir.iterdir()) == ["meta.json", "model.onnx", "tokenizer.json", "vocab.txt"]
+    meta = EngineMeta.read(out_dir)
+    assert (meta.max_batch_size, meta.sequence_lengths) == (4, (64, 256))
+    assert meta.vocab_sha256 == vocab_sha256(load_tokenizer(shipped_model_dir))
+    assert meta.model_card.startswith("PLACEHOLDER") or meta.model_card
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]  # no staging left behind
+    with load_engine(out_dir) as engine:
+        featurizer = Featurizer(load_tokenizer(out_dir))
+        batch = featurizer.batch(featurizer.featurize("Who?", "Ada Lovelace wrote the first program.").windows)
+        assert engine.infer(batch).start_logits.shape == batch.input_ids.shape
+
+
+def test_existing_output_needs_force(
+    shipped_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out_dir = tmp_path / "engine"
+    out_dir.mkdir()
+    (out_dir / "old-file").write_text("from an earlier build")
+    code, _, err = run_cli(["-m", shipped_model_dir, "-o", out_dir], capsys)
+    assert code == 2 and err.strip() == f"qa-build: error: output {out_dir} exists; pass --force to replace it"
+    code, _, err = run_cli(["-m", shipped_model_dir, "-o", out_dir, "--force", "-s", 128], capsys)
+    assert code == 0, err
+    assert not (out_dir / "old-file").exists() and EngineMeta.read(out_dir).sequence_lengths == (128,)
+
+
+def test_tensorflow_checkpoint_with_nvidia_style_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_dir = tmp_path / "tiny"
+    args = ["-m", TF_TINY / "model.ckpt-3", "-c", TF_TINY, "-v", TF_TINY / "vocab.txt", "-o", out_dir]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2
+    assert err.strip() == "qa-build: error: sequence length 384 exceeds the model's max_position_embeddings 32"
+    code, _, err = run_cli([*args, "-s", 32, "-b", 2], capsys)
+    assert code == 0, err
+    meta = EngineMeta.read(out_dir)
+    assert (meta.model_config.hidden_size, meta.model_id) == (8, "tf_bert_tiny")
+    with load_engine(out_dir) as engine:
+        ids = np.array([[2, 7, 8, 3, 9, 10, 3, 0]], np.int32)
+        from qacore.features import EngineInputs
+
+        outputs = engine.infer(
+            EngineInputs(ids, np.array([[0, 0, 0, 0, 1, 1, 1, 0]], np.int32), (ids > 0).astype(np.int32))
+        )
+        assert np.isfinite(outputs.start_logits).all()
+
+
+def test_torch_backend_writes_canonical_weights(
+    shipped_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from safetensors.numpy import load_file
+
+    checkpoint = load_checkpoint(shipped_model_dir)
+    for flags, precision, dtype in (([], "fp32", np.float32), (["--fp16"], "fp16", np.float16)):
+        out_dir = tmp_path / precision
+        code, _, err = run_cli(["-m", shipped_model_dir, "-o", out_dir, "--backend", "torch", *flags], capsys)
+        assert code == 0, err
+        meta = EngineMeta.read(out_dir)
+        assert (meta.backend, meta.precision, meta.engine_file) == ("torch", precision, "model.safetensors")
+        weights = load_file(str(out_dir / meta.engine_file))
+        assert sorted(weights) == sorted(checkpoint.weights)
+        name = "bert.encoder.layer.2.output.dense.weight"
+        assert weights[name].dtype == dtype
+        np.testing.assert_allclose(weights[name], checkpoint.weights[name], atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--fp16"], "--fp16 is not offered for --backend onnxruntime"),
+        (["--backend", "torch", "--int8", "--squad-json", "{squad}"], "--int8 is not offered for --backend torch"),
+        (["--int8"], "--int8 needs --squad-json (calibration questions) or an existing --calib-path"),
+        (["--int8", "--squad-json", "{tmp}/missing.json"], "--squad-json file not found"),
+        (["--squad-json", "{squad}"], "--squad-json only applies with --int8"),
+        (["--calib-num", "10"], "--calib-num only applies with --int8"),
+        (["-w", "1024"], "--workspace-size only applies to --backend tensorrt"),
+        (["-tcf", "{tmp}/timing.cache"], "--timing-cache-file only applies to --backend tensorrt"),
+        (["-b", "0"], "argument -b/--batch-size: must be >= 1, got 0"),
+        (["-b", "-3"], "argument -b/--batch-size: must be >= 1, got -3"),
+        (["-s", "0"], "argument -s/--sequence-length: must be >= 1, got 0"),
+        (["-s", "many"], "argument -s/--sequence-length: expected a positive integer, got 'many'"),
+        (["-s", "12"], "sequence lengths must be >= 16"),
+        (["-s", "1024"], "sequence length 1024 exceeds the model's max_position_embeddings 512"),
+        (["-b", "5000"], "batch sizes must be in [1, 4096]"),
+        (["--backend", "tflite"], "argument --backend: invalid choice: 'tflite'"),
+        (["--calib-num", "0", "--int8"], "argument --calib-num: must be >= 1, got 0"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["-c", "{tmp}/no-such-dir"], "--config-dir is not a directory"),
+        (["-v", "{tmp}/no-vocab.txt"], "--vocab-file not found"),
+    ],
+)
+def test_bad_options_are_rejected_in_one_line(
+    args: list[str],
+    message: str,
+    shipped_model_dir: Path,
+    squad_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    filled = [arg.format(squad=squad_dir / "dev-v1.1.json.gz", tmp=tmp_path) for arg in args]
+    code, out, err = run_cli(["-m", shipped_model_dir, "-o", tmp_path / "engine", *filled], capsys)
+    assert code == 2 and not out
+    assert_one_line_error(err, message)
+    assert not (tmp_path / "engine").exists()
+
+
+def test_required_and_conflicting_modes(
+    shipped_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run_cli(["-o", tmp_path / "engine"], capsys)
+    assert code == 2 and "-m/--checkpoint and -o/--output are required (or --default)" in err
+    code, _, err = run_cli(["--default", "-m", shipped_model_dir], capsys)
+    assert code == 2 and "--default builds the shipped model's CPU engine and takes no -m" in err
+
+
+def test_checkpoint_problems_exit_1_in_one_line(
+    shipped_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run_cli(["-m", tmp_path / "nowhere", "-o", tmp_path / "engine"], capsys)
+    assert code == 1 and err.strip() == f"qa-build: checkpoint not found: {tmp_path / 'nowhere'}"
+    encoder_only = tmp_path / "encoder"
+    encoder_only.mkdir()
+    for name in ("config.json", "vocab.txt"):
+        (encoder_only / name).write_bytes((shipped_model_dir / name).read_bytes())
+    from safetensors.numpy import save_file
+
+    weights = load_checkpoint(shipped_model_dir).weights
+    save_file({k: v for k, v in weights.items() if not k.startswith("qa_")}, str(encoder_only / "model.safetensors"))
+    code, _, err = run_cli(["-m", encoder_only, "-o", tmp_path / "engine"], capsys)
+    assert code == 1 and "no QA head" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(["-m", encoder_only, "-o", tmp_path / "engine", "--init-qa-head-seed", 0, "-s", 64], capsys)
+    assert code == 0, err
+
+
+def test_console_entry_point_exit_status(tmp_path: Path) -> None:
+    """The real process: exit status and stderr a shell script would see."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-m", "builder.cli", "-m", str(tmp_path), "-o", str(tmp_path / "e"), "--int8"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "qa-build: error: --int8 needs --squad-json (calibration questions) or an existing --calib-path"
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- default engine
+
+
+def test_default_engine_is_built_once_and_rebuilt_when_stale(
+    shipped_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("QA_ENGINE_CACHE", str(tmp_path / "cache"))
+    options = DefaultEngineOptions(model_dir=shipped_model_dir)
+    engine_dir = ensure_default_engine(options)
+    source = checkpoint_sha256(shipped_model_dir)
+    assert engine_dir == tmp_path / "cache" / f"minilm-l6-squad-{source[:12]}-onnxruntime-fp32"
+    meta = EngineMeta.read(engine_dir)
+    assert (meta.backend, meta.precision, meta.source_sha256) == ("onnxruntime", "fp32", source)
+    built_at = (engine_dir / "model.onnx").stat().st_mtime_ns
+
+    assert ensure_default_engine(options) == engine_dir
+    assert (engine_dir / "model.onnx").stat().st_mtime_ns == built_at  # found, not rebuilt
+
+    raw = json.loads((engine_dir / "meta.json").read_text())
+    raw["backend_version"] = "0.0.1"  # built by another ONNX Runtime
+    (engine_dir / "meta.json").write_text(json.dumps(raw))
+    assert ensure_default_engine(options) == engine_dir
+    assert EngineMeta.read(engine_dir).backend_version != "0.0.1"
+
+    (engine_dir / "model.onnx").unlink()  # a damaged cache; `qa-build --default` repairs it
+    assert shipped_model_dir == DefaultEngineOptions().model_dir
+    code, out, err = run_cli(["--default"], capsys)
+    assert code == 0, err
+    assert out.startswith(str(engine_dir)) and (engine_dir / "model.onnx").is_file()
+    assert [path.name for path in (tmp_path / "cache").iterdir()] == [engine_dir.name]  # nothing half-written left
+
+
+def test_default_engine_cache_root_option(shipped_model_dir: Path, tmp_path: Path) -> None:
+    engine_dir = ensure_default_engine(DefaultEngineOptions(model_dir=shipped_model_dir, cache_root=tmp_path))
+    assert engine_dir.parent == tmp_path
+    with load_engine(engine_dir) as engine:
+        assert engine.meta.model_id == "minilm-l6-squad"
+
+
+def assert_one_line_error(err: str, message: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("qa-build: error: ") and message in lines[0], lines[0]

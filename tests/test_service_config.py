@@ -1,0 +1,65 @@
+"""`qa-serve` configuration: flags, environment variables, defaults and one-line errors for bad values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.batcher import BatcherConfig
+from services.config import DEFAULT_PORT, EngineSpec, ServerConfig, config_from_args
+
+
+def test_no_flags_serve_the_default_model_on_loopback() -> None:
+    config = config_from_args([], environ={})
+    assert config == ServerConfig()
+    assert (config.host, config.port, config.engines, config.metrics_port) == ("127.0.0.1", DEFAULT_PORT, (), None)
+
+
+def test_flags_fill_the_typed_config() -> None:
+    config = config_from_args(
+        [
+            "--port", "0", "--engine", "/e/one", "--engine", "fast=/e/two", "--max-batch-size", "4",
+            "--max-queue-delay-us", "250", "--max-queue-windows", "64", "--engine-contexts", "2",
+            "--intra-op-threads", "1", "--metrics-port", "0", "--grace-s", "3", "--budget-ms", "12.5",
+        ],
+        environ={},
+    )  # fmt: skip
+    assert config.port == 0
+    assert config.engines == (EngineSpec(Path("/e/one")), EngineSpec(Path("/e/two"), "fast"))
+    assert config.batcher == BatcherConfig(max_batch_size=4, max_queue_delay_us=250, max_queue_windows=64)
+    assert (config.engine_contexts, config.intra_op_threads, config.metrics_port) == (2, 1, 0)
+    assert (config.grace_s, config.budget_ns) == (3.0, 12_500_000)
+
+
+def test_environment_variables_are_defaults_that_flags_override() -> None:
+    environ = {"QA_SERVE_PORT": "6000", "QA_SERVE_MAX_BATCH_SIZE": "8", "QA_SERVE_ENGINE": "/a,m=/b"}
+    config = config_from_args([], environ=environ)
+    assert (config.port, config.batcher.max_batch_size) == (6000, 8)
+    assert config.engines == (EngineSpec(Path("/a")), EngineSpec(Path("/b"), "m"))
+    assert config_from_args(["--port", "7000"], environ=environ).port == 7000
+    assert config_from_args([], environ={"QA_SERVE_ENGINE_SPINNING": "off"}).engine_spinning is False
+    assert config_from_args([], environ={"QA_SERVE_ENGINE_SPINNING": "1"}).engine_spinning is True
+    assert config_from_args(["--no-engine-spinning"], environ={}).engine_spinning is False
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "message"),
+    [
+        (["--port", "70000"], {}, "port must be in [0, 65535]"),
+        (["--max-batch-size", "0"], {}, "max_batch_size must be >= 1"),
+        (["--tls-cert", "/c.pem"], {}, "TLS needs both a certificate and a key"),
+        (["--engine-contexts", "0"], {}, "engine contexts must be >= 1"),
+        ([], {"QA_SERVE_PORT": "abc"}, "QA_SERVE_PORT='abc' is not a valid value"),
+        ([], {"QA_SERVE_ENGINE_SPINNING": "maybe"}, "is not a boolean"),
+        (["--port", "x"], {}, "invalid int value"),
+    ],
+)
+def test_bad_values_exit_with_one_line(
+    argv: list[str], environ: dict[str, str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        config_from_args(argv, environ=environ)
+    assert exited.value.code == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qa-serve: error:")]
+    assert len(error_lines) == 1 and message in error_lines[0]

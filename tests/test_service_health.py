@@ -1,0 +1,122 @@
+"""Health checking, reflection, readiness and the Prometheus endpoint of a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from builder.defaults import ensure_default_engine
+from pipeline.client import ClientConfig, QAClient, QAClientError, RetryPolicy
+from services.config import EngineSpec, ServerConfig
+from services.server import QAServer, model_health_name
+
+PASSAGE = "The Normans gave their name to Normandy, a region in France. Their leader was Rollo."
+SERVICE = "qa.v1.QuestionAnswering"
+NO_RETRY = ClientConfig(retry=RetryPolicy(max_attempts=1))
+
+
+@pytest.fixture(scope="session")
+def engine_dir() -> Path:
+    """The shipped model's CPU engine (built once, then cached by `builder.defaults`)."""
+    return ensure_default_engine()
+
+
+def config_for(engine_dir: Path, **changes: object) -> ServerConfig:
+    return ServerConfig(port=0, engines=(EngineSpec(engine_dir),), grace_s=30.0, **changes)  # type: ignore[arg-type]
+
+
+async def test_health_is_serving_only_after_warm_up_and_not_serving_on_shutdown(engine_dir: Path) -> None:
+    server = QAServer(config_for(engine_dir))
+    await server.listen()
+    try:
+        async with QAClient(server.target, NO_RETRY) as client:
+            assert await client.health("") == "NOT_SERVING"
+            assert await client.health(SERVICE) == "NOT_SERVING"
+            with pytest.raises(QAClientError) as not_ready:
+                await client.answer("Who led them?", PASSAGE)
+            assert not_ready.value.code == grpc.StatusCode.UNAVAILABLE
+
+            await server.load_models()
+            model_id = next(iter(server.models)).model_id
+            for name in ("", SERVICE, model_health_name(model_id)):
+                assert await client.health(name) == "SERVING"
+            assert (await client.answer("Who led them?", PASSAGE)).text
+
+            # A watcher sees the change to NOT_SERVING as soon as shutdown starts, while an in-flight
+            # request still finishes within the grace period.
+            watch = health_pb2_grpc.HealthStub(client.channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE))
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+            in_flight = asyncio.create_task(client.answer("Who led them?", " ".join([PASSAGE] * 30)))
+            await asyncio.sleep(0.05)
+            stopping = asyncio.create_task(server.stop())
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            watch.cancel()  # a watch never ends by itself: it would hold the shutdown for the whole grace period
+            assert (await in_flight).text
+            await stopping
+    finally:
+        await server.stop()
+
+
+async def test_client_retries_unavailable_until_the_server_is_ready(engine_dir: Path) -> None:
+    server = QAServer(config_for(engine_dir))
+    await server.listen()
+    try:
+        retrying = ClientConfig(retry=RetryPolicy(max_attempts=100, initial_backoff_s=0.02, max_backoff_s=0.1))
+        async with QAClient(server.target, retrying) as client:
+            pending = asyncio.create_task(client.answer("Who led them?", PASSAGE, timeout_s=60))
+            await asyncio.sleep(0.2)
+            assert not pending.done()  # still retrying: the model is not loaded
+            await server.load_models()
+            assert (await pending).text
+    finally:
+        await server.stop()
+
+
+async def test_reflection_lists_the_services(engine_dir: Path) -> None:
+    async with QAServer(config_for(engine_dir)) as server:
+
+        def list_services() -> tuple[list[str], list[str]]:
+            with grpc.insecure_channel(server.target) as channel:
+                database = ProtoReflectionDescriptorDatabase(channel)
+                services = list(database.get_services())
+                descriptor = database.FindFileContainingSymbol(SERVICE)
+                return services, [service.name for service in descriptor.service]
+
+        services, described = await asyncio.to_thread(list_services)
+    assert SERVICE in services
+    assert "grpc.health.v1.Health" in services
+    assert described == ["QuestionAnswering"]
+
+
+async def test_metrics_endpoint_exposes_stages_batches_and_budget(engine_dir: Path) -> None:
+    async with QAServer(config_for(engine_dir, metrics_port=0, budget_ns=1)) as server:
+        assert server.metrics_port
+        async with QAClient(server.target, NO_RETRY) as client:
+            await asyncio.gather(*(client.answer("Who led them?", PASSAGE) for _ in range(4)))
+            with pytest.raises(QAClientError):
+                await client.answer("", PASSAGE)
+        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+    model_id = next(iter(server.models)).model_id
+    for stage in ("queue", "tokenize", "infer", "decode", "end_to_end"):
+        assert f'qa_stage_latency_seconds_count{{model="{model_id}",stage="{stage}"}} 4.0' in text
+    assert f'qa_batch_size_windows_count{{model="{model_id}"}}' in text
+    assert f'qa_queue_depth_windows{{model="{model_id}"}} 0.0' in text
+    assert 'qa_requests_total{code="OK",method="Answer"} 4.0' in text
+    assert 'qa_requests_total{code="INVALID_ARGUMENT",method="Answer"} 1.0' in text
+    assert 'qa_latency_budget_seconds{stage="language_model"} 1e-09' in text
+    # With a 1 ns budget every answered question is over it.
+    assert f'qa_requests_over_budget_total{{model="{model_id}"}} 4.0' in text
+
+
+async def test_unknown_engine_directory_fails_start_up_with_a_clear_error(tmp_path: Path) -> None:
+    server = QAServer(config_for(tmp_path / "missing"))
+    with pytest.raises(Exception, match="engine directory not found"):
+        await server.start()
+    await server.stop()

@@ -1,0 +1,197 @@
+"""Training data and the training loop on CPU: real SQuAD, the shipped tokenizer, the shared featurization."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qacore.features import Featurizer, FeaturizerConfig
+from qacore.squad import read_dataset
+from qacore.squad_metric import normalize_answer
+from qacore.tokenization import load_tokenizer
+from training.config import TrainConfig
+from training.data import WindowArrays, build_eval_set, predict_texts, train_windows
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def featurizer(shipped_model_dir: Path) -> Featurizer:
+    return Featurizer(load_tokenizer(shipped_model_dir), FeaturizerConfig())
+
+
+@pytest.fixture(scope="module")
+def train_subset(squad_dir: Path):
+    return read_dataset(squad_dir / "train-v1.1.json.gz").head(600)
+
+
+@pytest.fixture(scope="module")
+def dev_subset(squad_dir: Path):
+    return read_dataset(squad_dir / "dev-v1.1.json.gz").head(300)
+
+
+def _target_texts(arrays: WindowArrays, row: int, passage) -> str:
+    offset = int(arrays.context_offsets[row])
+    # Rows of one question share the passage; the window's first passage token is recovered from the ids.
+    start, end = int(arrays.start_positions[row]), int(arrays.end_positions[row])
+    return offset, start, end, passage
+
+
+def test_decoded_window_is_text_not_unknown_tokens(featurizer: Featurizer, train_subset) -> None:
+    paragraph, question = next(train_subset.questions())
+    features = featurizer.featurize(question.question, paragraph.context)
+    ids = features.windows[0].input_ids
+    unknown = featurizer.tokenizer.token_to_id("[UNK]")
+    assert np.mean(ids == unknown) < 0.01
+    decoded = featurizer.tokenizer.decode(ids.tolist(), skip_special_tokens=True)
+    assert normalize_answer(question.question) in normalize_answer(decoded)
+    assert normalize_answer(paragraph.context[:80]).split()[:5] == normalize_answer(decoded).split()[
+        len(normalize_answer(question.question).split()) :
+    ][:5]
+
+
+def test_targets_map_back_to_the_answer_text(featurizer: Featurizer, train_subset) -> None:
+    arrays, stats = train_windows(train_subset.articles, featurizer)
+    assert stats.questions == 600 and stats.windows == len(arrays) >= 600
+    assert stats.answer_not_in_tokens == 0 and stats.answer_in_no_window == 0
+    row = 0
+    exact = 0
+    for paragraph, question in train_subset.questions():
+        passage = featurizer.encode_passage(paragraph.context)
+        windows = featurizer.featurize(question.question, passage).windows
+        found = []
+        for window in windows:
+            np.testing.assert_array_equal(arrays.input_ids[row, : window.seq_len], window.input_ids)
+            start, end = int(arrays.start_positions[row]), int(arrays.end_positions[row])
+            if (start, end) != (0, 0):
+                first = window.passage_start + start - window.context_offset
+                last = window.passage_start + end - window.context_offset
+                found.append(paragraph.context[passage.offsets[first, 0] : passage.offsets[last, 1]])
+            row += 1
+        assert found, question.id
+        gold = question.answers[0].text
+        assert all(normalize_answer(gold) in normalize_answer(text) for text in found), (gold, found)
+        exact += all(normalize_answer(text) == normalize_answer(gold) for text in found)
+    assert row == len(arrays)
+    assert exact / stats.questions > 0.99  # the rest are answers cut inside a word ("1870s" for "1870")
+
+
+def test_window_arrays_match_the_runtime_batch(featurizer: Featurizer, dev_subset) -> None:
+    eval_set = build_eval_set(dev_subset, featurizer)
+    windows = [window for features in eval_set.features for window in features.windows]
+    batch = featurizer.batch(windows, seq_len=eval_set.windows.width)
+    np.testing.assert_array_equal(eval_set.windows.input_ids, batch.input_ids)
+    np.testing.assert_array_equal(eval_set.windows.segment_ids(), batch.segment_ids)
+    np.testing.assert_array_equal(eval_set.windows.input_mask(), batch.input_mask)
+
+
+def test_gold_logits_decode_to_gold_answers(featurizer: Featurizer, dev_subset) -> None:
+    """Logits that point at each question's first gold answer score EM 100 through decode and evaluate_v1."""
+    from qacore.features import answer_positions, char_span_to_token_span
+    from qacore.squad_metric import evaluate_v1
+
+    eval_set = build_eval_set(dev_subset, featurizer)
+    start = np.zeros((len(eval_set.windows), eval_set.windows.width), np.float32)
+    end = np.zeros_like(start)
+    questions = [question for _, question in dev_subset.questions()]
+    for index, (features, question) in enumerate(zip(eval_set.features, questions, strict=True)):
+        answer = question.answers[0]
+        span = char_span_to_token_span(features.passage, answer.answer_start, answer.answer_start + len(answer.text))
+        for row, window in enumerate(features.windows):
+            s, e = answer_positions(window, span)
+            start[eval_set.first_window[index] + row, s] = 10.0
+            end[eval_set.first_window[index] + row, e] = 10.0
+    scores = evaluate_v1(dev_subset, predict_texts(eval_set, start, end))
+    assert scores["exact_match"] > 99.0
+
+
+def test_teacher_inputs_are_mpnet_pairs_and_logits_align() -> None:
+    torch = pytest.importorskip("torch")
+    from qacore.features import SpecialTokens
+    from training.teacher import student_positions, teacher_input_ids
+
+    special = SpecialTokens(cls_id=101, sep_id=102, pad_id=0)
+    question, passage = [2054, 2003], [1996, 4937, 2938, 1012]
+    ids = torch.tensor([[101, *question, 102, *passage, 102, 0, 0]])
+    teacher, mask = teacher_input_ids(ids, torch.tensor([9]), torch.tensor([4]), special)
+    shifted = [token + 4 for token in question], [token + 4 for token in passage]
+    assert teacher.tolist() == [[0, *shifted[0], 2, 2, *shifted[1], 2, 1, 1]]
+    assert mask.tolist() == [[1] * 10 + [0] * 2]
+    # Logits equal to the teacher position come back at the student positions they read.
+    logits = torch.arange(12, dtype=torch.float32)[None, :]
+    assert student_positions(logits, torch.tensor([4])).tolist() == [[0, 1, 2, 3, 5, 6, 7, 8, 9, 10, 11]]
+
+
+def test_distillation_loss_vanishes_only_when_student_matches_teacher() -> None:
+    torch = pytest.importorskip("torch")
+    from training.distill import distillation_loss
+
+    generator = torch.Generator().manual_seed(0)
+    teacher_start, teacher_end = torch.randn(4, 16, generator=generator), torch.randn(4, 16, generator=generator)
+    gold = torch.zeros(4, dtype=torch.long)
+    same = distillation_loss(teacher_start, teacher_end, teacher_start, teacher_end, gold, gold, 0.0, 2.0)
+    other = distillation_loss(teacher_end, teacher_start, teacher_start, teacher_end, gold, gold, 0.0, 2.0)
+    assert abs(float(same)) < 1e-6 and float(other) > 0.01
+
+
+@pytest.mark.slow
+def test_cpu_training_steps_reduce_the_loss(shipped_model_dir: Path, featurizer: Featurizer, train_subset, tmp_path):
+    torch = pytest.importorskip("torch")
+    from builder.checkpoint import load_checkpoint
+    from qacore.backends.torch_network import BertForQA
+    from training.finetune import TRAIN_LOG, StudentQA, train
+
+    arrays, _ = train_windows(read_dataset_head(train_subset, 16).articles, featurizer)
+    checkpoint = load_checkpoint(shipped_model_dir, init_qa_head_seed=0)
+    net = BertForQA(checkpoint.config, dropout=0.0)
+    net.load_weights(checkpoint.weights)
+    config = TrainConfig(
+        name="cpu-test", epochs=6, batch_size=16, learning_rate=1e-4, warmup_ratio=0.0, dropout=0.0,
+        bf16=False, group_by_length=False, log_every=1,
+    )  # fmt: skip
+    summary = train(StudentQA(net), config, arrays, None, tmp_path, torch.device("cpu"))
+    losses = [json.loads(line)["loss"] for line in (tmp_path / TRAIN_LOG).read_text().splitlines() if "loss" in line]
+    assert summary["steps"] == 6 and len(losses) == 6
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def read_dataset_head(dataset, limit: int):
+    return dataset.head(limit)
+
+
+def test_training_config_rejects_unknown_keys(tmp_path: Path) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"name": "x", "learning_rat": 1e-4}))
+    result = subprocess.run(
+        [sys.executable, "-m", "training.cli", "finetune", "--config", str(path), "--base", "/nonexistent",
+         "--cache-dir", str(tmp_path), "--run-dir", str(tmp_path / "run")],
+        capture_output=True, text=True, cwd=REPO, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == "qa-train: error: unknown training config keys: learning_rat"
+
+
+def test_checked_in_configs_load() -> None:
+    names = {TrainConfig.from_file(path).name for path in (REPO / "training" / "configs").glob("*.json")}
+    assert len(names) >= 3
+
+
+def test_export_parts_ship_as_the_same_model(shipped_model_dir: Path, tmp_path: Path) -> None:
+    from qacore.errors import CheckpointError
+    from training.runs import pack_export, ship
+
+    parts = pack_export(shipped_model_dir, tmp_path / "export", part_bytes=8 * 1024 * 1024)
+    assert len(parts) > 1 and all(part.stat().st_size <= 8 * 1024 * 1024 for part in parts)
+    shipped = ship(tmp_path / "export", tmp_path / "out")
+    assert sorted(file.name for file in shipped) == sorted(file.name for file in shipped_model_dir.iterdir())
+    for file in shipped:
+        assert file.read_bytes() == (shipped_model_dir / file.name).read_bytes()
+    parts[1].write_bytes(parts[1].read_bytes()[:-1] + b"\0")
+    with pytest.raises(CheckpointError, match="do not reassemble"):
+        ship(tmp_path / "export", tmp_path / "out")
+    assert (tmp_path / "out" / "config.json").is_file()

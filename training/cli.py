@@ -1,0 +1,95 @@
+"""`qa-train`: fine-tune, distil and ship the SQuAD student; fine-tune and pack the MPNet teacher.
+
+Commands (see training/README.md for the whole recipe):
+  finetune      train the student on gold spans (config with distill_alpha 1)
+  distill       train the student against gold spans and a teacher run's logits
+  teacher       fine-tune the MPNet teacher and save its logits on the training windows
+  pack-teacher  cut the teacher's weights into fp16 pieces that fit one device call each
+  ship          put an exported run (model.tar.partNN + export.json) into models/minilm-l6-squad
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from qacore.errors import QAError
+from training.config import TrainConfig
+from training.runs import RunPaths
+
+DEFAULT_SQUAD_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "models" / "minilm-l6-squad"
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, required=True, help="training config JSON (training/configs/)")
+    parser.add_argument("--squad-dir", type=Path, default=DEFAULT_SQUAD_DIR, help="holds train/dev-v1.1.json.gz")
+    parser.add_argument("--base", type=Path, required=True, help="student base encoder directory (and tokenizer)")
+    parser.add_argument("--cache-dir", type=Path, required=True, help="where featurized windows are kept")
+    parser.add_argument("--run-dir", type=Path, required=True, help="checkpoint, logs, metrics and the export")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qa-train", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_run_arguments(commands.add_parser("finetune", help="train the student on gold spans"))
+    distill = commands.add_parser("distill", help="train the student on gold spans and teacher logits")
+    _add_run_arguments(distill)
+    distill.add_argument("--teacher-run", type=Path, required=True, help="run directory of `qa-train teacher`")
+    teacher = commands.add_parser("teacher", help="fine-tune the MPNet teacher and save its logits")
+    _add_run_arguments(teacher)
+    teacher.add_argument("--pieces", type=Path, nargs="+", required=True, help="piece folders of `pack-teacher`")
+    pack = commands.add_parser("pack-teacher", help="cut the teacher's weights into fp16 pieces")
+    pack.add_argument("--source", type=Path, required=True, help="all-mpnet-base-v2 directory (model.safetensors)")
+    pack.add_argument("--out", type=Path, required=True, help="folder for the piece folders p1, p2, ...")
+    pack.add_argument("--piece-mib", type=float, default=60.0, help="largest piece in MiB (default 60)")
+    ship = commands.add_parser("ship", help="install an exported run as the shipped model")
+    ship.add_argument("--export-dir", type=Path, required=True, help="holds model.tar.partNN and export.json")
+    ship.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"model directory (default {DEFAULT_OUT})")
+    return parser
+
+
+def _paths(args: argparse.Namespace) -> RunPaths:
+    return RunPaths(args.squad_dir, args.base, args.cache_dir, args.run_dir)
+
+
+def run(args: argparse.Namespace) -> None:
+    from training import runs
+
+    if args.command in ("finetune", "distill", "teacher"):
+        config = TrainConfig.from_file(args.config)
+        if args.command == "finetune" and config.distills:
+            raise QAError(f"{args.config} distils (distill_alpha < 1): use `qa-train distill`")
+        if args.command == "distill" and not config.distills:
+            raise QAError(f"{args.config} does not distil (distill_alpha is 1): use `qa-train finetune`")
+        if args.command == "teacher":
+            summary = runs.run_teacher(config, _paths(args), args.pieces)
+        else:
+            summary = runs.run_student(config, _paths(args), getattr(args, "teacher_run", None))
+        print(json.dumps({"name": config.name, **summary["final"], "wall_seconds": round(summary["wall_seconds"], 1)}))
+    elif args.command == "pack-teacher":
+        from training.teacher import pack_teacher
+
+        for folder in pack_teacher(args.source, args.out, int(args.piece_mib * 1024 * 1024)):
+            print(folder)
+    elif args.command == "ship":
+        for file in runs.ship(args.export_dir, args.out):
+            print(file)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (QAError, ValueError, FileNotFoundError, KeyError) as exc:
+        print(f"qa-train: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
