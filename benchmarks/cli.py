@@ -17,6 +17,7 @@ from collections.abc import Sequence
 # subcommand -> (module, one-line description)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("benchmarks.serve_bench", "load-test the gRPC service: closed/open loop, unary/stream, batching on/off"),
+    "cpu": ("benchmarks.cpu_latency", "one question on the example passage: CPU engines vs transformers + PyTorch"),
     "engine": ("benchmarks.engine_bench", "engine latency and throughput per batch size and sequence length (GPU)"),
 }
 

@@ -121,7 +121,7 @@ def build_cpu_engines(config: CpuBenchConfig, scratch: Path) -> dict[str, Path]:
     return engines
 
 
-def run(config: CpuBenchConfig) -> dict[str, object]:
+def run(config: CpuBenchConfig, command: str) -> dict[str, object]:
     options = EngineOptions(intra_op_threads=config.threads)
     results: dict[str, dict[str, object]] = {}
     with tempfile.TemporaryDirectory(prefix="qa-bench-cpu-") as scratch:
@@ -144,7 +144,7 @@ def run(config: CpuBenchConfig) -> dict[str, object]:
         "benchmark": "cpu_latency",
         "machine": machine_description(),
         "python": platform.python_version(),
-        "command": "qa-bench cpu " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["cpu"] else sys.argv[1:]),
+        "command": command,
         "question": config.question,
         "passage_chars": len(config.passage),
         "iterations": config.iterations,
@@ -186,7 +186,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-transformers", action="store_true", help="leave out the transformers baseline")
 
 
-def main(args: argparse.Namespace) -> int:
+def run_from_args(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.iterations < 1 or args.warmup < 0 or args.threads < 0:
         print("qa-bench cpu: error: --iterations must be >= 1, --warmup and --threads >= 0", file=sys.stderr)
         return 2
@@ -203,7 +203,7 @@ def main(args: argparse.Namespace) -> int:
         skip_transformers=args.skip_transformers,
     )
     try:
-        report = run(config)
+        report = run(config, " ".join(["qa-bench", "cpu", *argv]))
     except QAError as exc:
         print(f"qa-bench cpu: error: {exc}", file=sys.stderr)
         return 2
@@ -212,9 +212,3 @@ def main(args: argparse.Namespace) -> int:
     config.json_out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {config.json_out}", file=sys.stderr)
     return 0
-
-
-def cli(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qa-bench cpu", description=__doc__)
-    add_arguments(parser)
-    return main(parser.parse_args(argv))

@@ -9,6 +9,7 @@ on the same weights right beside it:
     hf_eager      transformers BertForQuestionAnswering, fp16, eager (SDPA attention)
     torch_graphs  the training network BertForQA, fp16, CUDA graphs (TorchCudaEngine fused=False)
     fused         FusedBertForQA, fp16, Triton kernels, CUDA graphs (TorchCudaEngine: the product)
+    fused_lt      the same, GEMMs captured through cuBLASLt (torch.backends.cuda.preferred_blas_library)
     compiled      FusedBertForQA through torch.compile(mode), then CUDA graphs (only with --compile-mode)
 
 `--e2e` adds end-to-end latency on SQuAD dev questions (tokenize + infer + decode, one question at a
@@ -44,7 +45,7 @@ MODEL_SHAPES = {
     "bert-base": ModelConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "bert-large": ModelConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
 }
-VARIANTS = ("hf_eager", "torch_graphs", "fused", "compiled")
+VARIANTS = ("hf_eager", "torch_graphs", "fused", "fused_lt", "compiled")
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 DEFAULT_SEQUENCE_LENGTHS = (128, 384)
 # The goals (H100, fp16, engine only): (model, batch, seq) -> ("latency_ms" max | "throughput" min, value)
@@ -208,6 +209,7 @@ def make_engine(model: BenchModel, config: BenchConfig, variant: str) -> Any:
         device="cuda:0",
         fused=variant != "torch_graphs",
         compile_mode=config.compile_mode if variant == "compiled" else None,
+        blas_library="cublaslt" if variant == "fused_lt" else None,
     )
     return TorchCudaEngine(bench_meta(model, config), model.weights, engine_config)
 
@@ -334,7 +336,7 @@ def bench_e2e(model: BenchModel, config: BenchConfig) -> list[E2ETiming]:
     featurizer = Featurizer(load_tokenizer(config.shipped_model))
     rows = []
     for variant in config.variants:
-        if variant == "compiled":
+        if variant in ("compiled", "fused_lt"):
             continue
         engine: Engine
         if variant == "hf_eager":
@@ -408,7 +410,7 @@ def table(results: list[Timing]) -> str:
 def goal_lines(results: list[Timing]) -> list[str]:
     lines = []
     for (model, batch, seq), (metric, target) in GOALS.items():
-        for variant in ("fused", "compiled"):
+        for variant in ("fused", "fused_lt", "compiled"):
             found = [t for t in results if (t.model, t.batch, t.seq, t.variant) == (model, batch, seq, variant)]
             if not found:
                 continue

@@ -35,7 +35,7 @@ DEMO_PASSAGE = (
 )
 DEMO_QUESTIONS = ("What is TensorRT?", "What is included in TensorRT?")
 QUIT_WORDS = frozenset({"exit", "quit"})
-SQUAD_CHUNK_QUESTIONS = 64  # questions answered per engine round in SQuAD mode
+SQUAD_BATCH_QUESTIONS = 16  # questions whose windows share engine batches in SQuAD mode
 
 log = logging.getLogger("qa-assistant")
 
@@ -218,39 +218,25 @@ def answer_passage(answerer: QuestionAnswerer, config: AssistantConfig, question
 
 
 def answer_squad(answerer: QuestionAnswerer, config: AssistantConfig) -> int:
-    from tqdm import tqdm
+    """Answer every question of a SQuAD file (passages tokenized once) with a progress bar.
 
+    Predictions go to -o in the official format, or to stdout as one JSON object without -o.
+    """
     from qacore.squad import read_dataset, write_predictions
+    from qacore.squad_answering import answer_dataset
 
     assert config.squad_json is not None
     dataset = read_dataset(config.squad_json)
-    predictions: dict[str, str] = {}
-    pending: list[tuple[str, str, object]] = []
-    passages: dict[str, object] = {}
-    progress = tqdm(total=dataset.num_questions, unit="q", file=sys.stderr, disable=None)
-
-    def flush() -> None:
-        items = [(question, passage) for _, question, passage in pending]
-        for (qid, _, _), result in zip(pending, answerer.answer_many(items), strict=True):  # type: ignore[arg-type]
-            predictions[qid] = result.prediction.text
-            if config.json_output:
-                print(json.dumps({"id": qid, **json.loads(format_result(result, True))}, ensure_ascii=False))
-        progress.update(len(pending))
-        pending.clear()
-
-    for paragraph, question in dataset.questions():
-        if paragraph.context not in passages:
-            passages.clear()  # consecutive questions share a paragraph: keep only the current one
-            passages[paragraph.context] = answerer.encode_passage(paragraph.context)
-        pending.append((question.id, question.question, passages[paragraph.context]))
-        if len(pending) >= SQUAD_CHUNK_QUESTIONS:
-            flush()
-    if pending:
-        flush()
-    progress.close()
+    run = answer_dataset(answerer, dataset, batch_size=SQUAD_BATCH_QUESTIONS)
     if config.prediction_file:
-        write_predictions(config.prediction_file, predictions)
-        print(f"wrote {len(predictions)} predictions to {config.prediction_file}", file=sys.stderr)
+        write_predictions(config.prediction_file, run.predictions)
+        print(
+            f"wrote {len(run.predictions)} predictions to {config.prediction_file} "
+            f"({run.questions_per_second:.1f} questions/s)",
+            file=sys.stderr,
+        )
+    else:
+        print(json.dumps(run.predictions, ensure_ascii=False))
     return 0
 
 

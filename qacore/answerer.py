@@ -1,7 +1,7 @@
 """Question answering without a server: featurize -> engine -> decode, with per-stage timings.
 
-Used by the demo CLI and the evaluator; the gRPC service reuses `load_answerer_parts` and batches the
-windows itself.
+Used by the demo CLI and the evaluator; the gRPC service opens one per engine (`from_engine_dir`),
+reuses its `featurizer`, `engine` and `decoder_config`, and batches the windows of many requests itself.
 """
 
 from __future__ import annotations

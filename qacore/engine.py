@@ -108,6 +108,15 @@ class Engine(ABC):
         self.close()
 
     def check_inputs(self, inputs: EngineInputs) -> None:
+        """Refuse what no backend can run: mismatched or empty shapes, or more than the engine was built for."""
+        shape = inputs.input_ids.shape
+        if len(shape) != 2 or inputs.segment_ids.shape != shape or inputs.input_mask.shape != shape:
+            raise EngineError(
+                f"inputs must share one [batch, seq] shape, got input_ids {inputs.input_ids.shape}, "
+                f"segment_ids {inputs.segment_ids.shape}, input_mask {inputs.input_mask.shape}"
+            )
+        if inputs.batch_size < 1 or inputs.seq_len < 1:
+            raise EngineError(f"empty batch of shape {shape}")
         if inputs.batch_size > self.meta.max_batch_size:
             raise EngineError(f"batch of {inputs.batch_size} exceeds the engine's max {self.meta.max_batch_size}")
         if inputs.seq_len > self.meta.max_seq_length:

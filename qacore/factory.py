@@ -39,7 +39,9 @@ class EngineOptions:
     # event loop and other engines; turn off where cores are shared.
     allow_spinning: bool = True
     device_id: int = 0
-    use_cuda_graphs: bool = False
+    # GPU backends capture one CUDA graph per padded shape and replay it: several times faster at
+    # batch 1 (benchmarks/results/engine_h100.md). Off runs eagerly, for debugging.
+    use_cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if self.intra_op_threads < 0 or self.inter_op_threads < 0:

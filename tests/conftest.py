@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,19 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 SQUAD_DIR = SHARED / "data" / "squad"
 SHIPPED_MODEL_DIR = REPO / "models" / "minilm-l6-squad"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_engine_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The default engine (qa-serve / qa-eval / qa-assistant with no engine given) builds into this run's
+    temporary directory, never into the user's cache; subprocesses inherit the variable."""
+    saved = os.environ.get("QA_ENGINE_CACHE")
+    os.environ["QA_ENGINE_CACHE"] = str(tmp_path_factory.mktemp("engine-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("QA_ENGINE_CACHE", None)
+    else:
+        os.environ["QA_ENGINE_CACHE"] = saved
 
 
 @pytest.fixture(scope="session")

@@ -80,7 +80,9 @@ def test_a_passage_of_100000_words_is_answered(engine_dir: Path, capsys: pytest.
     filler = " ".join(f"Item {i} weighs {i % 97} grams." for i in range(25_000))  # 100,000 words
     passage = filler + " The lighthouse keeper was named Ferdinand Oakley."
     assert len(passage.split()) >= 100_000
-    code, out, err = run_cli(capsys, "-e", str(engine_dir), "-p", passage, "-q", "Who was the lighthouse keeper?", "--json")
+    code, out, err = run_cli(
+        capsys, "-e", str(engine_dir), "-p", passage, "-q", "Who was the lighthouse keeper?", "--json"
+    )
     assert code == 0, err
     assert "Ferdinand Oakley" in json.loads(out)["answer"]
 

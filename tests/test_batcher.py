@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from builder.defaults import ensure_default_engine
 from qacore.answerer import QuestionAnswerer
 from qacore.engine import Engine, EngineOutputs
 from qacore.errors import EngineError
@@ -33,12 +32,6 @@ QUESTIONS = [
     "Who were the Normans descended from?",
     "What did the Norse raiders agree to?",
 ]
-
-
-@pytest.fixture(scope="session")
-def engine_dir() -> Path:
-    """The shipped model's CPU engine (built once, then cached by `builder.defaults`)."""
-    return ensure_default_engine()
 
 
 @pytest.fixture(scope="module")

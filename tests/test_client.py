@@ -11,7 +11,6 @@ from pathlib import Path
 import grpc
 import pytest
 
-from builder.defaults import ensure_default_engine
 from pipeline.client import (
     Answer,
     AnswerFailure,
@@ -31,12 +30,6 @@ from services.config import EngineSpec, ServerConfig
 from services.server import QAServer
 
 PASSAGE = "The Normans gave their name to Normandy, a region in France. Their leader was Rollo."
-
-
-@pytest.fixture(scope="session")
-def engine_dir() -> Path:
-    """The shipped model's CPU engine (built once, then cached by `builder.defaults`)."""
-    return ensure_default_engine()
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 
 from qacore.decoding import DecoderConfig, decode
 from qacore.errors import InvalidInputError
-from qacore.features import Featurizer, FeaturizerConfig, Features
+from qacore.features import Features, Featurizer, FeaturizerConfig
 from qacore.tokenization import load_tokenizer
 
 PASSAGE = "Super Bowl 50 was played at Levi's Stadium in Santa Clara, California, on February 7, 2016."

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from qacore.features import (
     max_context_windows,
     window_spans,
 )
-from qacore.squad import read_dataset
+from qacore.squad import Question, SquadDataset, read_dataset
 from qacore.squad_metric import normalize_answer
 from qacore.tokenization import load_tokenizer
 
@@ -29,7 +30,7 @@ def featurizer(shipped_model_dir: Path) -> Featurizer:
 
 
 @pytest.fixture(scope="module")
-def dev(squad_dir: Path):  # type: ignore[no-untyped-def]
+def dev(squad_dir: Path) -> SquadDataset:
     return read_dataset(squad_dir / "dev-v1.1.json.gz")
 
 
@@ -81,7 +82,7 @@ def test_windows_match_reference_stride_and_max_context_on_long_passages(featuri
 
 
 @pytest.mark.slow
-def test_every_dev_answer_is_recovered_from_its_token_span(featurizer: Featurizer, dev) -> None:  # type: ignore[no-untyped-def]
+def test_every_dev_answer_is_recovered_from_its_token_span(featurizer: Featurizer, dev: SquadDataset) -> None:
     """char span -> token span -> window positions -> char span, for all 34,726 dev answers."""
     total = exact = normalized = 0
     for paragraph, question_group in _paragraphs(dev):
@@ -108,13 +109,15 @@ def test_every_dev_answer_is_recovered_from_its_token_span(featurizer: Featurize
     assert exact / total > 0.97, (exact, normalized, total)
 
 
-def _paragraphs(dataset):  # type: ignore[no-untyped-def]
+def _paragraphs(dataset: SquadDataset) -> Iterator[tuple[str, tuple[Question, ...]]]:
     for article in dataset.articles:
         for paragraph in article.paragraphs:
             yield paragraph.context, paragraph.questions
 
 
-def test_windows_match_huggingface_overflowing_tokens(featurizer: Featurizer, dev, shipped_model_dir: Path) -> None:  # type: ignore[no-untyped-def]
+def test_windows_match_huggingface_overflowing_tokens(
+    featurizer: Featurizer, dev: SquadDataset, shipped_model_dir: Path
+) -> None:
     """Our doc_stride (step between windows) equals HF's overlap `stride = window budget - doc_stride`."""
     transformers = pytest.importorskip("transformers")
     reference = transformers.PreTrainedTokenizerFast(

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from builder.defaults import ensure_default_engine
 from pipeline.client import Answer, AnswerFailure, AnswerOptions, ClientConfig, QAClient, Question, RetryPolicy
 from qacore.answerer import QuestionAnswerer
 from qacore.squad import read_dataset
@@ -23,12 +22,6 @@ PASSAGE = (
     "their leader Rollo, agreed to swear fealty to King Charles III of West Francia."
 )
 NO_RETRY = ClientConfig(retry=RetryPolicy(max_attempts=1))
-
-
-@pytest.fixture(scope="session")
-def engine_dir() -> Path:
-    """The shipped model's CPU engine (built once, then cached by `builder.defaults`)."""
-    return ensure_default_engine()
 
 
 @pytest.fixture(scope="module")

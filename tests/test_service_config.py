@@ -40,7 +40,10 @@ def test_environment_variables_are_defaults_that_flags_override() -> None:
     assert config_from_args(["--port", "7000"], environ=environ).port == 7000
     assert config_from_args([], environ={"QA_SERVE_ENGINE_SPINNING": "off"}).engine_spinning is False
     assert config_from_args([], environ={"QA_SERVE_ENGINE_SPINNING": "1"}).engine_spinning is True
-    assert config_from_args(["--no-engine-spinning"], environ={}).engine_spinning is False
+    assert config_from_args(["--engine-spinning"], environ={}).engine_spinning is True
+    assert (
+        config_from_args(["--no-engine-spinning"], environ={"QA_SERVE_ENGINE_SPINNING": "1"}).engine_spinning is False
+    )
 
 
 @pytest.mark.parametrize(

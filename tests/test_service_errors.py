@@ -10,7 +10,6 @@ from pathlib import Path
 import grpc
 import pytest
 
-from builder.defaults import ensure_default_engine
 from pipeline.client import (
     Answer,
     AnswerFailure,
@@ -35,12 +34,6 @@ PASSAGE = (
 LONG_PASSAGE = " ".join([PASSAGE] * 40)  # about 16 windows
 NO_RETRY = ClientConfig(retry=RetryPolicy(max_attempts=1), timeout_s=60)
 Code = grpc.StatusCode
-
-
-@pytest.fixture(scope="session")
-def engine_dir() -> Path:
-    """The shipped model's CPU engine (built once, then cached by `builder.defaults`)."""
-    return ensure_default_engine()
 
 
 def make_config(engine_dir: Path, **changes: object) -> ServerConfig:

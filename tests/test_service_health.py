@@ -11,7 +11,6 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from builder.defaults import ensure_default_engine
 from pipeline.client import ClientConfig, QAClient, QAClientError, RetryPolicy
 from services.config import EngineSpec, ServerConfig
 from services.server import QAServer, model_health_name
@@ -19,12 +18,6 @@ from services.server import QAServer, model_health_name
 PASSAGE = "The Normans gave their name to Normandy, a region in France. Their leader was Rollo."
 SERVICE = "qa.v1.QuestionAnswering"
 NO_RETRY = ClientConfig(retry=RetryPolicy(max_attempts=1))
-
-
-@pytest.fixture(scope="session")
-def engine_dir() -> Path:
-    """The shipped model's CPU engine (built once, then cached by `builder.defaults`)."""
-    return ensure_default_engine()
 
 
 def config_for(engine_dir: Path, **changes: object) -> ServerConfig:

@@ -12,7 +12,6 @@ from pathlib import Path
 import grpc
 import pytest
 
-from builder.defaults import ensure_default_engine
 from pipeline.client import Answer, ClientConfig, QAClient, QAClientError, Question, RetryPolicy
 from services.config import EngineSpec, ServerConfig
 from services.server import QAServer
@@ -24,12 +23,6 @@ PASSAGE = (
 )
 NO_RETRY = ClientConfig(retry=RetryPolicy(max_attempts=1), timeout_s=60)
 LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
-
-
-@pytest.fixture(scope="session")
-def engine_dir() -> Path:
-    """The shipped model's CPU engine (built once, then cached by `builder.defaults`)."""
-    return ensure_default_engine()
 
 
 def qa_serve_command() -> list[str]:

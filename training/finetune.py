@@ -221,10 +221,12 @@ def train(
     device: torch.device,
     distillation: Distillation | None = None,
     max_steps: int | None = None,
+    save_checkpoints: bool = True,
 ) -> dict[str, Any]:
     """Train `model` (a SpanModel) in place and return the run summary (also written to metrics.json).
 
-    Resumes from run_dir/checkpoint.pt when it exists. `max_steps` stops early (for tests).
+    Resumes from run_dir/checkpoint.pt when it exists; with `save_checkpoints` one is written after every epoch.
+    `max_steps` stops early (for tests).
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
@@ -320,6 +322,8 @@ def train(
         (run_dir / METRICS).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         if max_steps is not None and step >= max_steps:
             break
+        if not save_checkpoints:
+            continue
         torch.save(
             {
                 "config": config.to_dict(),

@@ -12,11 +12,12 @@ def render_model_card(summary: dict[str, Any], teacher_summary: dict[str, Any] |
     config = summary["config"]
     final = summary["final"]
     distilled = teacher_summary is not None
+    how = "distilled from a larger teacher and fine-tuned" if distilled else "fine-tuned"
     lines = [
         f"# minilm-l6-squad ({config['name']})",
         "",
         "Extractive question answering (SQuAD v1.1 style: the answer is a span of the passage) with a 6-layer",
-        f"BERT encoder and a span head, {'distilled from a larger teacher and ' if distilled else ''}fine-tuned on SQuAD v1.1.",
+        f"BERT encoder and a span head, {how} on SQuAD v1.1.",
         "Weights are float16 safetensors shards in Hugging Face `BertForQuestionAnswering` layout.",
         "",
         "## Results (SQuAD v1.1 dev, 10,570 questions)",
@@ -43,13 +44,14 @@ def render_model_card(summary: dict[str, Any], teacher_summary: dict[str, Any] |
         f"- Base model: {BASE_MODEL}; the span head starts from N(0, 0.02) drawn with seed {config['seed']}.",
         f"- Data: SQuAD v1.1 train ({summary.get('train_questions', 87599):,} questions) cut into "
         f"{summary['train_windows']:,} windows of at most {config['max_seq_length']} tokens, stride "
-        f"{config['doc_stride']}, questions cut to {config['max_query_length']} tokens, by `qacore.features` (the runtime's "
-        "own featurization); a window without the answer targets [CLS].",
-        f"- Optimisation: AdamW (eps {config['adam_eps']}, weight decay {config['weight_decay']} on matrices), learning rate "
-        f"{config['learning_rate']}, linear warm-up over {config['warmup_ratio']:.0%} of the steps then linear decay to 0, "
-        f"batch {config['batch_size']}, {config['epochs']} epochs = {summary['total_steps']:,} steps, gradient clipping "
-        f"{config['max_grad_norm']}, dropout {config['dropout']}, bf16 autocast (float32 weights), seed {config['seed']}, "
-        f"batches grouped by window length: {config['group_by_length']}.",
+        f"{config['doc_stride']}, questions cut to {config['max_query_length']} tokens, by `qacore.features` "
+        "(the runtime's own featurization); a window without the answer targets [CLS].",
+        f"- Optimisation: AdamW (eps {config['adam_eps']}, weight decay {config['weight_decay']} on matrices), "
+        f"learning rate {config['learning_rate']}, linear warm-up over {config['warmup_ratio']:.0%} of the steps "
+        f"then linear decay to 0, batch {config['batch_size']}, {config['epochs']} epochs = "
+        f"{summary['total_steps']:,} steps, gradient clipping {config['max_grad_norm']}, dropout {config['dropout']}, "
+        f"bf16 autocast (float32 weights), seed {config['seed']}, batches grouped by window length: "
+        f"{config['group_by_length']}.",
     ]
     if distilled:
         assert teacher_summary is not None

@@ -53,7 +53,9 @@ def _device() -> Any:
 
 
 def _data(config: TrainConfig, paths: RunPaths) -> tuple[WindowArrays, TrainStats, EvalSet]:
-    windows, stats = cached_train_windows(paths.squad_dir / TRAIN_FILE, paths.base_dir, config.featurizer, paths.cache_dir)
+    windows, stats = cached_train_windows(
+        paths.squad_dir / TRAIN_FILE, paths.base_dir, config.featurizer, paths.cache_dir
+    )
     featurizer = Featurizer(load_tokenizer(paths.base_dir), config.featurizer)
     eval_set = build_eval_set(read_dataset(paths.squad_dir / DEV_FILE), featurizer)
     log.info("%d training windows (%s), %d dev questions", len(windows), stats, len(eval_set))

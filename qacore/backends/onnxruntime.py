@@ -68,17 +68,6 @@ class OrtEngine(Engine):
         start_logits, end_logits = self.session.run(list(OUTPUT_NAMES), feed)
         return EngineOutputs(np.asarray(start_logits, np.float32), np.asarray(end_logits, np.float32))
 
-    def check_inputs(self, inputs: EngineInputs) -> None:
-        super().check_inputs(inputs)
-        shape = inputs.input_ids.shape
-        if len(shape) != 2 or inputs.segment_ids.shape != shape or inputs.input_mask.shape != shape:
-            raise EngineError(
-                f"inputs must share one [batch, seq] shape, got input_ids {inputs.input_ids.shape}, "
-                f"segment_ids {inputs.segment_ids.shape}, input_mask {inputs.input_mask.shape}"
-            )
-        if inputs.batch_size < 1 or inputs.seq_len < 1:
-            raise EngineError(f"empty batch of shape {shape}")
-
     def close(self) -> None:
         # Dropping the session frees its arena and thread pools.
         self.session = None

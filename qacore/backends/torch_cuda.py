@@ -14,9 +14,10 @@ see the shape they passed, exactly as with the other backends.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,12 +44,33 @@ class TorchEngineConfig:
     fused: bool = True  # FusedBertForQA; False runs the training network BertForQA unchanged
     use_triton: bool = True  # the fused path's Triton kernels (else plain torch ops)
     compile_mode: str | None = None  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"; None = eager
+    # cuBLAS front end for the GEMMs: "cublas" | "cublaslt" | None (PyTorch's default). A captured graph
+    # keeps the kernels chosen at capture, so this only has to hold while capturing.
+    blas_library: str | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in (None, "fp16", "bf16", "fp32"):
             raise EngineError(f"torch engine precision must be fp16, bf16 or fp32, got {self.precision!r}")
         if self.cuda_graphs and not self.device.startswith("cuda"):
             raise EngineError(f"CUDA graphs need a CUDA device, got {self.device!r}")
+        if self.blas_library not in (None, "cublas", "cublaslt"):
+            raise EngineError(f"blas_library must be cublas or cublaslt, got {self.blas_library!r}")
+
+
+@contextlib.contextmanager
+def preferred_blas(library: str | None) -> Iterator[None]:
+    """Route PyTorch's GEMMs through `library` for the duration (process-wide; restored afterwards)."""
+    if library is None:
+        yield
+        return
+    import torch
+
+    previous = torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.preferred_blas_library(library)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.preferred_blas_library(previous)
 
 
 def batch_buckets(max_batch: int) -> tuple[int, ...]:
@@ -197,7 +219,7 @@ class TorchCudaEngine(Engine):
         graphed = self._graphs.get(shape)
         if graphed is None:
             log.info("capturing a CUDA graph for batch %d x sequence %d", *shape)
-            with torch.cuda.device(self.device):
+            with torch.cuda.device(self.device), preferred_blas(self.config.blas_library):
                 graphed = _GraphedShape(self.module, shape[0], shape[1], self.device, self._pool, self.stream)
             self._graphs[shape] = graphed
         return graphed
@@ -206,7 +228,7 @@ class TorchCudaEngine(Engine):
         import torch
 
         stacked = np.stack([inputs.input_ids, inputs.segment_ids, inputs.input_mask]).astype(np.int32, copy=False)
-        with torch.inference_mode():
+        with torch.inference_mode(), preferred_blas(self.config.blas_library):
             if self.device.type == "cuda":
                 with torch.cuda.stream(self.stream):
                     device_inputs = torch.from_numpy(stacked).pin_memory().to(self.device, non_blocking=True)
@@ -215,17 +237,6 @@ class TorchCudaEngine(Engine):
                 tensors = torch.from_numpy(stacked)
                 logits = self.module(tensors[0], tensors[1], tensors[2])
         return logits.numpy()
-
-    def check_inputs(self, inputs: EngineInputs) -> None:
-        super().check_inputs(inputs)
-        shape = inputs.input_ids.shape
-        if len(shape) != 2 or inputs.segment_ids.shape != shape or inputs.input_mask.shape != shape:
-            raise EngineError(
-                f"inputs must share one [batch, seq] shape, got input_ids {inputs.input_ids.shape}, "
-                f"segment_ids {inputs.segment_ids.shape}, input_mask {inputs.input_mask.shape}"
-            )
-        if inputs.batch_size < 1 or inputs.seq_len < 1:
-            raise EngineError(f"empty batch of shape {shape}")
 
     def warmup(self) -> None:
         """Capture (or run once) every bucketed shape, so no request pays for a capture."""
