@@ -6,6 +6,8 @@ Commands (see training/README.md for the whole recipe):
   teacher       fine-tune the MPNet teacher and save its logits on the training windows
   pack-teacher  cut the teacher's weights into fp16 pieces that fit one device call each
   ship          put an exported run (model.tar.partNN + export.json) into models/minilm-l6-squad
+  negatives     tune a trained model (--base) with synthetic unanswerable questions; score it and the start
+                model on SQuAD v1.1 dev and v2.0 dev (--squad-dir also holds dev-v2.0.json.gz)
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     pack.add_argument("--source", type=Path, required=True, help="all-mpnet-base-v2 directory (model.safetensors)")
     pack.add_argument("--out", type=Path, required=True, help="folder for the piece folders p1, p2, ...")
     pack.add_argument("--piece-mib", type=float, default=60.0, help="largest piece in MiB (default 60)")
+    _add_run_arguments(
+        commands.add_parser("negatives", help="tune a trained model with synthetic unanswerable questions")
+    )
     ship = commands.add_parser("ship", help="install an exported run as the shipped model")
     ship.add_argument("--export-dir", type=Path, required=True, help="holds model.tar.partNN and export.json")
     ship.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"model directory (default {DEFAULT_OUT})")
@@ -72,6 +77,10 @@ def run(args: argparse.Namespace) -> None:
         else:
             summary = runs.run_student(config, _paths(args), getattr(args, "teacher_run", None))
         print(json.dumps({"name": config.name, **summary["final"], "wall_seconds": round(summary["wall_seconds"], 1)}))
+    elif args.command == "negatives":
+        config = TrainConfig.from_file(args.config)
+        summary = runs.run_negatives(config, _paths(args))
+        print(json.dumps({"name": config.name, "baseline": summary["baseline"], "tuned": summary["tuned"]}))
     elif args.command == "pack-teacher":
         from training.teacher import pack_teacher
 

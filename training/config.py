@@ -12,6 +12,7 @@ from qacore.errors import InvalidInputError
 from qacore.features import FeaturizerConfig
 
 MODELS = ("student", "teacher")
+NEGATIVE_SOURCES = ("other_article", "same_article")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,10 @@ class TrainConfig:
     # Distillation: loss = alpha * CE(gold) + (1 - alpha) * T^2 * KL(teacher || student) at temperature T.
     distill_alpha: float = 1.0
     distill_temperature: float = 1.0
+    # Synthetic unanswerable questions (`qa-train negatives`, training/negatives.py): this many per training
+    # question, each paired with a paragraph from another article ("other_article") or its own ("same_article").
+    negatives_per_question: float = 0.0
+    negative_source: str = "other_article"
     # Windows and decoding, as the runtime uses them.
     max_seq_length: int = 384
     doc_stride: int = 128
@@ -50,6 +55,10 @@ class TrainConfig:
             raise InvalidInputError("epochs, batch_size and learning_rate must be positive")
         if not 0.0 <= self.distill_alpha <= 1.0 or self.distill_temperature <= 0:
             raise InvalidInputError("distill_alpha must be in [0, 1] and distill_temperature positive")
+        if not 0.0 <= self.negatives_per_question <= 1.0:
+            raise InvalidInputError(f"negatives_per_question must be in [0, 1], got {self.negatives_per_question}")
+        if self.negative_source not in NEGATIVE_SOURCES:
+            raise InvalidInputError(f"negative_source must be one of {NEGATIVE_SOURCES}, got {self.negative_source!r}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise InvalidInputError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qacore.decoding import DecoderConfig, decode
+from qacore.decoding import DecoderConfig, Prediction, decode
 from qacore.errors import InvalidInputError
 from qacore.features import (
     Features,
@@ -202,15 +202,22 @@ def build_eval_set(dataset: SquadDataset, featurizer: Featurizer) -> EvalSet:
     return EvalSet(dataset, question_ids, features, np.asarray(first, dtype=np.int64), arrays)
 
 
-def predict_texts(
+def predict(
     eval_set: EvalSet, start_logits: np.ndarray, end_logits: np.ndarray, config: DecoderConfig | None = None
-) -> dict[str, str]:
-    """{question id: answer text} decoded from the logits of every window (rows in `eval_set.windows` order)."""
+) -> dict[str, Prediction]:
+    """{question id: decoded prediction} from the logits of every window (rows in `eval_set.windows` order)."""
     if start_logits.shape[0] != len(eval_set.windows) or end_logits.shape != start_logits.shape:
         raise ValueError("logits do not match the evaluation windows")
     config = config or DecoderConfig()
     predictions = {}
     for index, (qid, feature) in enumerate(zip(eval_set.question_ids, eval_set.features, strict=True)):
         rows = slice(int(eval_set.first_window[index]), int(eval_set.first_window[index + 1]))
-        predictions[qid] = decode(feature, start_logits[rows], end_logits[rows], config).text
+        predictions[qid] = decode(feature, start_logits[rows], end_logits[rows], config)
     return predictions
+
+
+def predict_texts(
+    eval_set: EvalSet, start_logits: np.ndarray, end_logits: np.ndarray, config: DecoderConfig | None = None
+) -> dict[str, str]:
+    """{question id: answer text} ("" where the decoder abstains)."""
+    return {qid: prediction.text for qid, prediction in predict(eval_set, start_logits, end_logits, config).items()}

@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qacore.squad_metric import evaluate_v1
+from qacore.squad_metric import evaluate_v1, evaluate_v2
 from training.config import TrainConfig
-from training.data import EvalSet, WindowArrays, predict_texts
+from training.data import EvalSet, WindowArrays, predict, predict_texts
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +179,19 @@ def evaluate_model(
     predictions = predict_texts(eval_set, start, end, config.decoder)
     scores = evaluate_v1(eval_set.dataset, predictions)
     return {"exact_match": float(scores["exact_match"]), "f1": float(scores["f1"])}, predictions
+
+
+def evaluate_model_v2(
+    model: nn.Module, eval_set: EvalSet, config: TrainConfig, device: torch.device
+) -> dict[str, float]:
+    """SQuAD v2.0 scores as `qa-eval` computes them: the decoder may abstain (`allow_null`, threshold 0) and each
+    question's null probability is its no-answer probability (for best_exact/best_f1 and their thresholds)."""
+    start, end = window_logits(model, eval_set.windows, device, config.eval_batch_size, config.bf16)
+    predictions = predict(eval_set, start, end, replace(config.decoder, allow_null=True))
+    texts = {qid: prediction.text for qid, prediction in predictions.items()}
+    na_probs = {qid: prediction.null_probability for qid, prediction in predictions.items()}
+    scores = evaluate_v2(eval_set.dataset, texts, na_probs)
+    return {key: float(value) for key, value in scores.values.items()}
 
 
 @dataclass

@@ -10,7 +10,7 @@ import shutil
 import tarfile
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 TRAIN_FILE = "train-v1.1.json.gz"
 DEV_FILE = "dev-v1.1.json.gz"
+DEV_V2_FILE = "dev-v2.0.json.gz"
 MODEL_DIR = "model"
 EXPORT_DIR = "export"
 EXPORT_MANIFEST = "export.json"
@@ -103,6 +104,73 @@ def run_student(config: TrainConfig, paths: RunPaths, teacher_run: Path | None =
     (paths.run_dir / METRICS).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     pack_export(model_dir, paths.run_dir / EXPORT_DIR)
     log.info("%s: dev EM %.2f F1 %.2f (float16 export)", config.name, scores["exact_match"], scores["f1"])
+    return summary
+
+
+def run_negatives(config: TrainConfig, paths: RunPaths) -> dict[str, Any]:
+    """Tune a trained QA model (`paths.base_dir`, e.g. the shipped one) on SQuAD v1.1 windows plus synthetic
+    unanswerable questions (training/negatives.py), plain cross-entropy; score the model it started from and the
+    float16 result on SQuAD v1.1 dev (never abstaining) and v2.0 dev (abstaining) in the same process."""
+    from qacore.backends.torch_network import BertForQA
+    from training.finetune import METRICS, StudentQA, evaluate_model, evaluate_model_v2, train
+    from training.negatives import negative_windows
+
+    begin = time.perf_counter()
+    if config.model != "student" or config.distills or config.negatives_per_question <= 0:
+        raise ValueError(f"config {config.name} must train the student without a teacher and with negatives")
+    device = _device()
+    positives, stats, dev_v1 = _data(config, paths)
+    featurizer = Featurizer(load_tokenizer(paths.base_dir), config.featurizer)
+    negatives, negative_stats = negative_windows(
+        read_dataset(paths.squad_dir / TRAIN_FILE).articles,
+        featurizer,
+        config.negatives_per_question,
+        config.negative_source,
+        config.seed,
+    )
+    dev_v2 = build_eval_set(read_dataset(paths.squad_dir / DEV_V2_FILE), featurizer)
+    log.info("%d negative windows (%s), %d v2.0 dev questions", len(negatives), negative_stats, len(dev_v2))
+    checkpoint = load_checkpoint(paths.base_dir)  # a trained QA model: a bare encoder (no span head) is refused
+    net = BertForQA(checkpoint.config, dropout=config.dropout)
+    net.load_weights(checkpoint.weights)
+
+    def score(model: Any) -> dict[str, dict[str, float]]:
+        v1, _ = evaluate_model(model, dev_v1, config, device)
+        return {"v1.1": v1, "v2.0": evaluate_model_v2(model, dev_v2, config, device)}
+
+    model = StudentQA(net).to(device)
+    baseline = score(model)
+    log.info("start model %s: %s", paths.base_dir, baseline)
+    windows = WindowArrays.concatenate([positives, negatives])
+    summary = train(model, config, windows, None, paths.run_dir, device, save_checkpoints=False)
+    weights = {name: value.detach().float().cpu().numpy() for name, value in net.state_dict().items()}
+    rounded = {name: value.astype(np.float16).astype(np.float32) for name, value in weights.items()}
+    rounded_net = BertForQA(checkpoint.config)
+    rounded_net.load_weights(rounded)
+    tuned = score(StudentQA(rounded_net).to(device))
+    log.info("tuned (float16): %s", tuned)
+    summary.update(
+        start_model=str(paths.base_dir),
+        start_model_sha256=checkpoint.source_sha256,
+        baseline=baseline,
+        tuned=tuned,
+        positive_windows=len(positives),
+        negative_windows=len(negatives),
+        negatives=asdict(negative_stats),
+        train_questions=stats.questions,
+        wall_seconds=time.perf_counter() - begin,
+    )
+    (paths.run_dir / METRICS).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    model_dir = paths.run_dir / MODEL_DIR
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    card = (
+        f"# minilm-l6-squad + synthetic negatives ({config.name})\n\nAn experiment, not the shipped model: "
+        f"{paths.base_dir} tuned on SQuAD v1.1 plus synthetic unanswerable questions (training/negatives.py).\n"
+        f"Start model: {json.dumps(baseline)}\nThese float16 weights: {json.dumps(tuned)}\n"
+    )
+    save_hf_model(model_dir, checkpoint.config, weights, paths.base_dir, model_card=card)
+    pack_export(model_dir, paths.run_dir / EXPORT_DIR)
     return summary
 
 
