@@ -189,3 +189,28 @@ def test_export_parts_ship_as_the_same_model(shipped_model_dir: Path, tmp_path: 
     with pytest.raises(CheckpointError, match="do not reassemble"):
         ship(tmp_path / "export", tmp_path / "out")
     assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_negatives_pair_questions_with_other_articles_and_target_cls(featurizer: Featurizer, train_subset) -> None:
+    from training.negatives import negative_windows, sample_negatives
+
+    articles = train_subset.articles
+    assert len(articles) >= 2
+    negatives, _ = sample_negatives(articles, 0.5, "other_article", seed=7)
+    assert abs(len(negatives) - 300) <= 3  # half of the 600 questions, minus any with no answer-free paragraph
+    owner = {q.id: a for a, article in enumerate(articles) for p in article.paragraphs for q in p.questions}
+    for negative in negatives:
+        assert negative.article != negative.question_article == owner[negative.question.id]
+        context = articles[negative.article].paragraphs[negative.paragraph].context
+        assert all(answer.text.lower() not in context.lower() for answer in negative.question.answers)
+    arrays, stats = negative_windows(articles, featurizer, 0.5, "other_article", seed=7)
+    assert stats.questions == len(negatives) and stats.windows == len(arrays) >= len(negatives)
+    assert not arrays.start_positions.any() and not arrays.end_positions.any()  # every window targets [CLS]
+    first = negatives[0]
+    context = articles[first.article].paragraphs[first.paragraph].context
+    window = featurizer.featurize(first.question.question, context).windows[0]
+    np.testing.assert_array_equal(arrays.input_ids[0, : window.seq_len], window.input_ids)
+    same, _ = sample_negatives(articles, 0.5, "same_article", seed=7)
+    for negative in same:
+        paragraph = articles[negative.article].paragraphs[negative.paragraph]
+        assert negative.article == negative.question_article and negative.question not in paragraph.questions
