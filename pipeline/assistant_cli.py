@@ -21,6 +21,7 @@ from qacore.decoding import DecoderConfig
 from qacore.errors import EngineError, InvalidInputError, QAError
 from qacore.factory import EngineOptions, load_engine
 from qacore.features import Featurizer, FeaturizerConfig
+from qacore.files import read_utf8
 from qacore.tokenization import load_tokenizer, vocab_sha256
 
 EXIT_BAD_INPUT = 2
@@ -97,10 +98,10 @@ def parse_config(argv: Sequence[str] | None) -> AssistantConfig:
     if args.passage_file:
         if passage is not None:
             raise InvalidInputError("give the passage with -p or -pf, not both")
-        passage = read_text(args.passage_file, "passage")
+        passage = read_utf8(args.passage_file, "passage")
     questions = list(args.question)
     if args.question_file:
-        questions += [line.strip() for line in read_text(args.question_file, "question").splitlines() if line.strip()]
+        questions += [line.strip() for line in read_utf8(args.question_file, "question").splitlines() if line.strip()]
     if args.demo:
         if passage is not None or questions or args.squad_json:
             raise InvalidInputError("--demo takes no passage, questions or SQuAD file")
@@ -122,17 +123,6 @@ def parse_config(argv: Sequence[str] | None) -> AssistantConfig:
         json_output=args.json,
         interactive=not questions and not args.squad_json,
     )
-
-
-def read_text(path: Path, what: str) -> str:
-    try:
-        return path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise InvalidInputError(f"{what} file not found: {path}") from None
-    except IsADirectoryError:
-        raise InvalidInputError(f"{what} file is a directory: {path}") from None
-    except UnicodeDecodeError as exc:
-        raise InvalidInputError(f"{what} file {path} is not valid UTF-8 (byte {exc.start})") from None
 
 
 def open_answerer(config: AssistantConfig) -> QuestionAnswerer:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from qacore.errors import InvalidInputError
+from qacore.files import read_bytes
 
 # The two scoring rules the official scripts define; `version` fields such as "v2.0" map onto them.
 METRIC_VERSIONS = ("1.1", "2.0")
@@ -143,14 +144,7 @@ def read_dataset(path: Path) -> SquadDataset:
 
 def read_json(path: Path, what: str) -> Any:
     """Parse a JSON file, gunzipping it when it is gzip data (by content, whatever its name)."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise InvalidInputError(f"{what} file not found: {path}") from None
-    except IsADirectoryError:
-        raise InvalidInputError(f"{what} path is a directory, not a file: {path}") from None
-    except OSError as exc:
-        raise InvalidInputError(f"cannot read {what} file {path}: {exc.strerror or exc}") from None
+    raw = read_bytes(path, what)
     if raw[:2] == b"\x1f\x8b":
         try:
             raw = gzip.decompress(raw)
