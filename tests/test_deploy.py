@@ -34,7 +34,7 @@ def test_compose_and_dockerfile_settings_are_all_understood_by_qa_serve() -> Non
     assert serve_settings, "the deployment configures qa-serve through QA_SERVE_* variables"
     config = config_from_args([], environ=serve_settings)
     assert config.host == "0.0.0.0" and config.port == 50051
-    assert config.metrics_port == 9100 and config.batcher.max_batch_size == 4 and config.grace_s == 10
+    assert config.metrics_port == 9100 and config.batcher.max_batch_size == 1 and config.grace_s == 10
     # Every variable is a real flag: an unknown one would be silently ignored, so refuse it here.
     flags = {ENV_PREFIX + action.dest.upper() for action in _parser_actions()}
     assert set(serve_settings) <= flags, set(serve_settings) - flags
