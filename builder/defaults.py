@@ -16,7 +16,8 @@ from pathlib import Path
 from builder.build import BuildConfig, build_engine
 from builder.checkpoint import checkpoint_sha256
 from qacore.engine import EngineMeta
-from qacore.errors import EngineError
+from qacore.errors import EngineError, InvalidInputError
+from qacore.tokenization import TOKENIZER_JSON, VOCAB_TXT
 
 log = logging.getLogger(__name__)
 
@@ -49,21 +50,26 @@ def ensure_default_engine(options: DefaultEngineOptions | None = None) -> Path:
     options = options or DefaultEngineOptions()
     source = checkpoint_sha256(options.model_dir)
     engine_dir = default_engine_dir(options, source)
-    if not options.force and is_current(engine_dir, source):
+    if not options.force and is_current(engine_dir, source, options.model_dir):
         return engine_dir
     log.info("building the default engine for %s into %s", options.model_dir, engine_dir)
-    config = BuildConfig(checkpoint=options.model_dir, output=engine_dir, backend="onnxruntime", force=True)
+    # Replace only a stale directory: when two first uses race, the second build fails to publish over
+    # the first one's engine (instead of moving it away under a reader) and uses it below.
     try:
-        return build_engine(config)
-    except (EngineError, OSError):
+        return build_engine(
+            BuildConfig(
+                checkpoint=options.model_dir, output=engine_dir, backend="onnxruntime", force=engine_dir.exists()
+            )
+        )
+    except (EngineError, InvalidInputError, OSError):
         # Another process published the same engine between our check and our rename: use theirs.
-        if is_current(engine_dir, source):
+        if is_current(engine_dir, source, options.model_dir):
             return engine_dir
         raise
 
 
-def is_current(engine_dir: Path, source_sha256: str) -> bool:
-    """Whether `engine_dir` holds an engine of this source built by the installed ONNX Runtime."""
+def is_current(engine_dir: Path, source_sha256: str, model_dir: Path) -> bool:
+    """Whether `engine_dir` holds an engine of this source and tokenizer, built by the installed ONNX Runtime."""
     import onnxruntime
 
     try:
@@ -76,4 +82,9 @@ def is_current(engine_dir: Path, source_sha256: str) -> bool:
         and meta.source_sha256 == source_sha256
         and meta.backend_version == onnxruntime.__version__
         and (engine_dir / meta.engine_file).is_file()
+        and all(
+            (engine_dir / name).is_file() and (engine_dir / name).read_bytes() == (model_dir / name).read_bytes()
+            for name in (TOKENIZER_JSON, VOCAB_TXT)
+            if (model_dir / name).is_file()
+        )
     )

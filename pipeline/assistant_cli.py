@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_config(argv: Sequence[str] | None) -> AssistantConfig:
     args = build_parser().parse_args(argv)
+    if not isinstance(logging.getLevelName(args.log_level.upper()), int):
+        raise InvalidInputError(f"--log-level must be DEBUG, INFO, WARNING or ERROR, got {args.log_level!r}")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     if args.threads < 0:
         raise InvalidInputError(f"--threads must be >= 0, got {args.threads}")
@@ -241,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InvalidInputError as exc:
         print(f"qa-assistant: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except QAError as exc:
+    except (QAError, OSError) as exc:  # OSError: e.g. an unwritable engine cache for the default engine
         print(f"qa-assistant: error: {exc}", file=sys.stderr)
         return EXIT_ENGINE
     except KeyboardInterrupt:

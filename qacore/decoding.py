@@ -78,28 +78,14 @@ def decode(
     if start_logits.shape[0] != len(features.windows) or end_logits.shape != start_logits.shape:
         raise InvalidInputError("logits do not match the question's windows")
     passage = features.passage
-    candidates: dict[tuple[int, int], float] = {}
-    null_logit = float("inf")
-    for row, window in enumerate(features.windows):
-        first = window.context_offset
-        starts = start_logits[row, first : first + window.length].astype(np.float64)
-        ends = end_logits[row, first : first + window.length].astype(np.float64)
-        null_logit = min(null_logit, float(start_logits[row, 0]) + float(end_logits[row, 0]))
-        top_starts = _top_indices(np.where(window.max_context, starts, -np.inf), config.n_best_size)
-        top_ends = _top_indices(ends, config.n_best_size)
-        for s in top_starts:
-            if not window.max_context[s]:
-                continue
-            for e in top_ends:
-                if e < s or e - s + 1 > config.max_answer_length:
-                    continue
-                char_span = (
-                    int(passage.offsets[window.passage_start + s, 0]),
-                    int(passage.offsets[window.passage_start + e, 1]),
-                )
-                logit = float(starts[s] + ends[e])
-                if logit > candidates.get(char_span, -np.inf):
-                    candidates[char_span] = logit
+    candidates, null_logit = _candidates(
+        features, start_logits, end_logits, config.n_best_size, config.max_answer_length
+    )
+    if not candidates:
+        # No valid pair among the top starts and ends (say every top end precedes every top start): search
+        # all pairs, so a question is never left without an answer it was not allowed to abstain from.
+        widest = max(window.length for window in features.windows)
+        candidates, _ = _candidates(features, start_logits, end_logits, widest, config.max_answer_length)
     ranked = sorted(candidates.items(), key=lambda item: item[1], reverse=True)[: config.n_best_size]
     logits = np.array([logit for _, logit in ranked] + ([null_logit] if config.allow_null else []))
     probabilities = _softmax(logits) if logits.size else logits
@@ -112,6 +98,35 @@ def decode(
     if config.allow_null and (best is None or null_logit - best.logit > config.null_threshold):
         best = None
     return Prediction(best=best, nbest=nbest, null_logit=null_logit, null_probability=null_probability)
+
+
+def _candidates(
+    features: Features, start_logits: np.ndarray, end_logits: np.ndarray, top_k: int, max_answer_length: int
+) -> tuple[dict[tuple[int, int], float], float]:
+    """Valid spans among each window's `top_k` starts and ends, by character span with their best logit,
+    and the null logit ([CLS] start + end, minimised over windows)."""
+    passage = features.passage
+    candidates: dict[tuple[int, int], float] = {}
+    null_logit = float("inf")
+    for row, window in enumerate(features.windows):
+        first = window.context_offset
+        starts = start_logits[row, first : first + window.length].astype(np.float64)
+        ends = end_logits[row, first : first + window.length].astype(np.float64)
+        null_logit = min(null_logit, float(start_logits[row, 0]) + float(end_logits[row, 0]))
+        top_starts = _top_indices(np.where(window.max_context, starts, -np.inf), top_k)
+        top_ends = _top_indices(ends, top_k)
+        for s in top_starts:
+            for e in top_ends:
+                if e < s or e - s + 1 > max_answer_length:
+                    continue
+                char_span = (
+                    int(passage.offsets[window.passage_start + s, 0]),
+                    int(passage.offsets[window.passage_start + e, 1]),
+                )
+                logit = float(starts[s] + ends[e])
+                if logit > candidates.get(char_span, -np.inf):
+                    candidates[char_span] = logit
+    return candidates, null_logit
 
 
 def _top_indices(values: np.ndarray, k: int) -> np.ndarray:

@@ -237,7 +237,10 @@ def _default_engine_dir() -> Path:
         from builder.defaults import ensure_default_engine
     except ImportError as exc:
         raise EngineError(f"the default engine cannot be built here ({exc}); pass --engine DIR") from None
-    return ensure_default_engine()
+    try:
+        return ensure_default_engine()
+    except OSError as exc:  # e.g. an unwritable engine cache
+        raise EngineError(f"cannot build the default engine: {exc}") from None
 
 
 def _beside(path: Path | None, suffix: str) -> Path | None:

@@ -279,6 +279,8 @@ class StreamSession:
     async def run(self, request_iterator: Any) -> None:
         reader = asyncio.create_task(self._read(request_iterator), name=f"stream-reader-{self.stream_id}")
         self.service.streams.add(self)
+        if self.service.draining:  # shutdown began while the call was starting: `drain()` did not see us
+            self.drain()
         try:
             while True:
                 response = await self.outbox.get()

@@ -103,11 +103,14 @@ class QAServer:
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         for name in (health.OVERALL_HEALTH, SERVICE_NAME):
             await self.health.set(name, NOT_SERVING)
-        if config.tls_cert is not None and config.tls_key is not None:
-            credentials = grpc.ssl_server_credentials([(read_bytes(config.tls_key), read_bytes(config.tls_cert))])
-            port = server.add_secure_port(config.address, credentials)
-        else:
-            port = server.add_insecure_port(config.address)
+        try:  # grpcio raises RuntimeError for an address it cannot bind (older releases returned 0)
+            if config.tls_cert is not None and config.tls_key is not None:
+                credentials = grpc.ssl_server_credentials([(read_bytes(config.tls_key), read_bytes(config.tls_cert))])
+                port = server.add_secure_port(config.address, credentials)
+            else:
+                port = server.add_insecure_port(config.address)
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {config.address}: {exc}") from None
         if port == 0:
             raise OSError(f"cannot listen on {config.address}")
         await server.start()
@@ -161,7 +164,7 @@ class QAServer:
             await self._server.stop(min(FINAL_GRACE_S, max(0.0, deadline_s - time.monotonic())))
         for model in self.models:
             await model.close()
-        self.cpu_executor.shutdown(wait=True)
+        await asyncio.to_thread(self.cpu_executor.shutdown, True)  # may be finishing a long tokenization
         self.metrics.close()
         log.info("stopped after %.2f s", (time.perf_counter_ns() - started) / 1e9)
 

@@ -110,6 +110,7 @@ def test_bad_utf8_passage_file_is_one_line_error(
         (["-p", DEMO_PASSAGE, "-q", "What?", "--threads", "-2"], "threads"),
         (["-p", DEMO_PASSAGE, "-q", "What?", "-o", "x.json"], "needs -sq"),
         (["-pf", "/nonexistent/passage.txt", "-q", "What?"], "not found"),
+        (["-p", DEMO_PASSAGE, "-q", "What?", "--log-level", "bogus"], "--log-level"),
     ],
 )
 def test_bad_input_is_one_line_error_with_exit_2(
@@ -134,3 +135,12 @@ def test_engine_of_another_vocabulary_is_refused(
     (other / "meta.json").write_text(meta.to_json().replace(meta.vocab_sha256, "0" * 64), encoding="utf-8")
     code, _, err = run_cli(capsys, "-e", str(other), "--demo")
     assert code == 3 and err.count("\n") == 1 and "does not match" in err
+
+
+def test_unwritable_engine_cache_is_one_line_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("QA_ENGINE_CACHE", "/proc/no-such-dir/engines")  # /proc refuses new directories
+    code, out, err = run_cli(capsys, "--demo")
+    assert code == 3 and out == ""
+    assert err.count("\n") == 1 and err.startswith("qa-assistant: error:")

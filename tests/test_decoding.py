@@ -108,3 +108,14 @@ def test_logits_of_the_wrong_shape_are_refused(featurizer: Featurizer) -> None:
     features = featurizer.featurize("Who?", PASSAGE)
     with pytest.raises(InvalidInputError):
         decode(features, np.zeros((3, 5), np.float32), np.zeros((3, 5), np.float32))
+
+
+def test_an_answer_is_found_even_when_the_top_end_precedes_the_top_start(featurizer: Featurizer) -> None:
+    features = featurizer.featurize("When?", PASSAGE)
+    start, end = logits_for(features, {})
+    first = features.windows[0].context_offset
+    start[0, first + 10] = 9.0  # best start late in the passage ...
+    end[0, first + 2] = 9.0  # ... best end early: no valid pair among the top 1 of each
+    prediction = decode(features, start, end, DecoderConfig(n_best_size=1))
+    assert prediction.best is not None and not prediction.abstained
+    assert PASSAGE[prediction.best.start : prediction.best.end] == prediction.text != ""
