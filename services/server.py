@@ -13,7 +13,6 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from qa.v1 import qa_pb2_grpc
 from qacore.factory import EngineOptions
+from qacore.files import read_bytes
 from services.batcher import Batcher
 from services.config import EngineSpec, ServerConfig
 from services.metrics import ServiceMetrics
@@ -105,7 +105,8 @@ class QAServer:
             await self.health.set(name, NOT_SERVING)
         try:  # grpcio raises RuntimeError for an address it cannot bind (older releases returned 0)
             if config.tls_cert is not None and config.tls_key is not None:
-                credentials = grpc.ssl_server_credentials([(read_bytes(config.tls_key), read_bytes(config.tls_cert))])
+                key, chain = read_bytes(config.tls_key, "TLS key"), read_bytes(config.tls_cert, "TLS certificate")
+                credentials = grpc.ssl_server_credentials([(key, chain)])
                 port = server.add_secure_port(config.address, credentials)
             else:
                 port = server.add_insecure_port(config.address)
@@ -175,10 +176,3 @@ class QAServer:
 
 def depth_of(batcher: Batcher) -> Callable[[], float]:
     return lambda: batcher.depth
-
-
-def read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise OSError(f"cannot read {path}: {exc.strerror}") from None
