@@ -19,6 +19,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("benchmarks.serve_bench", "load-test the gRPC service: closed/open loop, unary/stream, batching on/off"),
     "cpu": ("benchmarks.cpu_latency", "one question on the example passage: CPU engines vs transformers + PyTorch"),
     "engine": ("benchmarks.engine_bench", "engine latency and throughput per batch size and sequence length (GPU)"),
+    "pipeline": ("benchmarks.pipeline_bench", "the conversational chain per stage, one process and split, vs QA alone"),
+    "scale": ("benchmarks.scale_bench", "answers/s through nginx for 1-3 replicas and qa-serve --workers 1, 2"),
 }
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.report import machine_description, percentile_summary
+from benchmarks.report import IN_PROCESS_STAGES, machine_description, percentile_summary
 from qacore.answerer import AnswerResult, QuestionAnswerer
 from qacore.decoding import decode
 from qacore.engine import EngineOutputs
@@ -31,7 +31,7 @@ from qacore.latency import LatencyTracker
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SQUAD = REPO.parent / "shared" / "data" / "squad" / "dev-v1.1.json.gz"
-STAGES = ("tokenize", "infer", "decode", "total")
+STAGES = (*IN_PROCESS_STAGES, "total")
 
 
 @dataclass(frozen=True)

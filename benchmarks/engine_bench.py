@@ -8,9 +8,12 @@ on the same weights right beside it:
 
     hf_eager      transformers BertForQuestionAnswering, fp16, eager (SDPA attention)
     torch_graphs  the training network BertForQA, fp16, CUDA graphs (TorchCudaEngine fused=False)
-    fused         FusedBertForQA, fp16, Triton kernels, CUDA graphs (TorchCudaEngine: the product)
+    fused         FusedBertForQA, fp16, cuBLAS GEMMs + SDPA + three Triton kernels per layer, CUDA graphs
+                  (TorchCudaEngine layer_fusion=False: the previous engine, the baseline of goal 4)
     fused_lt      the same, GEMMs captured through cuBLASLt (torch.backends.cuda.preferred_blas_library)
     compiled      FusedBertForQA through torch.compile(mode), then CUDA graphs (only with --compile-mode)
+    layer         four Triton kernels per layer (torch_layer_kernels), CUDA graphs: the product
+    layer_spans   `layer` with the device span search in the same graph (what `infer_spans` replays)
 
 `--e2e` adds end-to-end latency on SQuAD dev questions (tokenize + infer + decode, one question at a
 time) through `QuestionAnswerer` with each engine. Writes JSON (--out) and prints a table.
@@ -33,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.report import IN_PROCESS_STAGES
 from qacore.config import ModelConfig
 from qacore.engine import Engine, EngineMeta, EngineOutputs
 from qacore.features import EngineInputs
@@ -45,15 +49,14 @@ MODEL_SHAPES = {
     "bert-base": ModelConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "bert-large": ModelConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
 }
-VARIANTS = ("hf_eager", "torch_graphs", "fused", "fused_lt", "compiled")
+VARIANTS = ("hf_eager", "torch_graphs", "fused", "fused_lt", "compiled", "layer", "layer_spans")
+PRODUCT = "layer"  # the variant the speed-up and seq/s columns describe (falls back to "fused")
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 DEFAULT_SEQUENCE_LENGTHS = (128, 384)
-# The issue's goals (H100, fp16, engine only): (model, batch, seq) -> ("latency_ms" max | "throughput" min, value)
+# Issue 12, goal 4 (H200, fp16, engine only): (model, batch, seq) -> ("p50_ms" max | "throughput" min, value)
 GOALS = {
-    ("bert-large", 1, 128): ("p50_ms", 0.6),
-    ("bert-base", 1, 128): ("p50_ms", 0.30),
     ("shipped", 1, 128): ("p50_ms", 0.12),
-    ("bert-large", 128, 384): ("throughput", 3000.0),
+    ("bert-large", 1, 128): ("p50_ms", 0.7),
 }
 
 
@@ -62,7 +65,7 @@ class BenchConfig:
     models: tuple[str, ...] = ("shipped", "bert-base", "bert-large")
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
     sequence_lengths: tuple[int, ...] = DEFAULT_SEQUENCE_LENGTHS
-    variants: tuple[str, ...] = ("hf_eager", "torch_graphs", "fused")
+    variants: tuple[str, ...] = ("hf_eager", "torch_graphs", "fused", "layer", "layer_spans")
     precision: str = "fp16"
     warmup_s: float = 0.1
     min_iterations: int = 30
@@ -210,6 +213,7 @@ def make_engine(model: BenchModel, config: BenchConfig, variant: str) -> Any:
         fused=variant != "torch_graphs",
         compile_mode=config.compile_mode if variant == "compiled" else None,
         blas_library="cublaslt" if variant == "fused_lt" else None,
+        layer_fusion=variant in ("layer", "layer_spans"),
     )
     return TorchCudaEngine(bench_meta(model, config), model.weights, engine_config)
 
@@ -255,7 +259,7 @@ def bench_model(model: BenchModel, config: BenchConfig, rng: np.random.Generator
                             float(np.abs(outputs.start_logits - reference[0]).max()),
                             float(np.abs(outputs.end_logits - reference[1]).max()),
                         )
-                        step = engine.graphed_shape(batch, seq).graph.replay
+                        step = engine.graphed_shape(batch, seq, spans=variant == "layer_spans").graph.replay
                     setup = time.perf_counter() - began
                     times = time_device(step, stream, config)
                 except Exception:  # one failing variant (e.g. a compile error) must not end the run
@@ -322,6 +326,20 @@ class HFEagerEngine(Engine):
         return EngineOutputs(start, end)
 
 
+class LogitsOnly(Engine):
+    """An engine without its device span search, so callers decode its logits on the CPU."""
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine.meta)
+        self.engine = engine
+
+    def infer(self, inputs: EngineInputs) -> EngineOutputs:
+        return self.engine.infer(inputs)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
 def bench_e2e(model: BenchModel, config: BenchConfig) -> list[E2ETiming]:
     """One question at a time through QuestionAnswerer: tokenize + infer + decode, per engine."""
     from qacore.answerer import QuestionAnswerer
@@ -341,14 +359,15 @@ def bench_e2e(model: BenchModel, config: BenchConfig) -> list[E2ETiming]:
         engine: Engine
         if variant == "hf_eager":
             engine = HFEagerEngine(bench_meta(model, config), model.hf)
-        else:
+        elif variant == "layer_spans":  # the answerer finds the device span search and uses it
             engine = make_engine(model, config, variant)
-            engine.warmup()
+        else:  # logits decoded on the CPU, as before
+            engine = LogitsOnly(make_engine(model, config, variant))
         answerer = QuestionAnswerer(engine, featurizer)
         for question, passage in items[:20]:
             answerer.answer(question, passage)
         latencies: list[float] = []
-        stages: dict[str, list[float]] = {"tokenize": [], "infer": [], "decode": []}
+        stages: dict[str, list[float]] = {stage: [] for stage in IN_PROCESS_STAGES}
         for question, passage in items:
             began = time.perf_counter_ns()
             result = answerer.answer(question, passage)
@@ -389,20 +408,23 @@ def environment() -> dict[str, Any]:
 
 
 def table(results: list[Timing]) -> str:
-    """One row per (model, seq, batch): p50 of each variant, the fused engine's speed-up and seq/s."""
+    """One row per (model, seq, batch): p50 of each variant; the product's p99, speed-ups and seq/s."""
     by_key: dict[tuple[str, int, int], dict[str, Timing]] = {}
     for timing in results:
         by_key.setdefault((timing.model, timing.seq, timing.batch), {})[timing.variant] = timing
     variants = [variant for variant in VARIANTS if any(variant in row for row in by_key.values())]
-    header = ["model", "seq", "batch", *[f"{v} p50 ms" for v in variants], "fused p99 ms", "vs eager", "fused seq/s"]
+    product = PRODUCT if PRODUCT in variants else "fused"
+    header = ["model", "seq", "batch", *[f"{v} p50 ms" for v in variants]]
+    header += [f"{product} p99 ms", "vs eager", "vs fused", f"{product} seq/s"]
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for (model, seq, batch), row in by_key.items():
         cells = [model, str(seq), str(batch)]
         cells += [f"{row[v].p50_ms:.3f}" if v in row else "" for v in variants]
-        fused, eager = row.get("fused"), row.get("hf_eager")
-        cells.append(f"{fused.p99_ms:.3f}" if fused else "")
-        cells.append(f"{eager.p50_ms / fused.p50_ms:.1f}x" if fused and eager else "")
-        cells.append(f"{fused.throughput:,.0f}" if fused else "")
+        best, eager, fused = row.get(product), row.get("hf_eager"), row.get("fused")
+        cells.append(f"{best.p99_ms:.3f}" if best else "")
+        cells.append(f"{eager.p50_ms / best.p50_ms:.1f}x" if best and eager else "")
+        cells.append(f"{fused.p50_ms / best.p50_ms:.2f}x" if best and fused else "")
+        cells.append(f"{best.throughput:,.0f}" if best else "")
         lines.append(" | ".join(cells))
     return "\n".join(lines)
 
@@ -410,7 +432,7 @@ def table(results: list[Timing]) -> str:
 def goal_lines(results: list[Timing]) -> list[str]:
     lines = []
     for (model, batch, seq), (metric, target) in GOALS.items():
-        for variant in ("fused", "fused_lt", "compiled"):
+        for variant in ("fused", "fused_lt", "compiled", "layer", "layer_spans"):
             found = [t for t in results if (t.model, t.batch, t.seq, t.variant) == (model, batch, seq, variant)]
             if not found:
                 continue
@@ -441,16 +463,16 @@ def markdown(report: dict[str, Any]) -> str:
         "",
     ]
     if report.get("e2e"):
-        lines += ["End to end, one SQuAD dev question at a time (tokenize + infer + decode), shipped model:", ""]
+        lines += [f"End to end, one SQuAD dev question at a time ({' + '.join(IN_PROCESS_STAGES)}), shipped model:", ""]
         lines += [
-            "variant | p50 ms | p95 ms | p99 ms | tokenize p50 | infer p50 | decode p50",
-            "---|---|---|---|---|---|---",
+            "variant | p50 ms | p95 ms | p99 ms | " + " | ".join(f"{stage} p50" for stage in IN_PROCESS_STAGES),
+            "---|---|---|---" + "|---" * len(IN_PROCESS_STAGES),
         ]
         for row in report["e2e"]:
             stages = row["stage_p50_ms"]
             lines.append(
                 f"{row['variant']} | {row['p50_ms']:.3f} | {row['p95_ms']:.3f} | {row['p99_ms']:.3f} | "
-                f"{stages['tokenize']:.3f} | {stages['infer']:.3f} | {stages['decode']:.3f}"
+                + " | ".join(f"{stages[stage]:.3f}" for stage in IN_PROCESS_STAGES)
             )
         lines.append("")
     lines += ["Goals:", ""] + [f"- {line}" for line in report["goals"]] + [""]

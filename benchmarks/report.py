@@ -7,6 +7,11 @@ import platform
 
 import numpy as np
 
+from qacore.latency import QA_SERVER_STAGES
+
+# The QA stages an answer computed in process goes through: the server's stages without the batcher's queue.
+IN_PROCESS_STAGES = tuple(name for name in QA_SERVER_STAGES.names if name != "queue")
+
 
 def percentile_summary(values: np.ndarray) -> dict[str, float]:
     """mean, p50, p90, p95, p99, min and max of a sample, rounded for reports."""

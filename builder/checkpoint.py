@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,31 +25,19 @@ from typing import Any
 
 import numpy as np
 
+from builder.model_weights import QA_HEAD, Checkpoint, expected_shapes
 from qacore.config import ModelConfig
 from qacore.errors import CheckpointError
 from qacore.tokenization import TOKENIZER_JSON, VOCAB_TXT
 
 log = logging.getLogger(__name__)
 
-QA_HEAD = ("qa_outputs.weight", "qa_outputs.bias")
 HF_CONFIG = "config.json"
 TF_CONFIG = "bert_config.json"
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PYTORCH_BIN = "pytorch_model.bin"
 PYTORCH_INDEX = "pytorch_model.bin.index.json"
-
-
-@dataclass(frozen=True, eq=False)
-class Checkpoint:
-    """A BERT QA model in canonical form; weight names are those of HF `BertForQuestionAnswering`."""
-
-    config: ModelConfig
-    weights: dict[str, np.ndarray]  # float32
-    tokenizer_dir: Path  # holds tokenizer.json and/or vocab.txt
-    source_sha256: str
-    model_id: str
-    model_dir: Path | None = None  # where the checkpoint's files are (its model card, if any)
 
 
 @dataclass(frozen=True)
@@ -98,7 +87,25 @@ def load_checkpoint(
     add_qa_head(weights, config, init_qa_head_seed)
     check_weights(weights, config)
     tokenizer_dir = find_tokenizer_dir(files, config_dir, vocab_file)
-    return Checkpoint(config, weights, tokenizer_dir, files.sha256(), files.model_id, files.model_dir)
+    null_threshold = read_null_threshold(files.config_file) if files.config_file else None
+    return Checkpoint(
+        config, weights, tokenizer_dir, files.sha256(), files.model_id, files.model_dir, null_threshold=null_threshold
+    )
+
+
+NULL_THRESHOLD_KEY = "qa_null_threshold"
+
+
+def read_null_threshold(config_file: Path) -> float | None:
+    """The model's calibrated abstention threshold (`qa_null_threshold` in its config), if it has one."""
+    if config_file.suffix != ".json":
+        return None
+    raw = read_json(config_file).get(NULL_THRESHOLD_KEY)
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw):
+        raise CheckpointError(f"{NULL_THRESHOLD_KEY} in {config_file} must be a finite number, got {raw!r}")
+    return float(raw)
 
 
 def checkpoint_sha256(path: Path, config_dir: Path | None = None) -> str:
@@ -382,36 +389,6 @@ def tf_canonical_name(tf_name: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- checking
-
-
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a BERT QA network of `config` has, by canonical name, with its shape."""
-    hidden, inner = config.hidden_size, config.intermediate_size
-    shapes: dict[str, tuple[int, ...]] = {
-        "bert.embeddings.word_embeddings.weight": (config.vocab_size, hidden),
-        "bert.embeddings.position_embeddings.weight": (config.max_position_embeddings, hidden),
-        "bert.embeddings.token_type_embeddings.weight": (config.type_vocab_size, hidden),
-        "bert.embeddings.LayerNorm.weight": (hidden,),
-        "bert.embeddings.LayerNorm.bias": (hidden,),
-    }
-    for index in range(config.num_hidden_layers):
-        layer = f"bert.encoder.layer.{index}"
-        for dense, out_features, in_features in (
-            ("attention.self.query", hidden, hidden),
-            ("attention.self.key", hidden, hidden),
-            ("attention.self.value", hidden, hidden),
-            ("attention.output.dense", hidden, hidden),
-            ("intermediate.dense", inner, hidden),
-            ("output.dense", hidden, inner),
-        ):
-            shapes[f"{layer}.{dense}.weight"] = (out_features, in_features)
-            shapes[f"{layer}.{dense}.bias"] = (out_features,)
-        for norm in ("attention.output.LayerNorm", "output.LayerNorm"):
-            shapes[f"{layer}.{norm}.weight"] = (hidden,)
-            shapes[f"{layer}.{norm}.bias"] = (hidden,)
-    shapes["qa_outputs.weight"] = (2, hidden)
-    shapes["qa_outputs.bias"] = (2,)
-    return shapes
 
 
 def check_weights(weights: dict[str, np.ndarray], config: ModelConfig) -> None:

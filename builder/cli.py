@@ -3,7 +3,8 @@
     qa-build -m models/minilm-l6-squad -o engines/minilm-cpu                      # ONNX Runtime fp32
     qa-build -m ckpt/ -o engines/minilm-int8 --int8 --squad-json dev-v1.1.json.gz --calib-path calib.json
     qa-build -m ckpt/ -o engines/minilm-trt --backend tensorrt --fp16 -b 1 -b 8 -s 128 -s 384
-    qa-build --default                                                            # the cached default engine
+    qa-build --default                                    # the cached default engine (INT8, shipped calibration)
+    qa-build --default --precision fp32                   # the cached default fp32 engine
 
 Exit status: 0 built, 2 bad options (one line on stderr), 1 the checkpoint or the build failed (one line).
 """
@@ -18,7 +19,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from builder.build import BACKENDS, DEFAULT_BATCH_SIZES, DEFAULT_CALIB_NUM, DEFAULT_SEQUENCE_LENGTHS, BuildConfig
+from builder.build_config import (
+    BACKENDS,
+    DEFAULT_BATCH_SIZES,
+    DEFAULT_CALIB_NUM,
+    DEFAULT_SEQUENCE_LENGTHS,
+    BuildConfig,
+)
+from qacore.default_engine import DEFAULT_PRECISION, PRECISIONS, DefaultEngineSpec
 from qacore.errors import InvalidInputError, QAError
 
 PROG = "qa-build"
@@ -88,6 +96,18 @@ def parser() -> OneLineParser:
         help="give a base encoder (no QA head) a random head from this seed",
     )
     p.add_argument("--default", action="store_true", help="build (or find) the cached default CPU engine")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=DEFAULT_PRECISION,
+        help="with --default: int8 (calibration shipped with the model) or fp32 (default %(default)s)",
+    )
+    p.add_argument(
+        "--default-model-dir", type=Path, help="with --default: another model directory than the shipped one"
+    )
+    p.add_argument(
+        "--cache-root", type=Path, help="with --default: engine cache (default $QA_ENGINE_CACHE or ~/.cache)"
+    )
     p.add_argument("--force", action="store_true", help="replace an existing output directory / cached engine")
     p.add_argument("--verbose", action="store_true", help="log build steps")
     return p
@@ -116,14 +136,18 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
     )
 
 
-def build_default(args: argparse.Namespace, argv: Sequence[str]) -> Path:
-    from builder.defaults import DefaultEngineOptions, ensure_default_engine
+DEFAULT_ONLY = ("--precision", "--default-model-dir", "--cache-root")
 
-    allowed = {"--default", "--force", "--verbose"}
+
+def build_default(args: argparse.Namespace, argv: Sequence[str]) -> Path:
+    from builder.defaults import ensure_default_engine
+
+    allowed = {"--default", "--force", "--verbose", *DEFAULT_ONLY}
     others = [arg for arg in argv if arg.startswith("-") and arg.split("=")[0] not in allowed]
     if others:
         raise InvalidInputError(f"--default builds the shipped model's CPU engine and takes no {others[0]}")
-    return ensure_default_engine(DefaultEngineOptions(force=args.force))
+    spec = DefaultEngineSpec(precision=args.precision, model_dir=args.default_model_dir, cache_root=args.cache_root)
+    return ensure_default_engine(spec, force=args.force)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -137,6 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.default:
             engine_dir = build_default(args, argv)
         else:
+            given = [option for option in DEFAULT_ONLY if any(arg.split("=")[0] == option for arg in argv)]
+            if given:
+                raise InvalidInputError(f"{given[0]} applies with --default only (use --int8 for an INT8 build)")
             from builder.build import build_engine
 
             engine_dir = build_engine(config_from_args(args))

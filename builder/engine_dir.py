@@ -15,13 +15,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from builder.checkpoint import Checkpoint
+from builder.model_weights import Checkpoint
 from qacore.engine import EngineMeta
 from qacore.errors import EngineError
+from qacore.files import sha256_file
 from qacore.tokenization import TOKENIZER_JSON, VOCAB_TXT, load_tokenizer, vocab_sha256
 
 if TYPE_CHECKING:
-    from builder.build import BackendBuild, BuildConfig
+    from builder.build_config import BackendBuild, BuildConfig
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,8 @@ def write_engine_dir(staging: Path, checkpoint: Checkpoint, config: BuildConfig,
         backend_version=built.backend_version,
         builder_options={**config.options_record(), **built.details},
         model_card=model_card_summary(checkpoint.model_dir) if checkpoint.model_dir else "",
+        engine_sha256=sha256_file(staging / built.engine_file),
+        null_threshold=checkpoint.null_threshold,
     )
     meta.write(staging)
     log.info("engine %s: %s %s, %s", staging.name, meta.backend, meta.precision, built.engine_file)

@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from builder.checkpoint import Checkpoint, expected_shapes
+from builder.model_weights import Checkpoint, expected_shapes
 from qacore.config import ModelConfig
 from qacore.errors import CheckpointError
 

@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from builder.build import BackendBuild, BuildConfig
-from builder.checkpoint import Checkpoint
+from builder.build_config import BackendBuild, BuildConfig
+from builder.model_weights import Checkpoint
 from builder.onnx_graph import GRAPH_FORMAT
 from qacore.config import ModelConfig
 from qacore.errors import InvalidInputError

@@ -32,7 +32,7 @@ from qacore.backends.tensorrt import plan_library
 from qacore.errors import EngineError
 
 if TYPE_CHECKING:
-    from builder.build import BackendBuild, BuildConfig
+    from builder.build_config import BackendBuild, BuildConfig
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ def build_tensorrt_engine(onnx_path: Path, out_dir: Path, config: BuildConfig) -
 
 
 def build_tensorrt_plan(onnx_path: Path, out_dir: Path, options: TensorRTBuildOptions) -> BackendBuild:
-    from builder.build import BackendBuild
+    from builder.build_config import BackendBuild
 
     trt = import_tensorrt()
     onnx_sha = sha256_file(onnx_path)

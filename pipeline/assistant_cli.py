@@ -2,7 +2,9 @@
 
 Mirrors the interface of NVIDIA's TensorRT BERT `inference.py`: passages from -p/-pf, questions from
 -q/-qf or an interactive prompt, or a whole SQuAD file with -sq/-o. With no -e the shipped model's CPU
-engine is used (built on first use). Every failure is one line on stderr and a non-zero exit code.
+engine is used (INT8, or fp32 with --precision fp32; built on first use by `qa-build --default` in a
+child process). Windows are as long as the engine takes unless -s says otherwise. Every failure is one
+line on stderr and a non-zero exit code: 2 for bad usage or input, 3 for an engine that cannot be used.
 """
 
 from __future__ import annotations
@@ -14,15 +16,17 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import NoReturn, TextIO
 
-from qacore.answerer import AnswerResult, QuestionAnswerer, featurizer_for_engine
+from qacore.answerer import AnswerResult, QuestionAnswerer
+from qacore.bundle import featurizer_config_of, open_bundle
 from qacore.decoding import DecoderConfig
-from qacore.errors import EngineError, InvalidInputError, QAError
-from qacore.factory import EngineOptions, load_engine
-from qacore.features import Featurizer, FeaturizerConfig
+from qacore.default_engine import DEFAULT_PRECISION, PRECISIONS, DefaultEngineSpec, resolve_default_engine
+from qacore.engine import EngineMeta
+from qacore.errors import InvalidInputError, QAError
+from qacore.factory import EngineOptions, max_engine_threads
+from qacore.features import MAX_PASSAGE_CHARS
 from qacore.files import read_utf8
-from qacore.tokenization import load_tokenizer, vocab_sha256
 
 EXIT_BAD_INPUT = 2
 EXIT_ENGINE = 3
@@ -51,36 +55,63 @@ class AssistantConfig:
     squad_json: Path | None
     prediction_file: Path | None
     vocab_file: Path | None
-    featurizer: FeaturizerConfig
-    decoder: DecoderConfig
+    windows: dict[str, int]  # window options given; the rest follow the engine's sequence length
+    decoder: dict[str, object]  # options given on the command line; the rest are the engine's defaults
     engine: EngineOptions
     json_output: bool
     interactive: bool
+    precision: str = DEFAULT_PRECISION  # of the default engine (no -e)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the usage text is in --help), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="qa-assistant",
         description="Answer questions about a passage with a BERT QA engine (CPU ONNX Runtime by default).",
     )
     parser.add_argument("-e", "--engine", type=Path, help="engine directory (default: the shipped model on CPU)")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help=f"precision of the default engine when no -e is given (default {DEFAULT_PRECISION})",
+    )
     parser.add_argument("-p", "--passage", nargs="*", default=[], help="passage text (several are joined)")
-    parser.add_argument("-pf", "--passage-file", type=Path, help="file with the passage (UTF-8)")
+    parser.add_argument(
+        "-pf",
+        "--passage-file",
+        type=Path,
+        help=f"file with the passage (UTF-8, at most {MAX_PASSAGE_CHARS:,} code points)",
+    )
     parser.add_argument("-q", "--question", nargs="*", default=[], help="question(s) to ask")
     parser.add_argument("-qf", "--question-file", type=Path, help="file with one question per line")
     parser.add_argument("-sq", "--squad-json", type=Path, help="answer every question of a SQuAD file")
     parser.add_argument("-o", "--output-prediction-file", type=Path, help="write SQuAD predictions here (with -sq)")
     parser.add_argument("-v", "--vocab-file", type=Path, help="vocab.txt or tokenizer.json (default: the engine's)")
-    parser.add_argument("-s", "--sequence-length", type=int, default=384, help="window length in tokens")
-    parser.add_argument("--max-query-length", type=int, default=64, help="question tokens kept")
-    parser.add_argument("--doc-stride", type=int, default=128, help="tokens between window starts")
-    parser.add_argument("--max-answer-length", type=int, default=30, help="longest answer in tokens")
-    parser.add_argument("--n-best-size", type=int, default=20, help="candidate spans kept")
+    parser.add_argument(
+        "-s", "--sequence-length", type=int, help="window length in tokens (default: the engine's longest)"
+    )
+    parser.add_argument("--max-query-length", type=int, help="question tokens kept (default 64, less on short engines)")
+    parser.add_argument("--doc-stride", type=int, help="tokens between window starts (default 128, less on short ones)")
+    parser.add_argument("--max-answer-length", type=int, help="longest answer in tokens (default 30)")
+    parser.add_argument("--n-best-size", type=int, help="candidate spans kept (default 20)")
     parser.add_argument(
         "--allow-null", action="store_true", help="SQuAD 2.0: the model may answer that there is no answer"
     )
-    parser.add_argument("--null-threshold", type=float, default=0.0, help="abstain when null - best > this (logits)")
-    parser.add_argument("--threads", type=int, default=0, help="engine threads (0: the runtime's default)")
+    parser.add_argument(
+        "--null-threshold",
+        type=float,
+        help="with --allow-null: abstain when null - best > this, in logits (default: the model's calibrated "
+        "threshold, else 0)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="engine threads, at most the machine's cores (0: the runtime's default)"
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per line and question")
     parser.add_argument("--demo", action="store_true", help="ask the two example questions about TensorRT")
     parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
@@ -92,18 +123,21 @@ def parse_config(argv: Sequence[str] | None) -> AssistantConfig:
     if not isinstance(logging.getLevelName(args.log_level.upper()), int):
         raise InvalidInputError(f"--log-level must be DEBUG, INFO, WARNING or ERROR, got {args.log_level!r}")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    if args.threads < 0:
-        raise InvalidInputError(f"--threads must be >= 0, got {args.threads}")
+    if not 0 <= args.threads <= max_engine_threads():
+        raise InvalidInputError(f"--threads must be in [0, {max_engine_threads()}], got {args.threads}")
+    if args.precision is not None and args.engine is not None:
+        raise InvalidInputError("--precision chooses the default engine; drop it or -e/--engine")
     if args.output_prediction_file and not args.squad_json:
         raise InvalidInputError("-o/--output-prediction-file needs -sq/--squad-json")
     passage = " ".join(args.passage) if args.passage else None
     if args.passage_file:
         if passage is not None:
             raise InvalidInputError("give the passage with -p or -pf, not both")
-        passage = read_utf8(args.passage_file, "passage")
+        passage = read_utf8(args.passage_file, "passage", max_code_points=MAX_PASSAGE_CHARS)
     questions = list(args.question)
     if args.question_file:
-        questions += [line.strip() for line in read_utf8(args.question_file, "question").splitlines() if line.strip()]
+        text = read_utf8(args.question_file, "question", max_code_points=MAX_PASSAGE_CHARS)
+        questions += [line.strip() for line in text.splitlines() if line.strip()]
     if args.demo:
         if passage is not None or questions or args.squad_json:
             raise InvalidInputError("--demo takes no passage, questions or SQuAD file")
@@ -119,38 +153,49 @@ def parse_config(argv: Sequence[str] | None) -> AssistantConfig:
         squad_json=args.squad_json,
         prediction_file=args.output_prediction_file,
         vocab_file=args.vocab_file,
-        featurizer=FeaturizerConfig(args.sequence_length, args.doc_stride, args.max_query_length),
-        decoder=DecoderConfig(args.n_best_size, args.max_answer_length, args.allow_null, args.null_threshold),
+        windows=window_options(args),
+        decoder=decoder_options(args),
         engine=EngineOptions(intra_op_threads=args.threads),
         json_output=args.json,
         interactive=not questions and not args.squad_json,
+        precision=args.precision or DEFAULT_PRECISION,
     )
+
+
+def window_options(args: argparse.Namespace) -> dict[str, int]:
+    """The window options given on the command line; the rest follow the engine's sequence length."""
+    given = {
+        "max_seq_length": args.sequence_length,
+        "doc_stride": args.doc_stride,
+        "max_query_length": args.max_query_length,
+    }
+    return {name: value for name, value in given.items() if value is not None}
+
+
+def decoder_options(args: argparse.Namespace) -> dict[str, object]:
+    """The decoder options given on the command line, checked now (the rest come from the engine)."""
+    given: dict[str, object] = {
+        "n_best_size": args.n_best_size,
+        "max_answer_length": args.max_answer_length,
+        "allow_null": args.allow_null or None,
+        "null_threshold": args.null_threshold,
+    }
+    options = {name: value for name, value in given.items() if value is not None}
+    DecoderConfig(**options)  # type: ignore[arg-type]  # refuses absurd values before any engine is opened
+    return options
 
 
 def open_answerer(config: AssistantConfig) -> QuestionAnswerer:
     engine_dir = config.engine_dir
     if engine_dir is None:
-        from builder.defaults import ensure_default_engine
-
-        engine_dir = ensure_default_engine()
-    engine = load_engine(engine_dir, config.engine)
+        engine_dir = resolve_default_engine(DefaultEngineSpec(precision=config.precision))
+    windows = featurizer_config_of(EngineMeta.read(engine_dir), **config.windows) if config.windows else None
+    bundle = open_bundle(engine_dir, config.engine, windows, vocab_file=config.vocab_file)
     try:
-        if config.vocab_file is None:
-            featurizer = featurizer_for_engine(engine, engine_dir, config.featurizer)
-        else:
-            tokenizer = load_tokenizer(config.vocab_file)
-            if vocab_sha256(tokenizer) != engine.meta.vocab_sha256:
-                raise EngineError(f"vocabulary {config.vocab_file} does not match the engine's")
-            featurizer = Featurizer(tokenizer, config.featurizer)
-            if config.featurizer.max_seq_length > engine.meta.max_seq_length:
-                raise InvalidInputError(
-                    f"sequence length {config.featurizer.max_seq_length} exceeds the engine's "
-                    f"{engine.meta.max_seq_length}"
-                )
-    except Exception:
-        engine.close()
+        return QuestionAnswerer.from_bundle(bundle, bundle.decoder(**config.decoder))
+    except BaseException:
+        bundle.close()
         raise
-    return QuestionAnswerer(engine, featurizer, config.decoder)
 
 
 def format_result(result: AnswerResult, as_json: bool) -> str:
@@ -233,6 +278,11 @@ def answer_squad(answerer: QuestionAnswerer, config: AssistantConfig) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    if arguments[:1] == ["converse"]:  # talk to the conversational chain (pipeline/converse_cli.py)
+        from pipeline.converse_cli import main as converse_main
+
+        return converse_main(arguments[1:])
     try:
         config = parse_config(argv)
         with open_answerer(config) as answerer:

@@ -1,9 +1,18 @@
 """A typed asyncio client of the qa.v1 QuestionAnswering service.
 
 Domain dataclasses in, domain dataclasses out (protobuf stays inside this module). Unary calls take a
-deadline and retry UNAVAILABLE (server warming up or restarting) with exponential backoff and jitter
-inside that deadline; failures raise `QAClientError` with the gRPC status code. Streams are not
-retried: a failed question on a stream arrives as an `AnswerFailure`, the stream stays open.
+deadline and retry UNAVAILABLE (server warming up, restarting, or one replica gone) with exponential
+backoff and jitter inside that deadline: gRPC's own retry policy from the channel's service config
+(with retry throttling, so a dead cluster is not hammered) makes up to 5 attempts per call, and only a
+policy asking for more than gRPC's limit of 5 repeats the call here. Failures raise `QAClientError`
+with the gRPC status code. Streams are not retried: a failed question on a stream arrives as an
+`AnswerFailure`, the stream stays open.
+
+Several replicas without a proxy: give several addresses ("127.0.0.1:50051,127.0.0.1:50052") or a DNS
+name ("dns:///qa.internal:50051"); gRPC's `round_robin` policy spreads calls over every address.
+Security: `ClientConfig(tls_root_cert=..., tls_client_cert=..., tls_client_key=..., token=...)` for
+TLS, mutual TLS and a bearer token (sent as call credentials over TLS; over plaintext, which only a
+loopback or private hop should carry, as the same `authorization` header).
 
     async with QAClient("127.0.0.1:50051") as client:
         answer = await client.answer("Who wrote it?", passage)
@@ -14,10 +23,12 @@ retried: a failed question on a stream arrives as an `AnswerFailure`, the stream
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import json
 import random
 import time
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,7 +41,17 @@ from qacore.decoding import Span
 from qacore.latency import StageTimings
 
 REQUEST_ID_HEADER = "x-request-id"
+AUTHORIZATION_HEADER = "authorization"
 SERVICE_NAME = "qa.v1.QuestionAnswering"
+HEALTH_SERVICE_NAME = "grpc.health.v1.Health"
+GRPC_MAX_ATTEMPTS = 5  # gRPC caps a retry policy's maxAttempts at 5
+# Unary methods safe to retry: answers are reads, PutPassage is idempotent (content ids). Streams never are.
+RETRIED_METHODS = (
+    {"service": SERVICE_NAME, "method": "Answer"},
+    {"service": SERVICE_NAME, "method": "PutPassage"},
+    {"service": SERVICE_NAME, "method": "ListModels"},
+    {"service": SERVICE_NAME, "method": "GetModelInfo"},
+)
 T = TypeVar("T")
 
 
@@ -58,13 +79,54 @@ class RetryPolicy:
         ceiling = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (attempt - 1))
         return random.uniform(0.0, ceiling)
 
+    @property
+    def grpc_attempts(self) -> int:
+        """Attempts gRPC itself makes per call (its limit is 5)."""
+        return max(1, min(GRPC_MAX_ATTEMPTS, self.max_attempts))
+
+    def service_config(self, load_balancing: str = "round_robin", throttle_tokens: int = 10) -> str:
+        """The channel's gRPC service config: load-balancing policy, retry policy, retry throttling.
+
+        Throttling: every failed attempt costs a token, every success returns 0.1; below half of
+        `throttle_tokens` gRPC stops retrying (calls fail fast until the servers recover).
+        """
+        config: dict[str, Any] = {"loadBalancingConfig": [{load_balancing: {}}]}
+        if self.grpc_attempts > 1:
+            config["methodConfig"] = [
+                {
+                    "name": list(RETRIED_METHODS),
+                    "retryPolicy": {
+                        "maxAttempts": self.grpc_attempts,
+                        "initialBackoff": f"{max(self.initial_backoff_s, 0.001):.3f}s",
+                        "maxBackoff": f"{max(self.max_backoff_s, self.initial_backoff_s, 0.001):.3f}s",
+                        "backoffMultiplier": self.multiplier,
+                        "retryableStatusCodes": sorted(code.name for code in self.retry_codes),
+                    },
+                }
+            ]
+            config["retryThrottling"] = {"maxTokens": throttle_tokens, "tokenRatio": 0.1}
+        return json.dumps(config)
+
 
 @dataclass(frozen=True)
 class ClientConfig:
     timeout_s: float | None = 10.0  # default deadline of a unary call, retries included
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     max_message_bytes: int = 8 * 1024 * 1024
-    tls_root_cert: Path | None = None  # PEM; set to use TLS
+    tls_root_cert: Path | None = None  # PEM CA bundle that signed the server's certificate; set to use TLS
+    tls_client_cert: Path | None = None  # PEM client certificate chain for mutual TLS (with tls_client_key)
+    tls_client_key: Path | None = None
+    tls_server_name: str | None = None  # the name to verify in the server's certificate, if not the target's
+    token: str | None = field(default=None, repr=False)  # bearer token (never printed)
+    load_balancing: str = "round_robin"  # gRPC policy over the target's addresses ("pick_first" also works)
+
+    def __post_init__(self) -> None:
+        if (self.tls_client_cert is None) != (self.tls_client_key is None):
+            raise ValueError("mutual TLS needs both a client certificate and its key")
+        if self.tls_client_cert is not None and self.tls_root_cert is None:
+            raise ValueError("a client certificate needs TLS: set tls_root_cert too")
+        if self.token is not None and (not self.token or any(c.isspace() for c in self.token)):
+            raise ValueError("a bearer token must be non-empty and hold no whitespace")
 
 
 @dataclass(frozen=True)
@@ -230,18 +292,34 @@ def result_from_pb(message: qa_pb2.AnswerResponse) -> StreamResult:
 class QAClient:
     """One channel to a QA server; safe to share between tasks."""
 
-    def __init__(self, target: str, config: ClientConfig | None = None) -> None:
-        self.target = target
-        self.config = config or ClientConfig()
-        options = [
-            ("grpc.max_receive_message_length", self.config.max_message_bytes),
-            ("grpc.max_send_message_length", self.config.max_message_bytes),
+    def __init__(self, target: str | Sequence[str], config: ClientConfig | None = None) -> None:
+        self.target = channel_target(target)
+        self.config = config = config or ClientConfig()
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", config.retry.service_config(config.load_balancing)),
         ]
-        if self.config.tls_root_cert is not None:
-            credentials = grpc.ssl_channel_credentials(self.config.tls_root_cert.read_bytes())
-            self.channel = grpc.aio.secure_channel(target, credentials, options=options)
+        # Over plaintext gRPC refuses call credentials: the token then travels as plain metadata.
+        self._auth_metadata: tuple[tuple[str, str], ...] = ()
+        if config.tls_root_cert is not None:
+            if config.tls_server_name:
+                options.append(("grpc.ssl_target_name_override", config.tls_server_name))
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=config.tls_root_cert.read_bytes(),
+                private_key=config.tls_client_key.read_bytes() if config.tls_client_key else None,
+                certificate_chain=config.tls_client_cert.read_bytes() if config.tls_client_cert else None,
+            )
+            if config.token is not None:
+                credentials = grpc.composite_channel_credentials(
+                    credentials, grpc.access_token_call_credentials(config.token)
+                )
+            self.channel = grpc.aio.secure_channel(self.target, credentials, options=options)
         else:
-            self.channel = grpc.aio.insecure_channel(target, options=options)
+            if config.token is not None:
+                self._auth_metadata = ((AUTHORIZATION_HEADER, f"Bearer {config.token}"),)
+            self.channel = grpc.aio.insecure_channel(self.target, options=options)
         self._stub = qa_pb2_grpc.QuestionAnsweringStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -299,7 +377,9 @@ class QAClient:
     async def health(self, service: str = SERVICE_NAME, timeout_s: float = 2.0) -> str:
         """The health status name of `service` ("SERVING", "NOT_SERVING", ...)."""
         try:
-            response = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+            response = await self._health.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s, metadata=self._auth_metadata
+            )
         except grpc.aio.AioRpcError as exc:
             raise QAClientError(exc.code(), exc.details() or "") from None
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
@@ -327,15 +407,21 @@ class QAClient:
         timeout_s: float | None = -1.0,
         request_id: str | None = None,
     ) -> T:
-        """One unary call with retries on the policy's codes, all inside one deadline."""
+        """One unary call, retried on the policy's codes all inside one deadline.
+
+        gRPC retries each call up to `policy.grpc_attempts` times itself (while its retry throttle
+        allows). Only a policy asking for more attempts than gRPC's limit of 5 repeats the call here: up
+        to `max_attempts` calls, each one retried by gRPC again, all inside the deadline (waiting for a
+        restarting server, say).
+        """
         timeout = self.config.timeout_s if timeout_s == -1.0 else timeout_s
         deadline = None if timeout is None else time.monotonic() + timeout
         request_id = request_id or uuid.uuid4().hex[:16]
-        metadata = ((REQUEST_ID_HEADER, request_id),)
+        metadata = ((REQUEST_ID_HEADER, request_id), *self._auth_metadata)
         policy = self.config.retry
         attempt = 0
         while True:
-            attempt += 1
+            attempt += policy.grpc_attempts if policy.max_attempts <= GRPC_MAX_ATTEMPTS else 1
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise QAClientError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded (while retrying)", request_id)
@@ -366,7 +452,7 @@ class QAClient:
         call = self._stub.AnswerStream(
             _tagged_requests(questions),
             timeout=timeout_s,
-            metadata=((REQUEST_ID_HEADER, request_id or uuid.uuid4().hex[:16]),),
+            metadata=((REQUEST_ID_HEADER, request_id or uuid.uuid4().hex[:16]), *self._auth_metadata),
         )
         try:
             async for response in call:
@@ -379,9 +465,41 @@ class QAClient:
     def open_stream(self, timeout_s: float | None = None, request_id: str | None = None) -> QAStream:
         """A bidirectional stream to drive by hand: `send()` questions, `receive()` results, interleaved."""
         call = self._stub.AnswerStream(
-            timeout=timeout_s, metadata=((REQUEST_ID_HEADER, request_id or uuid.uuid4().hex[:16]),)
+            timeout=timeout_s,
+            metadata=((REQUEST_ID_HEADER, request_id or uuid.uuid4().hex[:16]), *self._auth_metadata),
         )
         return QAStream(call)
+
+
+def channel_target(target: str | Sequence[str]) -> str:
+    """A gRPC target for one address, a list of addresses, or a comma-separated list.
+
+    One address (or a `dns:///name:port` target, whose every A record round_robin then uses) is
+    returned as is; several become one `ipv4:` (or `ipv6:`) target listing IP literals.
+    """
+    addresses = [part.strip() for part in target.split(",")] if isinstance(target, str) else list(target)
+    addresses = [address for address in addresses if address]
+    if not addresses:
+        raise ValueError("no server address given")
+    if len(addresses) == 1:
+        return addresses[0]
+    hosts = []
+    for address in addresses:
+        host, sep, port = address.removeprefix("ipv4:").removeprefix("ipv6:").rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"{address!r} is not HOST:PORT")
+        try:
+            hosts.append((ipaddress.ip_address(host.strip("[]")), int(port)))
+        except ValueError:
+            raise ValueError(
+                f"{address!r}: several addresses must be IP literals; for host names use one dns:///NAME:PORT target"
+            ) from None
+    versions = {ip.version for ip, _ in hosts}
+    if versions == {4}:
+        return "ipv4:" + ",".join(f"{ip}:{port}" for ip, port in hosts)
+    if versions == {6}:
+        return "ipv6:" + ",".join(f"[{ip}]:{port}" for ip, port in hosts)
+    raise ValueError("several addresses must be all IPv4 or all IPv6")
 
 
 async def _tagged_requests(

@@ -1,7 +1,8 @@
 """Question answering without a server: featurize -> engine -> decode, with per-stage timings.
 
-Used by the demo CLI and the evaluator; the gRPC service opens one per engine (`from_engine_dir`),
-reuses its `featurizer`, `engine` and `decoder_config`, and batches the windows of many requests itself.
+Used by the demo CLI and the evaluator. Engines are opened as an `EngineBundle` (engine, featurizer,
+decoder defaults) and windows are batched with `qacore.batching`, the same path the gRPC service's
+batcher takes, so `qa-eval` scores the batching that is served.
 """
 
 from __future__ import annotations
@@ -11,15 +12,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
-
+from qacore.batching import LogitsTable, pad_batch, plan_batches, scatter_rows
+from qacore.bundle import EngineBundle, featurizer_for_engine, open_bundle
 from qacore.decoding import DecoderConfig, Prediction, decode
 from qacore.engine import Engine
-from qacore.errors import EngineError, InvalidInputError
-from qacore.factory import EngineOptions, load_engine
-from qacore.features import EncodedPassage, Features, Featurizer, FeaturizerConfig, featurizer_config_for
+from qacore.factory import EngineOptions
+from qacore.features import EncodedPassage, Features, Featurizer, FeaturizerConfig
 from qacore.latency import LatencyTracker, StageTimings
-from qacore.tokenization import load_tokenizer, vocab_sha256
+
+__all__ = ["AnswerResult", "QuestionAnswerer", "featurizer_for_engine"]
 
 
 @dataclass(frozen=True)
@@ -31,19 +32,6 @@ class AnswerResult:
     timings: StageTimings
 
 
-def featurizer_for_engine(engine: Engine, engine_dir: Path, config: FeaturizerConfig | None) -> Featurizer:
-    """The featurizer of an engine directory: its own tokenizer, windows no longer than the engine takes."""
-    tokenizer = load_tokenizer(engine_dir)
-    if vocab_sha256(tokenizer) != engine.meta.vocab_sha256:
-        raise EngineError(f"tokenizer in {engine_dir} does not match the vocabulary the engine was built with")
-    config = config or featurizer_config_for(engine.meta.max_seq_length)
-    if config.max_seq_length > engine.meta.max_seq_length:
-        raise InvalidInputError(
-            f"max sequence length {config.max_seq_length} exceeds the engine's {engine.meta.max_seq_length}"
-        )
-    return Featurizer(tokenizer, config)
-
-
 class QuestionAnswerer:
     """Answers questions about passages with one engine, batching the windows of many questions."""
 
@@ -53,6 +41,11 @@ class QuestionAnswerer:
         self.decoder_config = decoder_config or DecoderConfig()
 
     @classmethod
+    def from_bundle(cls, bundle: EngineBundle, decoder_config: DecoderConfig | None = None) -> QuestionAnswerer:
+        """Answer with an opened bundle; `decoder_config` replaces the bundle's decoder defaults."""
+        return cls(bundle.engine, bundle.featurizer, decoder_config or bundle.decoder_defaults)
+
+    @classmethod
     def from_engine_dir(
         cls,
         engine_dir: Path,
@@ -60,13 +53,7 @@ class QuestionAnswerer:
         decoder_config: DecoderConfig | None = None,
         engine_options: EngineOptions | None = None,
     ) -> QuestionAnswerer:
-        engine = load_engine(Path(engine_dir), engine_options)
-        try:
-            featurizer = featurizer_for_engine(engine, Path(engine_dir), featurizer_config)
-        except Exception:
-            engine.close()
-            raise
-        return cls(engine, featurizer, decoder_config)
+        return cls.from_bundle(open_bundle(Path(engine_dir), engine_options, featurizer_config), decoder_config)
 
     def close(self) -> None:
         self.engine.close()
@@ -98,28 +85,29 @@ class QuestionAnswerer:
             trackers.append(tracker)
         owners = [(item, row) for item, feature in enumerate(features) for row in range(len(feature.windows))]
         windows = [features[item].windows[row] for item, row in owners]
-        # Sorting by length keeps windows of similar length in one batch, so little is padding.
-        order = sorted(range(len(windows)), key=lambda index: windows[index].seq_len)
-        starts = [np.zeros((len(f.windows), max(w.seq_len for w in f.windows)), np.float32) for f in features]
-        ends = [np.zeros_like(start) for start in starts]
-        max_batch = self.engine.meta.max_batch_size
-        for first in range(0, len(order), max_batch):
-            chunk = order[first : first + max_batch]
-            batch = self.featurizer.batch([windows[index] for index in chunk])
+        tables = [LogitsTable.for_windows(feature.windows) for feature in features]
+        pad_id = self.featurizer.special.pad_id
+        for chunk in plan_batches([window.seq_len for window in windows], self.engine.meta.max_batch_size):
+            batch = pad_batch([windows[index] for index in chunk], pad_id)
             begin = time.perf_counter_ns()
             outputs = self.engine.infer(batch)
             duration = time.perf_counter_ns() - begin
             for position, index in enumerate(chunk):
                 item, row = owners[index]
-                width = windows[index].seq_len
-                starts[item][row, :width] = outputs.start_logits[position, :width]
-                ends[item][row, :width] = outputs.end_logits[position, :width]
+                scatter_rows(
+                    tables[item],
+                    [row],
+                    [windows[index].seq_len],
+                    outputs.start_logits,
+                    outputs.end_logits,
+                    batch_rows=[position],
+                )
             for item in {owners[index][0] for index in chunk}:
                 trackers[item].add("infer", duration)
         results = []
-        for tracker, feature, start, end, (question, _) in zip(trackers, features, starts, ends, items, strict=True):
+        for tracker, feature, table, (question, _) in zip(trackers, features, tables, items, strict=True):
             with tracker.stage("decode"):
-                prediction = decode(feature, start, end, self.decoder_config)
+                prediction = decode(feature, table.start, table.end, self.decoder_config)
             results.append(AnswerResult(question, prediction, tracker.finish()))
         return results
 

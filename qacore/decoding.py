@@ -7,12 +7,14 @@ null answer of SQuAD 2.0 wins when its score beats the best span by more than a 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from qacore.errors import InvalidInputError
-from qacore.features import Features
+from qacore.engine import Engine, EngineSpans
+from qacore.errors import EngineFaultError, InvalidInputError
+from qacore.features import Features, Window
 
 MAX_N_BEST = 100
 MAX_ANSWER_TOKENS = 512
@@ -73,25 +75,32 @@ def decode(
     end_logits: np.ndarray,
     config: DecoderConfig | None = None,
 ) -> Prediction:
-    """Decode one question from the logits of its windows (rows in `features.windows` order)."""
+    """Decode one question from the logits of its windows (rows in `features.windows` order).
+
+    Columns past a window's length are ignored (they may be padding or -inf). Raises `EngineFaultError`
+    when a window's logits are not all finite: that is a broken engine, never an answer or an abstention.
+    """
     config = config or DecoderConfig()
     if start_logits.shape[0] != len(features.windows) or end_logits.shape != start_logits.shape:
         raise InvalidInputError("logits do not match the question's windows")
+    if start_logits.ndim != 2 or start_logits.shape[1] < max(window.seq_len for window in features.windows):
+        raise InvalidInputError("logits are narrower than the question's windows")
+    _check_finite(features, start_logits, end_logits)
+    candidates, null_logit = _candidates(features, start_logits, end_logits, config)
+    return _prediction(features, candidates, null_logit, config)
+
+
+def _prediction(
+    features: Features, candidates: list[tuple[int, int, float]], null_logit: float, config: DecoderConfig
+) -> Prediction:
+    """The prediction from the best spans (char start, char end, logit; best first) and the null logit."""
     passage = features.passage
-    candidates, null_logit = _candidates(
-        features, start_logits, end_logits, config.n_best_size, config.max_answer_length
-    )
-    if not candidates:
-        # No valid pair among the top starts and ends (say every top end precedes every top start): search
-        # all pairs, so a question is never left without an answer it was not allowed to abstain from.
-        widest = max(window.length for window in features.windows)
-        candidates, _ = _candidates(features, start_logits, end_logits, widest, config.max_answer_length)
-    ranked = sorted(candidates.items(), key=lambda item: item[1], reverse=True)[: config.n_best_size]
-    logits = np.array([logit for _, logit in ranked] + ([null_logit] if config.allow_null else []))
+    ranked = candidates[: config.n_best_size]
+    logits = np.array([logit for _, _, logit in ranked] + ([null_logit] if config.allow_null else []))
     probabilities = _softmax(logits) if logits.size else logits
     nbest = [
         Span(passage.text[start:end], start, end, float(probabilities[i]), logit)
-        for i, ((start, end), logit) in enumerate(ranked)
+        for i, (start, end, logit) in enumerate(ranked)
     ]
     null_probability = float(probabilities[-1]) if config.allow_null and logits.size else 0.0
     best: Span | None = nbest[0] if nbest else None
@@ -100,40 +109,123 @@ def decode(
     return Prediction(best=best, nbest=nbest, null_logit=null_logit, null_probability=null_probability)
 
 
-def _candidates(
-    features: Features, start_logits: np.ndarray, end_logits: np.ndarray, top_k: int, max_answer_length: int
-) -> tuple[dict[tuple[int, int], float], float]:
-    """Valid spans among each window's `top_k` starts and ends, by character span with their best logit,
-    and the null logit ([CLS] start + end, minimised over windows)."""
-    passage = features.passage
-    candidates: dict[tuple[int, int], float] = {}
-    null_logit = float("inf")
+def span_masks(windows: Sequence[Window], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where answers may start and end in a padded batch of windows (bool [windows, seq_len]), for an
+    engine's device span search (`Engine.infer_spans`): the same rule `decode` applies to logits."""
+    may_start = np.zeros((len(windows), seq_len), bool)
+    may_end = np.zeros((len(windows), seq_len), bool)
+    for row, window in enumerate(windows):
+        context = slice(window.context_offset, window.context_offset + window.length)
+        may_start[row, context] = window.max_context
+        may_end[row, context] = True
+    return may_start, may_end
+
+
+def uses_device_spans(engine: Engine, config: DecoderConfig) -> bool:
+    """Whether `engine` searches spans for `config` on the device (keeping twice the n-best, as `decode` does)."""
+    limits = engine.span_search_limits()
+    return limits is not None and 2 * config.n_best_size <= limits[0] and config.max_answer_length <= limits[1]
+
+
+def decode_spans(features: Features, spans: EngineSpans, config: DecoderConfig | None = None) -> Prediction:
+    """Decode one question from its windows' device span search (rows in `features.windows` order)."""
+    config = config or DecoderConfig()
+    if spans.starts.shape[0] != len(features.windows):
+        raise InvalidInputError("spans do not match the question's windows")
+    if not (np.isfinite(spans.null_logits).all() and not np.isnan(spans.logits).any()):
+        raise EngineFaultError("the engine returned NaN or infinite logits; its engine file may be corrupt")
+    offsets = features.passage.offsets
+    found: list[tuple[int, int, float]] = []
     for row, window in enumerate(features.windows):
+        valid = spans.starts[row] >= 0
+        first = window.passage_start - window.context_offset  # window position -> passage token
+        picked = zip(spans.starts[row][valid], spans.ends[row][valid], spans.logits[row][valid], strict=True)
+        for start, end, logit in picked:
+            found.append((int(offsets[first + start, 0]), int(offsets[first + end, 1]), float(logit)))
+    found.sort(key=lambda span: span[2], reverse=True)
+    candidates: list[tuple[int, int, float]] = []
+    seen: set[tuple[int, int]] = set()
+    for span in found:
+        if (span[0], span[1]) not in seen and len(candidates) < config.n_best_size:
+            seen.add((span[0], span[1]))
+            candidates.append(span)
+    return _prediction(features, candidates, float(np.min(spans.null_logits)), config)
+
+
+def _check_finite(features: Features, start_logits: np.ndarray, end_logits: np.ndarray) -> None:
+    widths = np.array([window.seq_len for window in features.windows])
+    used = np.arange(start_logits.shape[1])[None, :] < widths[:, None]
+    if not (np.isfinite(start_logits[used]).all() and np.isfinite(end_logits[used]).all()):
+        raise EngineFaultError("the engine returned NaN or infinite logits; its engine file may be corrupt")
+
+
+# Windows decoded per numpy step: bounds the [windows, tokens, answer length] score block (~2.5 MB each).
+WINDOWS_PER_STEP = 16
+
+
+def _candidates(
+    features: Features, start_logits: np.ndarray, end_logits: np.ndarray, config: DecoderConfig
+) -> tuple[list[tuple[int, int, float]], float]:
+    """The best valid spans as (char start, char end, logit), best first, distinct by character span, and
+    the null logit ([CLS] start + end, minimised over windows).
+
+    A span is valid when it starts in a window where its first token has its most context, ends in the
+    same window at or after its start, and is at most `max_answer_length` tokens long. All valid spans
+    are scored at once as a [window, start, length] block (no loop over pairs), and the top ones kept.
+    """
+    windows = features.windows
+    null_logit = float(np.min(start_logits[:, 0].astype(np.float64) + end_logits[:, 0].astype(np.float64)))
+    longest = max(window.length for window in windows)
+    band = min(config.max_answer_length, longest)
+    keep = config.n_best_size * 2  # a few more than asked: distinct token spans may share a character span
+    picked_rows: list[np.ndarray] = []
+    picked_starts: list[np.ndarray] = []
+    picked_lengths: list[np.ndarray] = []
+    picked_logits: list[np.ndarray] = []
+    for first in range(0, len(windows), WINDOWS_PER_STEP):
+        group = windows[first : first + WINDOWS_PER_STEP]
+        starts = np.full((len(group), longest), -np.inf, np.float32)
+        ends = np.full((len(group), longest + band), -np.inf, np.float32)
+        for row, window in enumerate(group):
+            context = slice(window.context_offset, window.context_offset + window.length)
+            starts[row, : window.length] = np.where(window.max_context, start_logits[first + row, context], -np.inf)
+            ends[row, : window.length] = end_logits[first + row, context]
+        # scores[w, s, d] = start s + end s + d, for answers of d + 1 tokens
+        scores = starts[:, :, None] + ends[:, np.arange(longest)[:, None] + np.arange(band)[None, :]]
+        flat = scores.reshape(-1)
+        count = min(keep, flat.size)
+        top = np.argpartition(-flat, count - 1)[:count] if flat.size > count else np.arange(flat.size)
+        top = top[np.isfinite(flat[top])]
+        rows, token_starts, lengths = np.unravel_index(top, scores.shape)
+        picked_rows.append(rows + first)
+        picked_starts.append(token_starts)
+        picked_lengths.append(lengths)
+        picked_logits.append(flat[top])
+    rows = np.concatenate(picked_rows)
+    token_starts = np.concatenate(picked_starts)
+    lengths = np.concatenate(picked_lengths)
+    order = np.argsort(-np.concatenate(picked_logits), kind="stable")
+    passage = features.passage
+    spans: list[tuple[int, int, float]] = []
+    seen: set[tuple[int, int]] = set()
+    for index in order:
+        window = windows[int(rows[index])]
+        s, e = int(token_starts[index]), int(token_starts[index] + lengths[index])
+        char_span = (
+            int(passage.offsets[window.passage_start + s, 0]),
+            int(passage.offsets[window.passage_start + e, 1]),
+        )
+        if char_span in seen:
+            continue
+        seen.add(char_span)
+        row = int(rows[index])
         first = window.context_offset
-        starts = start_logits[row, first : first + window.length].astype(np.float64)
-        ends = end_logits[row, first : first + window.length].astype(np.float64)
-        null_logit = min(null_logit, float(start_logits[row, 0]) + float(end_logits[row, 0]))
-        top_starts = _top_indices(np.where(window.max_context, starts, -np.inf), top_k)
-        top_ends = _top_indices(ends, top_k)
-        for s in top_starts:
-            for e in top_ends:
-                if e < s or e - s + 1 > max_answer_length:
-                    continue
-                char_span = (
-                    int(passage.offsets[window.passage_start + s, 0]),
-                    int(passage.offsets[window.passage_start + e, 1]),
-                )
-                logit = float(starts[s] + ends[e])
-                if logit > candidates.get(char_span, -np.inf):
-                    candidates[char_span] = logit
-    return candidates, null_logit
-
-
-def _top_indices(values: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k largest finite values, largest first."""
-    candidates = np.argpartition(-values, k - 1)[:k] if values.size > k else np.arange(values.size)
-    ordered = candidates[np.argsort(-values[candidates], kind="stable")]
-    return ordered[np.isfinite(values[ordered])]
+        logit = float(np.float64(start_logits[row, first + s]) + np.float64(end_logits[row, first + e]))
+        spans.append((char_span[0], char_span[1], logit))
+        if len(spans) == config.n_best_size:
+            break
+    spans.sort(key=lambda span: span[2], reverse=True)
+    return spans, null_logit
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:

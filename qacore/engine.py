@@ -27,6 +27,20 @@ class EngineOutputs:
 
 
 @dataclass(frozen=True)
+class EngineSpans:
+    """Each window's best answer spans, searched on the device (`Engine.infer_spans`), best first.
+
+    Token positions index the window, as logit columns do; a slot with no valid span left holds start =
+    end = -1 and logit -inf.
+    """
+
+    starts: np.ndarray  # int32 [batch, k]
+    ends: np.ndarray  # int32 [batch, k], inclusive
+    logits: np.ndarray  # float32 [batch, k]: start logit + end logit
+    null_logits: np.ndarray  # float32 [batch]: the [CLS] start + end logit
+
+
+@dataclass(frozen=True)
 class EngineMeta:
     """What a runtime must know about an engine before trusting it; stored as `meta.json`."""
 
@@ -42,6 +56,11 @@ class EngineMeta:
     backend_version: str = ""
     builder_options: dict[str, Any] = field(default_factory=dict)
     model_card: str = ""  # one-paragraph summary of the model card
+    # SHA-256 of `engine_file`, checked at load: a corrupted or swapped engine file is refused, not served.
+    engine_sha256: str = ""
+    # The model's calibrated abstention threshold (config.json `qa_null_threshold`): the decoder's default
+    # null threshold wherever abstaining is allowed. None: 0.0.
+    null_threshold: float | None = None
     format: int = META_FORMAT
 
     @property
@@ -89,6 +108,18 @@ class Engine(ABC):
     @abstractmethod
     def infer(self, inputs: EngineInputs) -> EngineOutputs:
         """Run one padded batch; `inputs.batch_size <= meta.max_batch_size`."""
+
+    def span_search_limits(self) -> tuple[int, int] | None:
+        """(spans kept per window, longest answer in tokens) when the engine can search spans on the device
+        (`infer_spans`); None (the default) when callers must decode the logits of `infer`."""
+        return None
+
+    def infer_spans(
+        self, inputs: EngineInputs, may_start: np.ndarray, may_end: np.ndarray, max_answer_length: int
+    ) -> EngineSpans:
+        """The best spans of each window: start where `may_start`, end where `may_end` (bool [batch, seq]), at
+        most `max_answer_length` tokens (<= the limit in `span_search_limits`). Optional capability."""
+        raise EngineError(f"the {self.meta.backend} engine does not search spans on the device")
 
     def warmup(self) -> None:
         """Run each optimised shape once so the first real request pays no start-up cost."""

@@ -15,3 +15,8 @@ class EngineError(QAError):
 
 class CheckpointError(QAError):
     """A checkpoint is incomplete or malformed; the message names the missing piece."""
+
+
+class EngineFaultError(EngineError):
+    """An engine ran but returned what no healthy engine returns (NaN or infinite logits): a fault of the
+    engine, never an answer or an abstention (maps to INTERNAL)."""

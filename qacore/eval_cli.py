@@ -10,7 +10,8 @@ Engine mode: answer the first N questions in file order with an engine (the defa
     qa-eval [--engine DIR] --squad-json dev-v1.1.json.gz [--limit N] [--output-prediction-file F]
 
 The metric version comes from the dataset's "version" field unless `--version` says otherwise. Bad
-input gives a one-line error on stderr and exit status 2.
+input gives a one-line error on stderr and exit status 2; an engine that cannot be used (missing,
+corrupt, faulty) one line and exit status 3.
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 
+from qacore.default_engine import DEFAULT_PRECISION, PRECISIONS
 from qacore.errors import EngineError, InvalidInputError, QAError
+from qacore.factory import max_engine_threads
 from qacore.squad import (
+    ARTICLE_HALVES,
     METRIC_VERSIONS,
     SquadDataset,
     read_dataset,
@@ -43,6 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EXIT_BAD_INPUT = 2
+EXIT_ENGINE = 3
 MISSING_LISTED = 10  # missing-prediction warnings printed one by one before a count of the rest
 
 
@@ -95,8 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="v2.0: predict no answer when the no-answer probability exceeds this (default: %(default)s)",
     )
     parser.add_argument("--out-file", type=Path, help="also write the metric JSON to this file")
+    parser.add_argument(
+        "--article-half",
+        choices=ARTICLE_HALVES,
+        help="score (and in engine mode answer) only the first or the second half of the dataset's articles",
+    )
     engine = parser.add_argument_group("engine mode")
     engine.add_argument("--engine", type=Path, help="engine directory (default: the default engine, built if needed)")
+    engine.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help=f"precision of the default engine when no --engine is given (default {DEFAULT_PRECISION})",
+    )
     engine.add_argument(
         "--squad-json", type=Path, help="SQuAD dataset to answer with the engine (turns on engine mode)"
     )
@@ -111,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=_count(1), default=1, help="questions answered per engine call group (default: 1)"
     )
     engine.add_argument(
-        "--threads", type=_count(0), default=0, help="CPU engine threads (default: 0 = one per physical core)"
+        "--threads",
+        type=_count(0),
+        default=0,
+        help="CPU engine threads, at most the machine's cores (default: 0 = one per physical core)",
     )
     return parser
 
@@ -128,9 +146,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             _check_scoring_args(parser, args)
             scores = run_scoring_mode(args)
-    except QAError as exc:
+    except InvalidInputError as exc:
         print(f"qa-eval: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except QAError as exc:  # the engine cannot be used (missing, corrupt, mismatched, faulty)
+        print(f"qa-eval: error: {exc}", file=sys.stderr)
+        return EXIT_ENGINE
     print(scores.to_json())
     return 0
 
@@ -144,6 +165,7 @@ def _check_scoring_args(parser: argparse.ArgumentParser, args: argparse.Namespac
         "--output-na-prob-file": args.output_na_prob_file is not None,
         "--batch-size": args.batch_size != 1,
         "--threads": args.threads != 0,
+        "--precision": args.precision is not None,
     }
     used = [flag for flag, given in engine_only.items() if given]
     if used:
@@ -157,6 +179,10 @@ def _check_engine_args(parser: argparse.ArgumentParser, args: argparse.Namespace
         parser.error("engine mode (--engine/--squad-json) takes no DATASET_FILE/PREDICTIONS_FILE arguments")
     if args.na_prob_file is not None:
         parser.error("--na-prob-file applies to scoring mode; engine mode computes its own no-answer probabilities")
+    if args.precision is not None and args.engine is not None:
+        parser.error("--precision chooses the default engine; drop it or --engine")
+    if args.threads > max_engine_threads():
+        parser.error(f"--threads must be in [0, {max_engine_threads()}], got {args.threads}")
 
 
 def resolve_version(dataset: SquadDataset, requested: str | None) -> str:
@@ -183,6 +209,8 @@ def _warn_version_override(dataset: SquadDataset, version: str) -> None:
 
 def run_scoring_mode(args: argparse.Namespace) -> SquadScores:
     dataset = read_dataset(args.dataset_file)
+    if args.article_half is not None:
+        dataset = dataset.article_half(args.article_half)
     version = resolve_version(dataset, args.version)
     predictions = read_predictions(args.predictions_file)
     na_probs = read_na_probs(args.na_prob_file) if args.na_prob_file is not None else None
@@ -195,6 +223,8 @@ def run_scoring_mode(args: argparse.Namespace) -> SquadScores:
 
 def run_engine_mode(args: argparse.Namespace) -> SquadScores:
     dataset = read_dataset(args.squad_json)
+    if args.article_half is not None:
+        dataset = dataset.article_half(args.article_half)
     version = resolve_version(dataset, args.version)
     if args.limit is not None:
         dataset = dataset.head(args.limit)
@@ -208,16 +238,13 @@ def run_engine_mode(args: argparse.Namespace) -> SquadScores:
         )
     # Heavy imports (engine runtimes) only here, so scoring mode stays light.
     from qacore.answerer import QuestionAnswerer
-    from qacore.decoding import DecoderConfig
+    from qacore.bundle import open_bundle
     from qacore.factory import EngineOptions
     from qacore.squad_answering import answer_dataset
 
-    engine_dir = args.engine if args.engine is not None else _default_engine_dir()
-    with QuestionAnswerer.from_engine_dir(
-        engine_dir,
-        decoder_config=DecoderConfig(allow_null=version == "2.0"),
-        engine_options=EngineOptions(intra_op_threads=args.threads),
-    ) as answerer:
+    engine_dir = args.engine if args.engine is not None else _default_engine_dir(args.precision)
+    with open_bundle(engine_dir, EngineOptions(intra_op_threads=args.threads)) as bundle:
+        answerer = QuestionAnswerer.from_bundle(bundle, bundle.decoder(allow_null=version == "2.0"))
         run = answer_dataset(answerer, dataset, args.batch_size)
     na_probs = run.na_probs if version == "2.0" else None
     if args.output_prediction_file is not None:
@@ -232,15 +259,14 @@ def run_engine_mode(args: argparse.Namespace) -> SquadScores:
     return scores
 
 
-def _default_engine_dir() -> Path:
-    try:  # the builder sits above qacore; only this command-line entry reaches into it
-        from builder.defaults import ensure_default_engine
-    except ImportError as exc:
-        raise EngineError(f"the default engine cannot be built here ({exc}); pass --engine DIR") from None
+def _default_engine_dir(precision: str | None) -> Path:
+    """The default engine (built in a child `qa-build --default` process on first use)."""
+    from qacore.default_engine import DefaultEngineSpec, resolve_default_engine
+
     try:
-        return ensure_default_engine()
+        return resolve_default_engine(DefaultEngineSpec(precision=precision or DEFAULT_PRECISION))
     except OSError as exc:  # e.g. an unwritable engine cache
-        raise EngineError(f"cannot build the default engine: {exc}") from None
+        raise EngineError(f"cannot use the default engine: {exc}") from None
 
 
 def _beside(path: Path | None, suffix: str) -> Path | None:

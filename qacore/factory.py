@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from qacore.engine import Engine, EngineMeta
 from qacore.errors import CheckpointError, EngineError
+from qacore.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +47,19 @@ class EngineOptions:
     use_cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
-        if self.intra_op_threads < 0 or self.inter_op_threads < 0:
+        limit = max_engine_threads()
+        if not (0 <= self.intra_op_threads <= limit and 0 <= self.inter_op_threads <= limit):
             raise EngineError(
-                f"thread counts must be >= 0, got intra_op_threads={self.intra_op_threads}, "
-                f"inter_op_threads={self.inter_op_threads}"
+                f"thread counts must be in [0, {limit}] (this machine's cores), got "
+                f"intra_op_threads={self.intra_op_threads}, inter_op_threads={self.inter_op_threads}"
             )
         if self.device_id < 0:
             raise EngineError(f"device_id must be >= 0, got {self.device_id}")
+
+
+def max_engine_threads() -> int:
+    """The most CPU threads one engine may ask for: this machine's cores (more only adds contention)."""
+    return os.cpu_count() or 1
 
 
 def load_engine(engine_dir: Path, options: EngineOptions | None = None) -> Engine:
@@ -67,6 +76,7 @@ def load_engine(engine_dir: Path, options: EngineOptions | None = None) -> Engin
     except CheckpointError as exc:  # the model config inside meta.json is invalid
         raise EngineError(f"engine metadata in {engine_dir} is invalid: {exc}") from None
     check_meta(meta, engine_dir)
+    verify_engine_file(meta, engine_dir)
     module_name = BACKEND_MODULES[meta.backend]
     try:
         module = importlib.import_module(module_name)
@@ -77,6 +87,22 @@ def load_engine(engine_dir: Path, options: EngineOptions | None = None) -> Engin
     log.info("loading %s %s engine from %s", meta.backend, meta.precision, engine_dir)
     engine: Engine = module.open_engine(engine_dir, meta, options or EngineOptions())
     return engine
+
+
+def verify_engine_file(meta: EngineMeta, engine_dir: Path) -> None:
+    """Refuse an engine file whose SHA-256 is not the one recorded at build time (corrupted or swapped)."""
+    if not meta.engine_sha256:
+        raise EngineError(f"engine {engine_dir} records no engine_sha256 (built by an older qa-build); rebuild it")
+    path = engine_dir / meta.engine_file
+    try:
+        actual = sha256_file(path)
+    except OSError as exc:
+        raise EngineError(f"cannot read engine file {path}: {exc.strerror or exc}") from None
+    if actual != meta.engine_sha256:
+        raise EngineError(
+            f"engine file {path} is corrupt: its SHA-256 {actual[:12]}... is not the {meta.engine_sha256[:12]}... "
+            "recorded in meta.json; rebuild the engine"
+        )
 
 
 def check_meta(meta: EngineMeta, engine_dir: Path) -> None:
@@ -98,6 +124,8 @@ def check_meta(meta: EngineMeta, engine_dir: Path) -> None:
     lengths = meta.sequence_lengths
     if not lengths or any(length < 1 for length in lengths) or list(lengths) != sorted(set(lengths)):
         raise EngineError(f"engine {engine_dir}: sequence_lengths must be ascending positive integers, got {lengths}")
+    if meta.null_threshold is not None and not math.isfinite(meta.null_threshold):
+        raise EngineError(f"engine {engine_dir}: null_threshold must be a finite number, got {meta.null_threshold}")
     if meta.max_seq_length > meta.model_config.max_position_embeddings:
         raise EngineError(
             f"engine {engine_dir}: sequence length {meta.max_seq_length} exceeds the model's "

@@ -22,6 +22,8 @@ from qacore.files import read_bytes
 
 # The two scoring rules the official scripts define; `version` fields such as "v2.0" map onto them.
 METRIC_VERSIONS = ("1.1", "2.0")
+# Halves of a dataset by article (`SquadDataset.article_half`): tune on one, report on the other.
+ARTICLE_HALVES = ("first", "second")
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,15 @@ class SquadDataset:
                 raw_articles.append({**raw_article, "paragraphs": raw_paragraphs})
         return SquadDataset(self.version, tuple(articles), raw_articles, self.source)
 
+    def article_half(self, which: str) -> SquadDataset:
+        """The first or the second half of the articles in file order ("first": the first len // 2 articles,
+        "second": the rest), so that a threshold tuned on one half can be reported on the other."""
+        if which not in ARTICLE_HALVES:
+            raise InvalidInputError(f"article half must be one of {ARTICLE_HALVES}, got {which!r}")
+        middle = len(self.articles) // 2
+        chosen = slice(0, middle) if which == "first" else slice(middle, None)
+        return SquadDataset(self.version, self.articles[chosen], self._raw_or_rebuilt()[chosen], self.source)
+
     def _raw_or_rebuilt(self) -> list[dict[str, Any]]:
         return self.raw_articles if self.raw_articles else [_article_to_raw(article) for article in self.articles]
 
@@ -158,6 +169,8 @@ def read_json(path: Path, what: str) -> Any:
         raise InvalidInputError(f"{what} file {path} is not valid JSON: {exc}") from None
     except UnicodeDecodeError as exc:
         raise InvalidInputError(f"{what} file {path} is not UTF-8 text: {exc.reason}") from None
+    except RecursionError:  # the C parser recurses once per nesting level
+        raise InvalidInputError(f"{what} file {path} is nested too deeply to be a {what}") from None
 
 
 def read_predictions(path: Path) -> dict[str, str]:

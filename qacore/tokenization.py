@@ -8,7 +8,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordPiece
 
-from qacore.errors import CheckpointError
+from qacore.errors import CheckpointError, InvalidInputError
+from qacore.files import read_utf8
 
 TOKENIZER_JSON = "tokenizer.json"
 VOCAB_TXT = "vocab.txt"
@@ -27,11 +28,20 @@ def load_tokenizer(path: Path, lowercase: bool = True) -> Tokenizer:
         json_path, vocab_path = path / TOKENIZER_JSON, path / VOCAB_TXT
     if json_path.is_file():
         try:
+            read_utf8(json_path, "tokenizer")
             tokenizer = Tokenizer.from_file(str(json_path))
+        except InvalidInputError as exc:
+            raise CheckpointError(str(exc)) from None
         except Exception as exc:  # the tokenizers library raises a bare Exception for malformed files
-            raise CheckpointError(f"unreadable tokenizer {json_path}: {exc}") from None
+            raise CheckpointError(f"unreadable tokenizer {json_path}: {first_line(exc)}") from None
     elif vocab_path.is_file():
-        tokenizer = Tokenizer(WordPiece.from_file(str(vocab_path), unk_token="[UNK]"))
+        try:
+            read_utf8(vocab_path, "vocabulary")  # a one-line error for a non-UTF-8 file, before the library sees it
+            tokenizer = Tokenizer(WordPiece.from_file(str(vocab_path), unk_token="[UNK]"))
+        except InvalidInputError as exc:
+            raise CheckpointError(str(exc)) from None
+        except Exception as exc:  # the tokenizers library raises a bare Exception for malformed files
+            raise CheckpointError(f"unreadable vocabulary {vocab_path}: {first_line(exc)}") from None
         tokenizer.normalizer = normalizers.BertNormalizer(
             clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
         )
@@ -50,3 +60,8 @@ def vocab_sha256(tokenizer: Tokenizer) -> str:
     for token, index in sorted(vocab.items(), key=lambda item: item[1]):
         digest.update(f"{index}\t{token}\n".encode())
     return digest.hexdigest()
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,15 +1,26 @@
-"""Dynamic batching: windows from many concurrent requests share engine calls.
+"""Dynamic batching with fair scheduling: windows from many concurrent callers share engine calls.
 
 The batcher sees windows, not requests. A request submits its windows (one per passage chunk) and
 awaits their logits; worker tasks (one per engine context, each with its own single executor
 thread, so the event loop never blocks on inference) take up to `max_batch_size` windows per call.
 A batch starts when it is full or when its oldest window has waited `max_queue_delay_us`.
 
-Padding is limited by bucketing windows by length: a batch takes windows from the bucket of the
-oldest queued window (first come, first served across buckets), then fills up with windows from
-shorter buckets, which pad up to at most that bucket's width. Longer windows never join.
+Fairness. Every request belongs to a *caller*: one unary call, or one `AnswerStream` (all of a
+stream's questions are one caller). Batches are formed round-robin over callers, one window per
+caller per round, so a caller with a huge backlog (a 7,800-window passage, a stream flooding
+questions) gets one share of each batch and of the engine, never all of it: another caller's small
+request runs in the next batch, not after the backlog. With two or more engine contexts, callers
+with a backlog (more windows queued than one batch holds) may together lead batches on all contexts
+but one, which is kept for the other callers, so a small request never waits behind a backlog's
+engine call either.
 
-The queue is bounded (`max_queue_windows`; a full queue raises `QueueFullError` at submit time).
+Padding is limited by bucketing windows by length (`qacore.batching.length_bucket`): the batch's
+leading window fixes the bucket and only windows of that bucket or shorter ones join it.
+
+The queue is bounded (`max_queue_windows`); a request is refused with `QueueFullError` only when the
+queue is over its bound *and* its caller already holds at least its fair share of it (the bound
+divided among the callers with queued work), so one caller's backlog never gets others refused.
+A request needing more than `max_request_windows` windows is refused with `InvalidRequestError`.
 Work of requests that were cancelled or whose deadline passed is dropped before it runs, and a failed
 engine call fails every request that had a window in it with `BatchFailedError`.
 """
@@ -20,7 +31,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,32 +39,22 @@ from typing import Protocol
 
 import numpy as np
 
+from qacore.batching import LogitsTable, length_bucket, pad_batch, real_tokens, scatter_rows
 from qacore.engine import Engine
 from qacore.features import Featurizer, Window
-from services.errors import BatchFailedError, DeadlineExpiredError, NotServingError, QueueFullError
+from services.config import BatcherConfig
+from services.errors import (
+    BatchFailedError,
+    DeadlineExpiredError,
+    InvalidRequestError,
+    NotServingError,
+    QueueFullError,
+)
 from services.logctx import current_request_id
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class BatcherConfig:
-    """How windows are grouped into engine calls."""
-
-    max_batch_size: int = 16  # windows per engine call (capped at the engine's own maximum); 1 = no batching
-    max_queue_delay_us: int = 1_000  # longest a window waits for others to fill its batch
-    max_queue_windows: int = 2_048  # bounded queue: more queued windows than this are refused
-    bucket_tokens: int = 64  # windows within the same multiple of this many tokens batch together first
-
-    def __post_init__(self) -> None:
-        if self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
-        if self.max_queue_delay_us < 0:
-            raise ValueError(f"max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
-        if self.max_queue_windows < 1:
-            raise ValueError(f"max_queue_windows must be >= 1, got {self.max_queue_windows}")
-        if self.bucket_tokens < 1:
-            raise ValueError(f"bucket_tokens must be >= 1, got {self.bucket_tokens}")
+__all__ = ["BatchObserver", "Batcher", "BatcherConfig", "BatcherStats", "WindowLogits"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -87,13 +88,12 @@ class BatchObserver(Protocol):
 @dataclass(eq=False)
 class _Job:
     windows: Sequence[Window]
+    caller: str
     deadline_ns: int | None
     future: asyncio.Future[WindowLogits]
     submitted_ns: int
-    queued: int  # windows still waiting in the queue
-    start_rows: list[np.ndarray | None] = field(default_factory=list)
-    end_rows: list[np.ndarray | None] = field(default_factory=list)
-    remaining: int = 0  # windows whose logits have not arrived
+    table: LogitsTable
+    next_index: int = 0  # the next window to hand to a batch (windows of a job run in order)
     infer_ns: int = 0
     batch_sizes: list[int] = field(default_factory=list)
     request_id: str = field(default_factory=current_request_id)  # for the log of a failed batch
@@ -102,13 +102,30 @@ class _Job:
     def live(self) -> bool:
         return not self.future.done()
 
+    @property
+    def queued(self) -> int:
+        return len(self.windows) - self.next_index if self.live else 0
+
 
 @dataclass(eq=False)
-class _Item:
-    job: _Job
-    index: int  # which of the job's windows
-    order: int  # global arrival order, for first come, first served across buckets
-    enqueued_ns: int
+class _Caller:
+    key: str
+    jobs: deque[_Job] = field(default_factory=deque)
+    queued: int = 0  # live windows of this caller not yet handed to a batch
+    leading: int = 0  # batches in flight led by this caller
+
+    def head(self) -> _Job | None:
+        """The caller's oldest job with windows still to hand out (dead or drained jobs are dropped)."""
+        while self.jobs and (not self.jobs[0].live or self.jobs[0].next_index >= len(self.jobs[0].windows)):
+            self.jobs.popleft()
+        return self.jobs[0] if self.jobs else None
+
+
+@dataclass(eq=False)
+class _Batch:
+    items: list[tuple[_Job, int]]  # (job, window index)
+    lead: _Caller
+    heavy: bool  # led by a caller with a backlog (counts against the contexts kept for others)
 
 
 class Batcher:
@@ -127,12 +144,15 @@ class Batcher:
         self.config = config or BatcherConfig()
         self.name = name or engines[0].meta.model_id
         self.max_batch_size = min(self.config.max_batch_size, min(engine.meta.max_batch_size for engine in engines))
+        # Contexts that callers with a backlog may lead batches on; the rest stay free for the others.
+        self.heavy_contexts = max(1, len(engines) - 1)
         self._engines = list(engines)
         self._featurizer = featurizer
         self._observer = observer
-        self._buckets: dict[int, deque[_Item]] = {}
+        self._callers: OrderedDict[str, _Caller] = OrderedDict()  # rotation order: the next lead first
         self._depth = 0  # live queued windows (cancelled or failed requests' windows excluded)
-        self._order = itertools.count()
+        self._heavy_running = 0
+        self._anonymous = itertools.count()
         self._wakeup = asyncio.Event()
         self._closing = False
         self._workers: list[asyncio.Task[None]] = []
@@ -165,6 +185,13 @@ class Batcher:
         for executor in self._executors:
             executor.shutdown(wait=True)
 
+    def abandon(self) -> None:
+        """Shutdown past its grace period: refuse new work and fail what is queued (UNAVAILABLE) instead of
+        running it; engine calls already running finish."""
+        self._closing = True
+        self._fail_queued(NotServingError("server is shutting down: the request's work was not run"))
+        self._wakeup.set()
+
     @property
     def depth(self) -> int:
         """Windows waiting to run (excluding dropped work)."""
@@ -174,17 +201,26 @@ class Batcher:
     def busy_contexts(self) -> int:
         return self._busy
 
+    def queued_of(self, caller: str) -> int:
+        """Windows of one caller waiting to run."""
+        entry = self._callers.get(caller)
+        return entry.queued if entry is not None else 0
+
     # -- submitting --------------------------------------------------------------------------------
 
-    async def run(self, windows: Sequence[Window], deadline_ns: int | None = None) -> WindowLogits:
+    async def run(
+        self, windows: Sequence[Window], deadline_ns: int | None = None, caller: str | None = None
+    ) -> WindowLogits:
         """Queue `windows` and wait for their logits.
 
-        `deadline_ns` is a `time.perf_counter_ns()` instant: work not started by then is dropped and
-        the call raises `DeadlineExpiredError`. Cancelling the awaiting task drops queued windows.
+        `caller` groups requests for fair scheduling (one stream's questions share one key); None makes
+        the request its own caller. `deadline_ns` is a `time.perf_counter_ns()` instant: work not started
+        by then is dropped and the call raises `DeadlineExpiredError`. Cancelling the awaiting task drops
+        queued windows.
         """
         if deadline_ns is not None and time.perf_counter_ns() >= deadline_ns:
             raise DeadlineExpiredError("deadline exceeded before the request was queued")
-        future = self.submit(windows, deadline_ns)
+        future = self.submit(windows, deadline_ns, caller)
         try:
             if deadline_ns is None:
                 return await future
@@ -197,46 +233,72 @@ class Batcher:
             # Cancelled or timed out: mark the job dead so its windows never reach the engine.
             future.cancel()
 
-    def submit(self, windows: Sequence[Window], deadline_ns: int | None = None) -> asyncio.Future[WindowLogits]:
+    def submit(
+        self, windows: Sequence[Window], deadline_ns: int | None = None, caller: str | None = None
+    ) -> asyncio.Future[WindowLogits]:
         """Queue `windows` now; the returned future resolves with their logits (cancel it to drop them)."""
         if self._closing:
             raise NotServingError("server is shutting down")
         if not windows:
             raise ValueError("no windows to run")
         count = len(windows)
-        # A request larger than the whole queue is still admitted when the queue is empty, so no valid
-        # request (a very long passage) is refused forever.
-        if self._depth + count > self.config.max_queue_windows and self._depth > 0:
-            raise QueueFullError(
-                f"server overloaded: {self._depth} windows queued, {count} more would exceed "
-                f"the limit of {self.config.max_queue_windows}; retry later"
+        limit = self.config.max_request_windows
+        if count > limit:
+            raise InvalidRequestError(
+                f"the passage needs {count:,} windows for this question; the limit is {limit:,} per question "
+                "(split the passage)"
             )
+        key = caller if caller is not None else f"#{next(self._anonymous)}"
+        entry = self._callers.get(key)
+        self._check_room(entry, count)
         now = time.perf_counter_ns()
         future: asyncio.Future[WindowLogits] = asyncio.get_running_loop().create_future()
-        job = _Job(
-            windows=windows,
-            deadline_ns=deadline_ns,
-            future=future,
-            submitted_ns=now,
-            queued=count,
-            start_rows=[None] * count,
-            end_rows=[None] * count,
-            remaining=count,
-        )
+        job = _Job(windows, key, deadline_ns, future, now, LogitsTable.for_windows(windows))
+        if entry is None:
+            entry = self._callers[key] = _Caller(key)
+        entry.jobs.append(job)
+        entry.queued += count
         future.add_done_callback(lambda _: self._release(job))
-        for index, window in enumerate(windows):
-            bucket = -(-window.seq_len // self.config.bucket_tokens)
-            self._buckets.setdefault(bucket, deque()).append(_Item(job, index, next(self._order), now))
         self._depth += count
         self.stats.submitted_windows += count
         self._wakeup.set()
         return future
 
+    def _check_room(self, entry: _Caller | None, count: int) -> None:
+        """Refuse only a caller at or over its fair share of a queue over its bound.
+
+        A request larger than the whole queue is still admitted when the queue is empty, so no valid
+        request is refused forever.
+        """
+        bound = self.config.max_queue_windows
+        if self._depth == 0 or self._depth + count <= bound:
+            return
+        own = entry.queued if entry is not None else 0
+        active = sum(1 for other in self._callers.values() if other.queued) + (0 if own else 1)
+        if own + count <= bound // active:
+            return
+        raise QueueFullError(
+            f"server overloaded: {self._depth} windows queued, {count} more would exceed the limit of {bound}; "
+            "retry later"
+        )
+
     def _release(self, job: _Job) -> None:
         """A finished, failed or cancelled job's queued windows no longer count (they are skipped)."""
-        self._depth -= job.queued
-        self.stats.dropped_windows += job.queued
-        job.queued = 0
+        left = len(job.windows) - job.next_index
+        if left <= 0:
+            return
+        job.next_index = len(job.windows)
+        self._depth -= left
+        self.stats.dropped_windows += left
+        entry = self._callers.get(job.caller)
+        if entry is not None:
+            entry.queued -= left
+            self._forget_if_idle(entry)
+        self._wakeup.set()
+
+    def _forget_if_idle(self, entry: _Caller) -> None:
+        if entry.queued == 0 and entry.leading == 0 and self._callers.get(entry.key) is entry:
+            del self._callers[entry.key]
 
     # -- batching ----------------------------------------------------------------------------------
 
@@ -246,32 +308,37 @@ class Batcher:
             batch = await self._next_batch()
             if batch is None:
                 return
-            windows = [item.job.windows[item.index] for item in batch]
+            windows = [job.windows[index] for job, index in batch.items]
             self._busy += 1
             try:
                 start, end, seq_len, infer_ns = await loop.run_in_executor(executor, self._infer, engine, windows)
                 self.stats.batches += 1
-                self.stats.run_windows += len(batch)
-                self._observe(len(batch), seq_len, windows, infer_ns, ok=True)
+                self.stats.run_windows += len(windows)
+                self._observe(len(windows), seq_len, windows, infer_ns, ok=True)
                 self._deliver(batch, start, end, infer_ns)
             except Exception as exc:
                 self._fail_batch(batch, windows, exc)
             finally:
                 self._busy -= 1
+                batch.lead.leading -= 1
+                if batch.heavy:
+                    self._heavy_running -= 1
+                self._forget_if_idle(batch.lead)
+                self._wakeup.set()
 
-    def _fail_batch(self, batch: list[_Item], windows: list[Window], exc: Exception) -> None:
+    def _fail_batch(self, batch: _Batch, windows: list[Window], exc: Exception) -> None:
         """Every request with a window in the failed batch fails (a worker never dies of one batch)."""
-        jobs = {id(item.job): item.job for item in batch}
+        jobs = {id(job): job for job, _ in batch.items}
         log.error(
             "engine %s failed on a batch of %d windows (requests %s)",
             self.name,
-            len(batch),
+            len(windows),
             ", ".join(job.request_id for job in jobs.values()),
             exc_info=exc,
         )
         self.stats.failed_batches += 1
-        self._observe(len(batch), max(window.seq_len for window in windows), windows, 0, ok=False)
-        failure = BatchFailedError(f"inference failed on a batch of {len(batch)} windows: {exc}")
+        self._observe(len(windows), max(window.seq_len for window in windows), windows, 0, ok=False)
+        failure = BatchFailedError(f"inference failed on a batch of {len(windows)} windows: {exc}")
         for job in jobs.values():
             if job.live:
                 job.future.set_exception(failure)
@@ -279,58 +346,68 @@ class Batcher:
     def _infer(self, engine: Engine, windows: list[Window]) -> tuple[np.ndarray, np.ndarray, int, int]:
         """Runs on the context's executor thread: pad, infer, time."""
         begin = time.perf_counter_ns()
-        inputs = self._featurizer.batch(windows)
+        inputs = pad_batch(windows, self._featurizer.special.pad_id)
         outputs = engine.infer(inputs)
         return outputs.start_logits, outputs.end_logits, inputs.seq_len, time.perf_counter_ns() - begin
 
-    def _deliver(self, batch: list[_Item], start: np.ndarray, end: np.ndarray, infer_ns: int) -> None:
-        seen: set[int] = set()
-        for row, item in enumerate(batch):
-            job = item.job
-            if id(job) not in seen:
-                seen.add(id(job))
-                job.infer_ns += infer_ns
-                job.batch_sizes.append(len(batch))
+    def _deliver(self, batch: _Batch, start: np.ndarray, end: np.ndarray, infer_ns: int) -> None:
+        rows_of: dict[int, tuple[_Job, list[int], list[int]]] = {}
+        for position, (job, index) in enumerate(batch.items):
+            _, rows, positions = rows_of.setdefault(id(job), (job, [], []))
+            rows.append(index)
+            positions.append(position)
+        for job, rows, positions in rows_of.values():
+            job.infer_ns += infer_ns
+            job.batch_sizes.append(len(batch.items))
             if not job.live:
                 continue
-            job.start_rows[item.index] = start[row]
-            job.end_rows[item.index] = end[row]
-            job.remaining -= 1
-            if job.remaining == 0:
-                job.future.set_result(self._assemble(job))
-
-    @staticmethod
-    def _assemble(job: _Job) -> WindowLogits:
-        rows = len(job.windows)
-        width = max(row.shape[0] for row in job.start_rows if row is not None)
-        start = np.full((rows, width), -np.inf, dtype=np.float32)
-        end = np.full((rows, width), -np.inf, dtype=np.float32)
-        for index in range(rows):
-            start_row, end_row = job.start_rows[index], job.end_rows[index]
-            assert start_row is not None and end_row is not None
-            start[index, : start_row.shape[0]] = start_row
-            end[index, : end_row.shape[0]] = end_row
-        in_batcher = time.perf_counter_ns() - job.submitted_ns
-        return WindowLogits(start, end, max(0, in_batcher - job.infer_ns), job.infer_ns, tuple(job.batch_sizes))
+            widths = [job.windows[row].seq_len for row in rows]
+            scatter_rows(job.table, rows, widths, start, end, positions)
+            if job.table.complete:
+                in_batcher = time.perf_counter_ns() - job.submitted_ns
+                job.future.set_result(
+                    WindowLogits(
+                        job.table.start,
+                        job.table.end,
+                        max(0, in_batcher - job.infer_ns),
+                        job.infer_ns,
+                        tuple(job.batch_sizes),
+                    )
+                )
 
     def _observe(self, size: int, seq_len: int, windows: list[Window], infer_ns: int, ok: bool) -> None:
         if self._observer is not None:
-            self._observer.observe_batch(size, seq_len, sum(w.seq_len for w in windows), infer_ns, ok)
+            self._observer.observe_batch(size, seq_len, real_tokens(windows), infer_ns, ok)
 
-    async def _next_batch(self) -> list[_Item] | None:
+    def _is_heavy(self, entry: _Caller) -> bool:
+        """A caller with a backlog: more windows queued than one batch holds, or already leading a batch."""
+        return entry.queued > self.max_batch_size or entry.leading > 0
+
+    def _eligible(self) -> list[_Caller]:
+        """Callers with queued windows that may lead the next batch, in rotation order."""
+        room_for_heavy = self._heavy_running < self.heavy_contexts
+        return [
+            entry
+            for entry in self._callers.values()
+            if entry.queued > 0 and entry.head() is not None and (room_for_heavy or not self._is_heavy(entry))
+        ]
+
+    async def _next_batch(self) -> _Batch | None:
         """Wait until a batch is due (full, or its oldest window waited long enough) and take it."""
         delay_ns = self.config.max_queue_delay_us * 1_000
         while True:
-            oldest = self._oldest_live()
-            if oldest is None:
-                if self._closing:
+            eligible = self._eligible()
+            if not eligible:
+                if self._closing and self._depth == 0:
                     return None
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            due_ns = oldest.enqueued_ns + delay_ns
+            oldest_ns = min(job.submitted_ns for job in (entry.head() for entry in eligible) if job is not None)
+            due_ns = oldest_ns + delay_ns
             now = time.perf_counter_ns()
-            if self._depth < self.max_batch_size and now < due_ns and not self._closing:
+            waiting = sum(entry.queued for entry in eligible)
+            if waiting < self.max_batch_size and now < due_ns and not self._closing:
                 self._wakeup.clear()
                 try:
                     async with asyncio.timeout((due_ns - now) / 1e9):
@@ -338,51 +415,70 @@ class Batcher:
                 except TimeoutError:
                     pass
                 continue
-            batch = self._take(oldest)
-            if batch:
+            batch = self._take(eligible)
+            if batch is not None:
                 return batch
 
-    def _oldest_live(self) -> _Item | None:
-        """The longest-waiting live window (dead ones at bucket heads are discarded on the way)."""
-        oldest: _Item | None = None
-        for bucket in list(self._buckets):
-            queue = self._buckets[bucket]
-            while queue and not queue[0].job.live:
-                queue.popleft()
-            if not queue:
-                del self._buckets[bucket]
-            elif oldest is None or queue[0].order < oldest.order:
-                oldest = queue[0]
-        return oldest
-
-    def _take(self, oldest: _Item) -> list[_Item]:
-        """Up to `max_batch_size` live, unexpired windows: the oldest one's bucket first, then shorter ones."""
-        first_bucket = -(-oldest.job.windows[oldest.index].seq_len // self.config.bucket_tokens)
-        buckets = [first_bucket, *sorted((b for b in self._buckets if b < first_bucket), reverse=True)]
+    def _take(self, eligible: list[_Caller]) -> _Batch | None:
+        """Up to `max_batch_size` windows, one per caller per round: the lead caller's window fixes the
+        length bucket; other callers join with windows of that bucket or shorter ones."""
         now = time.perf_counter_ns()
-        batch: list[_Item] = []
-        for bucket in buckets:
-            queue = self._buckets.get(bucket)
-            while queue and len(batch) < self.max_batch_size:
-                item = queue.popleft()
-                job = item.job
-                if not job.live:
+        bucket_tokens = self.config.bucket_tokens
+        lead: _Caller | None = None
+        lead_heavy = False
+        bucket = 0
+        items: list[tuple[_Job, int]] = []
+        contributed: list[_Caller] = []
+        candidates = list(eligible) + [entry for entry in self._callers.values() if entry not in eligible]
+        while len(items) < self.max_batch_size:
+            progress = False
+            for entry in candidates:
+                if len(items) >= self.max_batch_size:
+                    break
+                job = self._next_live_job(entry, now)
+                if job is None:
                     continue
-                if job.deadline_ns is not None and now >= job.deadline_ns:
-                    job.future.set_exception(DeadlineExpiredError("deadline exceeded while queued; work dropped"))
+                window = job.windows[job.next_index]
+                if lead is None:
+                    if entry not in eligible:
+                        continue
+                    lead, lead_heavy = entry, self._is_heavy(entry)
+                    bucket = length_bucket(window.seq_len, bucket_tokens)
+                elif length_bucket(window.seq_len, bucket_tokens) > bucket:
                     continue
-                job.queued -= 1
+                items.append((job, job.next_index))
+                job.next_index += 1
+                entry.queued -= 1
                 self._depth -= 1
-                batch.append(item)
-            if queue is not None and not queue:
-                del self._buckets[bucket]
-            if len(batch) >= self.max_batch_size:
+                if entry not in contributed:
+                    contributed.append(entry)
+                progress = True
+            if not progress:
                 break
-        return batch
+        if lead is None:
+            return None
+        lead.leading += 1
+        if lead_heavy:
+            self._heavy_running += 1
+        for entry in contributed:  # round robin: callers that were served go to the back
+            if self._callers.get(entry.key) is entry:
+                self._callers.move_to_end(entry.key)
+        return _Batch(items, lead, lead_heavy)
+
+    def _next_live_job(self, entry: _Caller, now: int) -> _Job | None:
+        """The caller's next job with a window to run; expired jobs fail on the way."""
+        while True:
+            job = entry.head()
+            if job is None:
+                return None
+            if job.deadline_ns is not None and now >= job.deadline_ns:
+                job.future.set_exception(DeadlineExpiredError("deadline exceeded while queued; work dropped"))
+                continue  # the done callback released its windows
+            return job
 
     def _fail_queued(self, error: Exception) -> None:
-        for queue in self._buckets.values():
-            for item in queue:
-                if item.job.live:
-                    item.job.future.set_exception(error)
-        self._buckets.clear()
+        for entry in list(self._callers.values()):
+            for job in list(entry.jobs):
+                if job.live:
+                    job.future.set_exception(error)
+        self._callers.clear()

@@ -23,6 +23,7 @@ async def serve(config: ServerConfig) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_tokens)  # rotate bearer tokens without a restart
     starting = asyncio.create_task(server.start())
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -50,6 +51,10 @@ async def serve(config: ServerConfig) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     config = config_from_args(argv)
     configure_logging(config.log_level)
+    if config.workers > 1:  # N processes on one port, metrics merged (services/workers.py)
+        from services.workers import run_workers
+
+        return run_workers(config)
     try:
         return asyncio.run(serve(config))
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown

@@ -14,6 +14,14 @@ from services.logctx import MAX_REQUEST_ID_CHARS
 from services.models import ModelRuntime
 
 MAX_TIMEOUT_MS = 600_000
+MAX_MODEL_ID_CHARS = 128  # ids longer than this are INVALID_ARGUMENT (never echoed whole in details or logs)
+MAX_PASSAGE_ID_CHARS = 128  # server-made ids are ~40 characters
+
+
+def check_model_id(model_id: str) -> None:
+    """INVALID_ARGUMENT for a model id longer than MAX_MODEL_ID_CHARS (without echoing it)."""
+    if len(model_id) > MAX_MODEL_ID_CHARS:
+        raise InvalidRequestError(f"model_id has {len(model_id):,} characters; the limit is {MAX_MODEL_ID_CHARS}")
 
 
 @dataclass(frozen=True)
@@ -59,11 +67,16 @@ def request_from_pb(message: qa_pb2.AnswerRequest) -> QuestionRequest:
         raise InvalidRequestError(
             f"request_id has {len(message.request_id)} characters; the limit is {MAX_REQUEST_ID_CHARS}"
         )
+    check_model_id(message.model_id)
     source = message.WhichOneof("passage_source")
     if source is None:
         raise InvalidRequestError("request has neither passage nor passage_id")
     if source == "passage_id" and not message.passage_id:
         raise InvalidRequestError("passage_id is empty")
+    if source == "passage_id" and len(message.passage_id) > MAX_PASSAGE_ID_CHARS:
+        raise InvalidRequestError(
+            f"passage_id has {len(message.passage_id):,} characters; the limit is {MAX_PASSAGE_ID_CHARS}"
+        )
     options = message.options
     timeout_ms = options.timeout_ms if options.HasField("timeout_ms") else None
     if timeout_ms is not None and not 1 <= timeout_ms <= MAX_TIMEOUT_MS:
@@ -127,7 +140,7 @@ def model_info_to_pb(model: ModelRuntime, is_default: bool) -> qa_pb2.ModelInfo:
         backend=meta.backend,
         backend_version=meta.backend_version,
         precision=meta.precision,
-        max_batch_size=meta.max_batch_size,
+        max_batch_size=model.batcher.max_batch_size,  # what the server batches: min(engine, --max-batch-size)
         sequence_lengths=list(meta.sequence_lengths),
         max_seq_length=features.max_seq_length,
         doc_stride=features.doc_stride,

@@ -20,6 +20,21 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default=NO_REQUEST)
 
 
+def escape_log_text(text: str, limit: int = 200) -> str:
+    """User text made safe for one log line: control characters (newlines, ANSI escapes) escaped as
+    `\\n`, `\\x1b`..., and anything past `limit` characters cut with a note of the full length.
+
+    The one helper for every piece of caller-supplied text that reaches a log (request ids, model ids,
+    passage ids), so no caller can forge or split log lines.
+    """
+    cut = text[:limit]
+    if not cut.isprintable():
+        cut = "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in cut)
+    if len(text) > limit:
+        cut += f"...({len(text):,} chars)"
+    return cut
+
+
 def new_request_id() -> str:
     return uuid.uuid4().hex[:16]
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from qacore.latency import STAGES, StageTimings
+from qacore.latency import QA_SERVER_STAGES, StageTimings
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +72,29 @@ class ServiceMetrics:
             ["model"],
             registry=self.registry,
         )
+        self.stage_over_budget = Counter(
+            "qa_stage_over_budget",
+            "Answered questions by stage whose time in that stage exceeded its budget (stages of "
+            "qacore.latency.QA_SERVER_STAGES that have a budget, and end_to_end against the language-model budget).",
+            ["model", "stage"],
+            registry=self.registry,
+        )
+        self._stage_budgets = {spec.name: spec.budget_ns for spec in QA_SERVER_STAGES if spec.budget_ns is not None}
+        for stage, stage_budget_ns in self._stage_budgets.items():
+            self.budget.labels(stage).set(stage_budget_ns / 1e9)
         self._http_server: Any = None
 
     def observe_answer(self, model_id: str, timings: StageTimings) -> None:
-        for stage in STAGES:
-            self.stage_latency.labels(model_id, stage).observe(timings.stage_ns(stage) / 1e9)
+        for stage in QA_SERVER_STAGES.names:
+            duration_ns = timings.stage_ns(stage)
+            self.stage_latency.labels(model_id, stage).observe(duration_ns / 1e9)
+            stage_budget_ns = self._stage_budgets.get(stage)
+            if stage_budget_ns is not None and duration_ns > stage_budget_ns:
+                self.stage_over_budget.labels(model_id, stage).inc()
         self.stage_latency.labels(model_id, END_TO_END).observe(timings.total_ns / 1e9)
         if timings.over_budget(self.budget_ns):
             self.over_budget.labels(model_id).inc()
+            self.stage_over_budget.labels(model_id, END_TO_END).inc()
 
     def count_request(self, method: str, code_name: str) -> None:
         self.requests.labels(method, code_name).inc()

@@ -1,4 +1,9 @@
-"""The models a server holds: engines (one per context), featurizer, decoder defaults and batcher, by model id."""
+"""The models a server holds: engines (one per context), featurizer, decoder defaults and batcher, by model id.
+
+Each engine directory is opened as a `qacore.bundle.EngineBundle` (engine file and vocabulary checked,
+windows sized to the engine, the model's calibrated null threshold as the decoder default), the same
+way `qa-assistant` and `qa-eval` open it.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qacore.answerer import QuestionAnswerer
+from qacore.bundle import open_bundle
 from qacore.decoding import DecoderConfig
 from qacore.engine import Engine, EngineMeta
 from qacore.factory import EngineOptions, load_engine
@@ -60,12 +65,12 @@ async def load_model(
     observer_for: Callable[[str], BatchObserver] | None = None,
 ) -> ModelRuntime:
     """Load and warm up `contexts` engines of one engine directory (on threads) and start its batcher."""
-    answerer = await asyncio.to_thread(QuestionAnswerer.from_engine_dir, spec.engine_dir, engine_options=options)
-    engines = [answerer.engine]
+    bundle = await asyncio.to_thread(open_bundle, spec.engine_dir, options)
+    engines = [bundle.engine]
     try:
         for _ in range(contexts - 1):
             engines.append(await asyncio.to_thread(load_engine, spec.engine_dir, options))
-        model_id = spec.model_id or answerer.engine.meta.model_id
+        model_id = spec.model_id or bundle.meta.model_id
         for engine in engines:
             await asyncio.to_thread(engine.warmup)
     except BaseException:
@@ -74,13 +79,13 @@ async def load_model(
         raise
     batcher = Batcher(
         engines,
-        answerer.featurizer,
+        bundle.featurizer,
         batcher_config,
         observer=observer_for(model_id) if observer_for is not None else None,
         name=model_id,
     )
     batcher.start()
-    meta = answerer.engine.meta
+    meta = bundle.meta
     log.info(
         "model %s ready: %s %s engine from %s, %d context(s), max batch %d (engine %d), sequence lengths %s",
         model_id,
@@ -96,8 +101,8 @@ async def load_model(
         model_id=model_id,
         engine_dir=spec.engine_dir,
         engines=engines,
-        featurizer=answerer.featurizer,
-        decoder_config=answerer.decoder_config,
+        featurizer=bundle.featurizer,
+        decoder_config=bundle.decoder_defaults,
         batcher=batcher,
         ready=True,
     )

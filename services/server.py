@@ -10,29 +10,34 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from qa.v1 import qa_pb2_grpc
 from qacore.factory import EngineOptions
 from qacore.files import read_bytes
+from services.auth import AuthInterceptor, TokenSet, server_credentials
 from services.batcher import Batcher
 from services.config import EngineSpec, ServerConfig
+from services.interceptors import CallTracker, server_interceptors
 from services.metrics import ServiceMetrics
 from services.models import ModelRegistry, load_model
-from services.passages import PassageCache
+from services.passages import open_passage_store
 from services.qa_service import SERVICE_NAME, QuestionAnsweringService
 
 log = logging.getLogger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-FINAL_GRACE_S = 1.0  # after draining, how long idle streams and health watches get to close
+FINAL_GRACE_S = 0.25  # after draining, how long idle streams and health watches get to close
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"  # the same protocol as v1alpha under its final name
 
 
 def model_health_name(model_id: str) -> str:
@@ -41,10 +46,10 @@ def model_health_name(model_id: str) -> str:
 
 
 def default_engine_specs() -> tuple[EngineSpec, ...]:
-    """The shipped model's CPU engine, built on first use (slow once, then cached)."""
-    from builder.defaults import ensure_default_engine
+    """The shipped model's CPU engine (INT8), built on first use by a child `qa-build --default` (then cached)."""
+    from qacore.default_engine import resolve_default_engine
 
-    return (EngineSpec(ensure_default_engine()),)
+    return (EngineSpec(resolve_default_engine()),)
 
 
 class QAServer:
@@ -54,13 +59,19 @@ class QAServer:
         self.config = config
         self.metrics = ServiceMetrics(config.budget_ns)
         self.models = ModelRegistry()
-        self.passages = PassageCache(config.passage_cache_chars)
+        self.passages = open_passage_store(config.passage_cache_chars, config.passage_store, config.passage_ttl_s)
+        self.tokens: TokenSet | None = None  # accepted bearer tokens (--auth-token-file), read in listen()
         self.cpu_executor = ThreadPoolExecutor(max_workers=config.cpu_threads, thread_name_prefix="qa-cpu")
-        self.service = QuestionAnsweringService(self.models, self.passages, self.metrics, config, self.cpu_executor)
+        self.calls = CallTracker()
+        self.service = QuestionAnsweringService(
+            self.models, self.passages, self.metrics, config, self.cpu_executor, self.calls
+        )
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
+        # Interceptors of other concerns (authentication) for the standard chain; set before `start()`.
+        self.extra_interceptors: list[grpc.aio.ServerInterceptor] = []
         self._stopping: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> QAServer:
@@ -89,24 +100,33 @@ class QAServer:
         if config.metrics_port is not None:
             self.metrics_port = self.metrics.serve_http(config.metrics_host, config.metrics_port)
         # The transport admits up to twice the documented limit so the service itself can answer an
-        # oversize request with INVALID_ARGUMENT; beyond that gRPC answers RESOURCE_EXHAUSTED.
+        # oversize request with INVALID_ARGUMENT; beyond that gRPC answers RESOURCE_EXHAUSTED (and ends a
+        # stream): documented in qa.proto as the transport's cut-off, not as a full queue.
         transport_limit = 2 * config.max_message_bytes
+        if config.auth_token_file is not None:
+            self.tokens = TokenSet(config.auth_token_file)
         server = grpc.aio.server(
+            interceptors=server_interceptors(
+                self.metrics,
+                [AuthInterceptor(self.tokens), *self.extra_interceptors],
+                calls=self.calls,
+                max_message_bytes=config.max_message_bytes,
+            ),
             options=[
                 ("grpc.max_receive_message_length", transport_limit),
                 ("grpc.max_send_message_length", transport_limit),
-                ("grpc.so_reuseport", 0),
-            ]
+                ("grpc.so_reuseport", 1 if config.reuse_port else 0),  # `--workers`: processes share the port
+            ],
         )
         qa_pb2_grpc.add_QuestionAnsweringServicer_to_server(self.service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        if config.reflection:
+            enable_reflection(server, (SERVICE_NAME, health.SERVICE_NAME))
         for name in (health.OVERALL_HEALTH, SERVICE_NAME):
             await self.health.set(name, NOT_SERVING)
+        credentials = self._tls_credentials()
         try:  # grpcio raises RuntimeError for an address it cannot bind (older releases returned 0)
-            if config.tls_cert is not None and config.tls_key is not None:
-                key, chain = read_bytes(config.tls_key, "TLS key"), read_bytes(config.tls_cert, "TLS certificate")
-                credentials = grpc.ssl_server_credentials([(key, chain)])
+            if credentials is not None:
                 port = server.add_secure_port(config.address, credentials)
             else:
                 port = server.add_insecure_port(config.address)
@@ -119,6 +139,22 @@ class QAServer:
         self.port = port
         log.info("qa-serve listening on %s:%d (%s)", config.host, port, "TLS" if config.tls_cert else "plaintext")
         return port
+
+    def _tls_credentials(self) -> grpc.ServerCredentials | None:
+        """The server's TLS credentials, with the certificate and key checked first: a bad certificate is a
+        one-line error naming the problem, not a failure to bind."""
+        config = self.config
+        if config.tls_cert is None or config.tls_key is None:
+            return None
+        key, chain = read_bytes(config.tls_key, "TLS key"), read_bytes(config.tls_cert, "TLS certificate")
+        check_tls_pair(config.tls_cert, config.tls_key)
+        client_ca = read_bytes(config.tls_client_ca, "TLS client CA") if config.tls_client_ca is not None else None
+        return server_credentials(chain, key, client_ca)
+
+    def reload_tokens(self) -> None:
+        """Re-read the bearer token file (SIGHUP); a broken file keeps the tokens in use."""
+        if self.tokens is not None:
+            self.tokens.reload()
 
     async def load_models(self) -> None:
         config = self.config
@@ -152,26 +188,69 @@ class QAServer:
     async def _stop(self, grace_s: float) -> None:
         started = time.perf_counter_ns()
         deadline_s = time.monotonic() + grace_s
-        # Drain first: new calls get UNAVAILABLE from the service itself (a clear, retryable status),
-        # calls in flight finish. Only then is the gRPC server stopped; calls it would still have to
-        # refuse at that point would get CANCELLED, which a client cannot tell from a lost request.
-        self.service.drain()
+        # Drain first: new calls get UNAVAILABLE from the call-tracking interceptor (a clear, retryable
+        # status), open streams stop reading, and calls and stream questions in flight finish. Only then
+        # is the gRPC server stopped; calls it would still have to refuse at that point would get
+        # CANCELLED, which a client cannot tell from a lost request.
+        self.calls.drain()
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
-            log.info("shutting down: refusing new calls, %.1f s for in-flight ones", grace_s)
-            if not await self.service.wait_idle(grace_s):
-                log.warning("grace period of %.1f s over with calls still in flight: cancelling them", grace_s)
+            log.info("shutting down: refusing new calls, %.1f s for %d in flight", grace_s, self.calls.in_flight)
+            if not await self.calls.wait_idle(grace_s):
+                log.warning(
+                    "grace period of %.1f s over with %d calls still in flight: cancelling them",
+                    grace_s, self.calls.in_flight,
+                )  # fmt: skip
+            # Work still queued is dropped, not run: the grace period bounds the shutdown.
+            for model in self.models:
+                model.batcher.abandon()
             # What is left are idle connections and health watches: close them promptly.
             await self._server.stop(min(FINAL_GRACE_S, max(0.0, deadline_s - time.monotonic())))
         for model in self.models:
+            model.batcher.abandon()
             await model.close()
-        await asyncio.to_thread(self.cpu_executor.shutdown, True)  # may be finishing a long tokenization
+        # A long tokenization still running is not waited for; queued ones are cancelled.
+        self.cpu_executor.shutdown(wait=False, cancel_futures=True)
+        await self.passages.close()
         self.metrics.close()
         log.info("stopped after %.2f s", (time.perf_counter_ns() - started) / 1e9)
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+def enable_reflection(server: grpc.aio.Server, service_names: tuple[str, ...]) -> None:
+    """Server reflection under both names clients use: `grpc.reflection.v1` (grpcurl, Postman, current
+    grpcio) and `grpc.reflection.v1alpha` (older tools). The two protocols are the same messages on the
+    wire, so one servicer answers both."""
+    names = (*service_names, reflection.SERVICE_NAME, REFLECTION_V1)
+    reflection.enable_server_reflection(names, server)
+    servicer = reflection.ReflectionServicer(names)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": handler}),)
+    )
+
+
+def check_tls_pair(cert: Path, key: Path) -> None:
+    """Raise ValueError naming the problem when the PEM certificate chain and key cannot serve TLS."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        reason = (exc.reason or "").upper()
+        if "MISMATCH" in reason:
+            problem = f"TLS certificate {cert} does not match the key {key}"
+        elif "KEY" in reason or "BAD_DECRYPT" in reason:
+            problem = f"TLS key {key} is not a usable unencrypted PEM private key ({exc.reason})"
+        else:
+            problem = f"TLS certificate {cert} is not a usable PEM certificate chain ({exc.reason or exc})"
+        raise ValueError(problem) from None
 
 
 def depth_of(batcher: Batcher) -> Callable[[], float]:

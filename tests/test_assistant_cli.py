@@ -75,16 +75,62 @@ def test_squad_file_writes_predictions(
     assert evaluate_v1(dataset, predictions)["f1"] > 60
 
 
-@pytest.mark.slow
-def test_a_passage_of_100000_words_is_answered(engine_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    filler = " ".join(f"Item {i} weighs {i % 97} grams." for i in range(25_000))  # 100,000 words
+def test_a_long_passage_is_answered_from_the_right_window(engine_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """End to end over ~25 windows; the window logic at 100,000 words is tested without the engine
+    (test_features.py, test_decoding.py)."""
+    filler = " ".join(f"Item {i} weighs {i % 97} grams." for i in range(1_000))  # 5,000 words
     passage = filler + " The lighthouse keeper was named Ferdinand Oakley."
-    assert len(passage.split()) >= 100_000
     code, out, err = run_cli(
         capsys, "-e", str(engine_dir), "-p", passage, "-q", "Who was the lighthouse keeper?", "--json"
     )
     assert code == 0, err
     assert "Ferdinand Oakley" in json.loads(out)["answer"]
+
+
+def test_sequence_length_follows_the_engine(
+    engine_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An engine built for 128 tokens (`qa-build -s 128`) is used at 128 without -s; -s 64 is honoured."""
+    short = tmp_path / "engine-128"
+    shutil.copytree(engine_dir, short)
+    meta = EngineMeta.read(short)
+    raw = json.loads(meta.to_json())
+    raw["sequence_lengths"] = [128]
+    (short / "meta.json").write_text(json.dumps(raw), encoding="utf-8")
+    code, out, err = run_cli(capsys, "-e", str(short), "--demo", "--json")
+    assert code == 0, err
+    assert "high performance deep learning inference platform" in json.loads(out.splitlines()[0])["answer"]
+    code, out, err = run_cli(capsys, "-e", str(short), "--demo", "--json", "-s", "64")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "-e", str(short), "--demo", "-s", "384")
+    assert code == 2 and out == "" and "exceeds the engine's 128" in err and err.count("\n") == 1
+
+
+def test_passage_file_is_read_only_up_to_the_limit(engine_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """/dev/zero never ends: reading stops at the size limit (4 bytes per allowed code point) with one line."""
+    code, out, err = run_cli(capsys, "-e", str(engine_dir), "-pf", "/dev/zero", "-q", "What?")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "larger than the limit" in err
+
+
+def test_deeply_nested_squad_json_is_one_line_error(
+    engine_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
+    code, out, err = run_cli(capsys, "-e", str(engine_dir), "-sq", str(deep))
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "nested too deeply" in err
+
+
+def test_non_utf8_vocabulary_is_one_line_error(
+    engine_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_bytes(b"[PAD]\n[UNK]\ncaf\xe9\n")
+    code, out, err = run_cli(capsys, "-e", str(engine_dir), "-v", str(vocab), "--demo")
+    assert code == 3 and out == ""
+    assert err.count("\n") == 1 and "not valid UTF-8" in err
 
 
 def test_bad_utf8_passage_file_is_one_line_error(
@@ -106,8 +152,12 @@ def test_bad_utf8_passage_file_is_one_line_error(
         (["-p", DEMO_PASSAGE, "-q", "What?", "--n-best-size", "-1"], "n_best_size"),
         (["-p", DEMO_PASSAGE, "-q", "What?", "--max-answer-length", "0"], "max_answer_length"),
         (["-p", DEMO_PASSAGE, "-q", "What?", "--doc-stride", "0"], "doc_stride"),
-        (["-p", DEMO_PASSAGE, "-q", "What?", "-s", "100000"], "max_seq_length"),
+        (["-p", DEMO_PASSAGE, "-q", "What?", "-s", "100000"], "exceeds the engine's 384"),
+        (["-p", DEMO_PASSAGE, "-q", "What?", "-s", "abc"], "invalid int value: 'abc'"),
+        (["-p", DEMO_PASSAGE, "-q", "What?", "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
         (["-p", DEMO_PASSAGE, "-q", "What?", "--threads", "-2"], "threads"),
+        (["-p", DEMO_PASSAGE, "-q", "What?", "--threads", "100000"], "threads must be in [0, "),
+        (["-p", DEMO_PASSAGE, "-q", "What?", "--precision", "fp32"], "--precision chooses the default engine"),
         (["-p", DEMO_PASSAGE, "-q", "What?", "-o", "x.json"], "needs -sq"),
         (["-pf", "/nonexistent/passage.txt", "-q", "What?"], "not found"),
         (["-p", DEMO_PASSAGE, "-q", "What?", "--log-level", "bogus"], "--log-level"),
@@ -116,7 +166,10 @@ def test_bad_utf8_passage_file_is_one_line_error(
 def test_bad_input_is_one_line_error_with_exit_2(
     engine_dir: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
 ) -> None:
-    code, out, err = run_cli(capsys, "-e", str(engine_dir), *argv)
+    try:
+        code, out, err = run_cli(capsys, "-e", str(engine_dir), *argv)
+    except SystemExit as exit_:  # argparse's own errors exit from parse_args
+        code, (out, err) = int(exit_.code or 0), capsys.readouterr()
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and message in err and err.startswith("qa-assistant: error:")
 

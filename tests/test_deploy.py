@@ -3,13 +3,12 @@ against the real `qa-serve` configuration parser (no Docker engine runs here, so
 
 from __future__ import annotations
 
-import argparse
 import re
 from pathlib import Path
 
 import pytest
 
-from services.config import ENV_PREFIX, config_from_args
+from services.config import ENV_PREFIX, config_from_args, environment_variables
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +35,7 @@ def test_compose_and_dockerfile_settings_are_all_understood_by_qa_serve() -> Non
     assert config.host == "0.0.0.0" and config.port == 50051
     assert config.metrics_port == 9100 and config.batcher.max_batch_size == 1 and config.grace_s == 10
     # Every variable is a real flag: an unknown one would be silently ignored, so refuse it here.
-    flags = {ENV_PREFIX + action.dest.upper() for action in _parser_actions()}
+    flags = set(environment_variables())
     assert set(serve_settings) <= flags, set(serve_settings) - flags
 
 
@@ -46,9 +45,3 @@ def test_compose_publishes_the_ports_the_service_listens_on_and_probes_health() 
     probe = " ".join(service["healthcheck"]["test"])  # type: ignore[index]
     assert "grpc_health" in probe and "qa.v1.QuestionAnswering" in probe and "127.0.0.1:50051" in probe
     assert service["stop_grace_period"] == "15s"  # longer than QA_SERVE_GRACE_S, so SIGTERM drains first
-
-
-def _parser_actions() -> list[argparse.Action]:
-    from services.config import build_parser
-
-    return [action for action in build_parser()._actions if action.option_strings and action.dest != "help"]

@@ -180,7 +180,8 @@ async def test_models_are_listed_and_described(client: QAClient, reference: Ques
     meta = reference.engine.meta
     assert model.is_default and model.ready
     assert (model.model_id, model.backend, model.precision) == (meta.model_id, meta.backend, meta.precision)
-    assert model.max_batch_size == meta.max_batch_size
+    # What the server batches (the batcher's 16 by default), not the engine's own maximum (32).
+    assert model.max_batch_size == min(meta.max_batch_size, 16)
     assert model.sequence_lengths == meta.sequence_lengths
     assert model.max_seq_length == reference.featurizer.config.max_seq_length
     assert model.model_card == meta.model_card

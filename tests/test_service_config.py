@@ -49,13 +49,17 @@ def test_environment_variables_are_defaults_that_flags_override() -> None:
 @pytest.mark.parametrize(
     ("argv", "environ", "message"),
     [
-        (["--port", "70000"], {}, "port must be in [0, 65535]"),
-        (["--max-batch-size", "0"], {}, "max_batch_size must be >= 1"),
+        (["--port", "70000"], {}, "--port (port) must be in [0, 65535], got 70000"),
+        (["--max-batch-size", "0"], {}, "--max-batch-size (max_batch_size) must be in [1, 4096]"),
         (["--tls-cert", "/c.pem"], {}, "TLS needs both a certificate and a key"),
-        (["--engine-contexts", "0"], {}, "engine contexts must be >= 1"),
+        (["--engine-contexts", "0"], {}, "--engine-contexts (engine_contexts) must be in [1, 16]"),
+        (["--cpu-threads", "1000"], {}, "--cpu-threads (cpu_threads) must be in [1, 64]"),
+        (["--intra-op-threads", "500"], {}, "--intra-op-threads (intra_op_threads) must be in [0, 64]"),
+        (["--max-request-windows", "0"], {}, "--max-request-windows"),
         ([], {"QA_SERVE_PORT": "abc"}, "QA_SERVE_PORT='abc' is not a valid value"),
         ([], {"QA_SERVE_ENGINE_SPINNING": "maybe"}, "is not a boolean"),
         (["--port", "x"], {}, "invalid int value"),
+        (["--port", "abc"], {}, "argument --port: invalid int value: 'abc'"),
     ],
 )
 def test_bad_values_exit_with_one_line(
@@ -64,5 +68,22 @@ def test_bad_values_exit_with_one_line(
     with pytest.raises(SystemExit) as exited:
         config_from_args(argv, environ=environ)
     assert exited.value.code == 2
-    error_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("qa-serve: error:")]
-    assert len(error_lines) == 1 and message in error_lines[0]
+    # One line, not the whole usage (the README promises one line per bad flag).
+    error_lines = capsys.readouterr().err.splitlines()
+    assert len(error_lines) == 1 and error_lines[0].startswith("qa-serve: error:")
+    assert message in error_lines[0]
+
+
+def test_every_setting_is_declared_once_and_reaches_flag_and_environment() -> None:
+    """The parser and the environment mapping are derived from the dataclass declarations: every
+    declared field has a flag and a variable, and setting either one changes that field."""
+    from services.config import build_parser, declared_settings
+
+    help_text = build_parser().format_help()
+    for declared in declared_settings():
+        assert declared.flag in help_text and declared.env in help_text
+    assert len({declared.env for declared in declared_settings()}) == len(list(declared_settings()))
+    config = config_from_args([], environ={"QA_SERVE_MAX_STREAM_QUESTIONS": "5", "QA_SERVE_REFLECTION": "off"})
+    assert (config.max_stream_questions, config.reflection) == (5, False)
+    assert config_from_args(["--max-request-windows", "7"], environ={}).batcher.max_request_windows == 7
+    assert config_from_args(["--no-reflection"], environ={}).reflection is False

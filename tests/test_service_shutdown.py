@@ -7,6 +7,7 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -70,6 +71,13 @@ class ServerProcess:
     def kill(self) -> None:
         if self.process.returncode is None:
             self.process.kill()
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float) -> None:
+    """Poll an observable condition until it holds; fail after `timeout_s`."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.005)
 
 
 @pytest.mark.slow
@@ -136,10 +144,8 @@ async def test_shutdown_answers_what_a_stream_has_sent_then_ends_it_unavailable(
             tags = [str(index) for index in range(6)]
             for tag in tags:
                 await stream.send(Question(f"Who were the Normans ({tag})?", " ".join([PASSAGE] * 8), request_id=tag))
-            batcher = next(iter(server.models)).batcher
-            while batcher.stats.submitted_windows == 0:
-                await asyncio.sleep(0.001)
-            await asyncio.sleep(0.05)  # let the server read every question
+            # Wait (bounded) until the server has read every question of the stream.
+            await wait_until(lambda: any(session.read == len(tags) for session in server.service.streams), 30)
             stopping = asyncio.create_task(server.stop())
             received = []
             with pytest.raises(QAClientError) as ended:
@@ -152,3 +158,61 @@ async def test_shutdown_answers_what_a_stream_has_sent_then_ends_it_unavailable(
     assert "shutting down" in ended.value.message
     assert sorted(result.request_id for result in received) == tags
     assert all(isinstance(result, Answer) for result in received)
+
+
+async def test_sigterm_answers_every_question_of_a_half_closed_stream(engine_dir: Path) -> None:
+    """A client that sent its last question and waits (`answer_stream(list)`) gets every answer on SIGTERM,
+    and the log counts the answers actually written."""
+    server = await ServerProcess.start("--port", "0", "--engine", str(engine_dir), "--grace-s", "30")
+    try:
+        port = await asyncio.wait_for(server.port, 120)
+        async with QAClient(f"127.0.0.1:{port}", NO_RETRY) as client:
+            await client.wait_ready(120)
+            questions = [
+                Question(f"Who were the Normans ({index})?", " ".join([PASSAGE] * 6), request_id=str(index))
+                for index in range(24)
+            ]
+            stream = client.open_stream()
+            for question in questions:
+                await stream.send(question)
+            await stream.done_sending()
+            first = await stream.receive()  # the server is answering: signal it now
+            assert first is not None
+            server.process.send_signal(signal.SIGTERM)
+            received = [first]
+            while (result := await stream.receive()) is not None:
+                received.append(result)
+        code = await server.wait(60)
+    finally:
+        server.kill()
+    log = "\n".join(server.lines)
+    assert code == 0, log
+    assert sorted(int(result.request_id) for result in received) == list(range(24))
+    assert all(isinstance(result, Answer) for result in received)
+    assert "stream finished during shutdown: 24 answers written to 24 questions" in log, log
+
+
+async def test_grace_period_bounds_the_shutdown(engine_dir: Path) -> None:
+    """With --grace-s 1 and more queued work than a second can run, the process exits within about a second
+    of SIGTERM: queued work is dropped (the callers get UNAVAILABLE), not run."""
+    server = await ServerProcess.start(
+        "--port", "0", "--engine", str(engine_dir), "--grace-s", "1", "--max-stream-questions", "64"
+    )  # fmt: skip
+    try:
+        port = await asyncio.wait_for(server.port, 120)
+        async with QAClient(f"127.0.0.1:{port}", NO_RETRY) as client:
+            await client.wait_ready(120)
+            stream = client.open_stream()
+            for index in range(64):  # ~64 x 6 windows: many seconds of engine work on this machine
+                await stream.send(Question(f"Who ({index})?", " ".join([PASSAGE] * 30), request_id=str(index)))
+            first = await stream.receive()
+            assert first is not None
+            signalled = time.monotonic()
+            server.process.send_signal(signal.SIGTERM)
+            code = await server.wait(60)
+            exited_after_s = time.monotonic() - signalled
+    finally:
+        server.kill()
+    assert code == 0, "\n".join(server.lines)
+    # The grace period, the final close of idle connections (0.25 s) and at most one running engine call.
+    assert exited_after_s < 2.5, (exited_after_s, "\n".join(server.lines))

@@ -8,6 +8,10 @@ Commands (see training/README.md for the whole recipe):
   ship          put an exported run (model.tar.partNN + export.json) into models/minilm-l6-squad
   negatives     tune a trained model (--base) with synthetic unanswerable questions; score it and the start
                 model on SQuAD v1.1 dev and v2.0 dev (--squad-dir also holds dev-v2.0.json.gz)
+  hard-negatives  write the harder negatives (own paragraph without the answer sentence, swapped entity,
+                negated question, BM25 distractor paragraph) made from SQuAD v1.1 train, as xz JSONL
+  abstain       tune a trained model (--base) on SQuAD v1.1 plus a hard-negatives file; tune the abstention
+                threshold on the first half of v2.0 dev articles, report on the second
 """
 
 from __future__ import annotations
@@ -53,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(
         commands.add_parser("negatives", help="tune a trained model with synthetic unanswerable questions")
     )
+    hard = commands.add_parser("hard-negatives", help="make the harder negatives from SQuAD v1.1 train")
+    hard.add_argument("--squad-dir", type=Path, default=DEFAULT_SQUAD_DIR, help="holds train-v1.1.json.gz")
+    hard.add_argument("--out", type=Path, required=True, help="xz-compressed JSONL file to write")
+    hard.add_argument("--rate", type=float, default=0.25, help="share of train questions drawn per kind")
+    hard.add_argument("--seed", type=int, default=42)
+    abstain = commands.add_parser("abstain", help="tune a trained model on SQuAD v1.1 plus hard negatives")
+    _add_run_arguments(abstain)
+    abstain.add_argument("--negatives", type=Path, required=True, help="file of `qa-train hard-negatives`")
+    abstain.add_argument("--score-start", action="store_true", help="also score the start model")
     ship = commands.add_parser("ship", help="install an exported run as the shipped model")
     ship.add_argument("--export-dir", type=Path, required=True, help="holds model.tar.partNN and export.json")
     ship.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"model directory (default {DEFAULT_OUT})")
@@ -81,6 +94,20 @@ def run(args: argparse.Namespace) -> None:
         config = TrainConfig.from_file(args.config)
         summary = runs.run_negatives(config, _paths(args))
         print(json.dumps({"name": config.name, "baseline": summary["baseline"], "tuned": summary["tuned"]}))
+    elif args.command == "hard-negatives":
+        from qacore.squad import read_dataset
+        from training.negatives import HARD_KINDS, hard_negatives, write_examples
+
+        articles = read_dataset(args.squad_dir / runs.TRAIN_FILE).articles
+        examples, stats = hard_negatives(articles, HARD_KINDS, args.rate, args.seed)
+        write_examples(args.out, examples)
+        print(json.dumps({"out": str(args.out), "attempted": stats.attempted, "made": stats.made}))
+    elif args.command == "abstain":
+        from training.abstain import run_abstain
+
+        config = TrainConfig.from_file(args.config)
+        summary = run_abstain(config, _paths(args), args.negatives, args.score_start)
+        print(json.dumps({"name": config.name, "start": summary["start"], "tuned": summary["tuned"]}))
     elif args.command == "pack-teacher":
         from training.teacher import pack_teacher
 

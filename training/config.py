@@ -13,6 +13,7 @@ from qacore.features import FeaturizerConfig
 
 MODELS = ("student", "teacher")
 NEGATIVE_SOURCES = ("other_article", "same_article")
+HARD_NEGATIVE_KINDS = ("sentence_removed", "entity_swap", "negation", "bm25_distractor")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,10 @@ class TrainConfig:
     # question, each paired with a paragraph from another article ("other_article") or its own ("same_article").
     negatives_per_question: float = 0.0
     negative_source: str = "other_article"
+    # Harder negatives (`qa-train abstain`, training/negatives.py HARD_KINDS): which kinds of a prepared negatives
+    # file to train on; empty = all of them. With distill_alpha < 1 the teacher is the start model itself
+    # (its logits on the positive windows; [CLS] on every negative window).
+    negative_kinds: tuple[str, ...] = ()
     # Windows and decoding, as the runtime uses them.
     max_seq_length: int = 384
     doc_stride: int = 128
@@ -59,6 +64,10 @@ class TrainConfig:
             raise InvalidInputError(f"negatives_per_question must be in [0, 1], got {self.negatives_per_question}")
         if self.negative_source not in NEGATIVE_SOURCES:
             raise InvalidInputError(f"negative_source must be one of {NEGATIVE_SOURCES}, got {self.negative_source!r}")
+        object.__setattr__(self, "negative_kinds", tuple(self.negative_kinds))  # JSON gives a list
+        unknown_kinds = sorted(set(self.negative_kinds) - set(HARD_NEGATIVE_KINDS))
+        if unknown_kinds:
+            raise InvalidInputError(f"negative_kinds must be among {HARD_NEGATIVE_KINDS}, got {unknown_kinds}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise InvalidInputError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 

@@ -3,11 +3,16 @@
 The engine directory holds meta.json and the HF-named weights (`model.safetensors`, written by
 `qa-build --backend torch`). At load time the weights become a `FusedBertForQA` (one QKV GEMM,
 SDPA attention, Triton bias+GELU and residual+LayerNorm kernels) or, with `fused=False`, the training
-network `BertForQA` itself. Each padded shape (batch bucket x sequence bucket) is captured once
-into a CUDA graph with static input and output buffers; `infer` copies the batch into pinned host
-memory, into the static inputs, replays the graph and copies the logits back: two copies and one
-graph launch per call. Batches are padded up to the bucket and the logits sliced back, so callers
+network `BertForQA` itself. By default (`layer_fusion`) the fused module runs four Triton kernels per
+encoder layer (`torch_layer_kernels`) where the model's shape allows. Each padded shape (batch bucket x
+sequence bucket) is captured once into a CUDA graph with static input and output buffers; `infer` copies
+the batch into pinned host memory, into the static inputs, replays the graph and copies the logits back:
+two copies and one graph launch per call. Batches are padded up to the bucket and the logits sliced back, so callers
 see the shape they passed, exactly as with the other backends.
+
+Span search (`infer_spans`, the optional `Engine` capability): a second graph per shape runs
+`torch_spans.top_spans` right after the encoder, so a call copies back `1 + 3k` floats per window (the
+null logit and the k best (start, end, logit) triples) instead of two logit rows.
 
 `device="cpu"` (float32, no graphs) exists for tests on machines without a GPU.
 """
@@ -24,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from qacore.engine import Engine, EngineMeta, EngineOutputs
+from qacore.engine import Engine, EngineMeta, EngineOutputs, EngineSpans
 from qacore.errors import EngineError
 from qacore.factory import EngineOptions
 from qacore.features import EngineInputs
@@ -47,6 +52,11 @@ class TorchEngineConfig:
     # cuBLAS front end for the GEMMs: "cublas" | "cublaslt" | None (PyTorch's default). A captured graph
     # keeps the kernels chosen at capture, so this only has to hold while capturing.
     blas_library: str | None = None
+    layer_fusion: bool = True  # four Triton kernels per layer (torch_layer_kernels) where the shape allows
+    # Device span search: spans kept per window (twice the default n-best: distinct token spans may share a
+    # character span) and the longest answer, in tokens, it searches.
+    span_top_k: int = 40
+    span_band: int = 32
 
     def __post_init__(self) -> None:
         if self.precision not in (None, "fp16", "bf16", "fp32"):
@@ -55,6 +65,8 @@ class TorchEngineConfig:
             raise EngineError(f"CUDA graphs need a CUDA device, got {self.device!r}")
         if self.blas_library not in (None, "cublas", "cublaslt"):
             raise EngineError(f"blas_library must be cublas or cublaslt, got {self.blas_library!r}")
+        if not (1 <= self.span_top_k <= 256 and 1 <= self.span_band <= 256):
+            raise EngineError("span_top_k and span_band must be in [1, 256]")
 
 
 @contextlib.contextmanager
@@ -97,15 +109,25 @@ def bucket(value: int, buckets: tuple[int, ...]) -> int:
 
 
 class _GraphedShape:
-    """One captured forward: static device inputs [3, B, S] int32 and output [B, S, 2] float32."""
+    """One captured forward: static device inputs [3, B, S] int32 and output [B, S, 2] float32; with
+    `spans` = (k, band), a fourth input plane of span flags and output [B, 1 + 3k] (`torch_spans`)."""
 
-    def __init__(self, module: Any, batch: int, seq: int, device: Any, pool: Any, stream: Any) -> None:
+    def __init__(
+        self,
+        module: Any,
+        batch: int,
+        seq: int,
+        device: Any,
+        pool: Any,
+        stream: Any,
+        spans: tuple[int, int] | None = None,
+    ) -> None:
         import torch
 
-        self.batch, self.seq = batch, seq
-        self.host_inputs = torch.zeros((3, batch, seq), dtype=torch.int32, pin_memory=True)
-        self.host_logits = torch.empty((batch, seq, 2), dtype=torch.float32, pin_memory=True)
-        self.inputs = torch.zeros((3, batch, seq), dtype=torch.int32, device=device)
+        self.batch, self.seq, self.spans = batch, seq, spans
+        planes = 3 if spans is None else 4
+        self.host_inputs = torch.zeros((planes, batch, seq), dtype=torch.int32, pin_memory=True)
+        self.inputs = torch.zeros((planes, batch, seq), dtype=torch.int32, device=device)
         self.inputs[0] = 101  # [CLS]-like ids and a full mask: warm-up runs on valid values
         self.inputs[2] = 1
         side = torch.cuda.Stream(device)
@@ -113,30 +135,44 @@ class _GraphedShape:
         side.wait_stream(stream)
         with torch.cuda.stream(side), torch.inference_mode():
             for _ in range(2):  # allocator, cuBLAS handles and autotuning settle before capture
-                module(self.inputs[0], self.inputs[1], self.inputs[2])
+                self._forward(module)
         stream.wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.graph(self.graph, pool=pool, stream=side):
-            self.logits = module(self.inputs[0], self.inputs[1], self.inputs[2])
+            self.outputs = self._forward(module)
         stream.wait_stream(side)
+        self.host_outputs = torch.empty(self.outputs.shape, dtype=torch.float32, pin_memory=True)
 
-    def run(self, inputs: EngineInputs, stream: Any) -> np.ndarray:
-        """Logits [batch, seq, 2] of `inputs` (smaller than or equal to this shape), on the host."""
+    def _forward(self, module: Any) -> Any:
+        logits = module(self.inputs[0], self.inputs[1], self.inputs[2])
+        if self.spans is None:
+            return logits
+        from qacore.backends.torch_spans import top_spans
+
+        return top_spans(logits, self.inputs[3], *self.spans)
+
+    def run(self, inputs: EngineInputs, stream: Any, span_flags: np.ndarray | None = None) -> np.ndarray:
+        """Logits [batch, seq, 2] of `inputs` (smaller than or equal to this shape) on the host; with spans,
+        the span search's [batch, 1 + 3k] for `span_flags` instead."""
         host = self.host_inputs.numpy()
         rows, width = inputs.batch_size, inputs.seq_len
-        host[:, rows:] = 0  # padding rows and columns: pad id 0, segment 0, mask 0
+        host[:, rows:] = 0  # padding rows and columns: pad id 0, segment 0, mask 0, no span flags
         host[:, :rows, width:] = 0
         host[0, :rows, :width] = inputs.input_ids
         host[1, :rows, :width] = inputs.segment_ids
         host[2, :rows, :width] = inputs.input_mask
+        if span_flags is not None:
+            host[3, :rows, :width] = span_flags
         import torch
 
         with torch.cuda.stream(stream):  # copies, replay and the wait all on the engine's stream
             self.inputs.copy_(self.host_inputs, non_blocking=True)
             self.graph.replay()
-            self.host_logits.copy_(self.logits, non_blocking=True)
+            self.host_outputs.copy_(self.outputs, non_blocking=True)
         stream.synchronize()
-        return np.array(self.host_logits.numpy()[:rows, :width])
+        if self.spans is not None:
+            return np.array(self.host_outputs.numpy()[:rows])
+        return np.array(self.host_outputs.numpy()[:rows, :width])
 
 
 class TorchCudaEngine(Engine):
@@ -162,7 +198,7 @@ class TorchCudaEngine(Engine):
         self.module = self._make_module(weights)
         self.batch_buckets = batch_buckets(meta.max_batch_size)
         self.seq_buckets = sequence_buckets(meta.sequence_lengths)
-        self._graphs: dict[tuple[int, int], _GraphedShape] = {}
+        self._graphs: dict[tuple[int, int, bool], _GraphedShape] = {}
         self._lock = threading.Lock()
         if self.device.type == "cuda":
             self.stream: Any = torch.cuda.Stream(self.device)
@@ -181,7 +217,9 @@ class TorchCudaEngine(Engine):
         try:
             if self.config.fused:
                 use_triton = self.config.use_triton and self.config.compile_mode is None
-                module = FusedBertForQA.from_weights(config, as_float32, use_triton=use_triton)
+                module = FusedBertForQA.from_weights(
+                    config, as_float32, use_triton=use_triton, layer_fusion=self.config.layer_fusion
+                )
             else:
                 network = BertForQA(config)
                 network.load_weights(as_float32)
@@ -205,24 +243,59 @@ class TorchCudaEngine(Engine):
             logits = self._eager(inputs)
         return EngineOutputs(np.ascontiguousarray(logits[..., 0]), np.ascontiguousarray(logits[..., 1]))
 
-    def graphed_shape(self, batch: int, seq: int) -> _GraphedShape:
+    def span_search_limits(self) -> tuple[int, int]:
+        return self.config.span_top_k, self.config.span_band
+
+    def infer_spans(
+        self, inputs: EngineInputs, may_start: np.ndarray, may_end: np.ndarray, max_answer_length: int
+    ) -> EngineSpans:
+        self.check_inputs(inputs)
+        if may_start.shape != inputs.input_ids.shape or may_end.shape != inputs.input_ids.shape:
+            raise EngineError(f"span masks must have the inputs' shape {inputs.input_ids.shape}")
+        if not 1 <= max_answer_length <= self.config.span_band:
+            raise EngineError(f"max_answer_length {max_answer_length} is outside [1, {self.config.span_band}]")
+        flags = span_flags(may_start, may_end, max_answer_length)
+        shape = (bucket(inputs.batch_size, self.batch_buckets), bucket(inputs.seq_len, self.seq_buckets))
+        if self.device.type == "cuda" and self.config.cuda_graphs:
+            with self._lock:
+                found = self._graphed(shape, spans=True).run(inputs, self.stream, flags)
+        else:
+            found = self._eager_spans(inputs, flags)
+        return spans_from_device(found, self.config.span_top_k)
+
+    def graphed_shape(self, batch: int, seq: int, spans: bool = False) -> _GraphedShape:
         """The captured graph that serves (batch, seq), captured now if it is new (benchmarks time its replay)."""
         if not (self.device.type == "cuda" and self.config.cuda_graphs):
             raise EngineError("this engine runs without CUDA graphs")
         self.check_inputs(EngineInputs(*(np.zeros((batch, seq), np.int32) for _ in range(3))))
         with self._lock:
-            return self._graphed((bucket(batch, self.batch_buckets), bucket(seq, self.seq_buckets)))
+            return self._graphed((bucket(batch, self.batch_buckets), bucket(seq, self.seq_buckets)), spans)
 
-    def _graphed(self, shape: tuple[int, int]) -> _GraphedShape:
+    def _graphed(self, shape: tuple[int, int], spans: bool = False) -> _GraphedShape:
         import torch
 
-        graphed = self._graphs.get(shape)
+        graphed = self._graphs.get((*shape, spans))
         if graphed is None:
-            log.info("capturing a CUDA graph for batch %d x sequence %d", *shape)
+            log.info("capturing a CUDA graph for batch %d x sequence %d (span search: %s)", *shape, spans)
+            limits = (self.config.span_top_k, self.config.span_band) if spans else None
             with torch.cuda.device(self.device), preferred_blas(self.config.blas_library):
-                graphed = _GraphedShape(self.module, shape[0], shape[1], self.device, self._pool, self.stream)
-            self._graphs[shape] = graphed
+                graphed = _GraphedShape(self.module, *shape, self.device, self._pool, self.stream, limits)
+            self._graphs[(*shape, spans)] = graphed
         return graphed
+
+    def _eager_spans(self, inputs: EngineInputs, flags: np.ndarray) -> np.ndarray:
+        import torch
+
+        from qacore.backends.torch_spans import top_spans, top_spans_reference
+
+        logits = torch.from_numpy(self._eager(inputs)).to(self.device)
+        device_flags = torch.from_numpy(flags).to(self.device)
+        with torch.inference_mode():
+            if self.device.type == "cuda" and self.config.use_triton:
+                found = top_spans(logits.contiguous(), device_flags, self.config.span_top_k, self.config.span_band)
+            else:
+                found = top_spans_reference(logits, device_flags, self.config.span_top_k)
+        return found.cpu().numpy()
 
     def _eager(self, inputs: EngineInputs) -> np.ndarray:
         import torch
@@ -248,6 +321,25 @@ class TorchCudaEngine(Engine):
     def close(self) -> None:
         self._graphs.clear()
         self.module = None
+
+
+def span_flags(may_start: np.ndarray, may_end: np.ndarray, max_answer_length: int) -> np.ndarray:
+    """The span search's int32 flag plane (`torch_spans`): bit 0 start, bit 1 end, column 0 the length."""
+    flags = may_start.astype(np.int32) + 2 * may_end.astype(np.int32)
+    flags[:, 0] = max_answer_length
+    return flags
+
+
+def spans_from_device(found: np.ndarray, top_k: int) -> EngineSpans:
+    """`EngineSpans` from the span search's float32 [B, 1 + 3k] rows."""
+    triples = found[:, 1 : 1 + 3 * top_k].reshape(found.shape[0], top_k, 3)
+    empty = triples[:, :, 0] < 0
+    return EngineSpans(
+        starts=triples[:, :, 0].astype(np.int32),
+        ends=triples[:, :, 1].astype(np.int32),
+        logits=np.where(empty, -np.inf, triples[:, :, 2]).astype(np.float32),
+        null_logits=np.ascontiguousarray(found[:, 0]),
+    )
 
 
 def _StackedLogits(network: Any) -> Any:  # noqa: N802 - builds a module, reads like a class

@@ -61,29 +61,41 @@ class FusedBertForQA(nn.Module):
     or `from_state_dict`, then move it with `.to(device=..., dtype=...)` like any module.
     """
 
-    def __init__(self, config: ModelConfig, tensors: Mapping[str, torch.Tensor], use_triton: bool = True) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        tensors: Mapping[str, torch.Tensor],
+        use_triton: bool = True,
+        layer_fusion: bool = False,
+    ) -> None:
         super().__init__()
         self.config = config
         self.use_triton = use_triton
+        # Four Triton kernels per layer (`torch_layer_kernels`) instead of GEMMs + SDPA + three small kernels.
+        self.layer_fusion = layer_fusion
         for name, tensor in tensors.items():
             self.register_buffer(name, tensor.detach().clone(), persistent=True)
+        # A LayerNorm that changes nothing (the layer-fused forward's first layer reads normalized input).
+        self.register_buffer("unit_ln_weight", torch.ones(config.hidden_size), persistent=False)
+        self.register_buffer("unit_ln_bias", torch.zeros(config.hidden_size), persistent=False)
 
     # -- construction -------------------------------------------------------------------------
 
     @classmethod
     def from_weights(
-        cls, config: ModelConfig, weights: Mapping[str, np.ndarray], use_triton: bool = True
+        cls, config: ModelConfig, weights: Mapping[str, np.ndarray], use_triton: bool = True, layer_fusion: bool = False
     ) -> FusedBertForQA:
         """From canonical numpy weights (`builder.checkpoint.Checkpoint.weights`, HF names)."""
         return cls.from_state_dict(
             config,
             {name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in weights.items()},
             use_triton,
+            layer_fusion,
         )
 
     @classmethod
     def from_state_dict(
-        cls, config: ModelConfig, state: Mapping[str, torch.Tensor], use_triton: bool = True
+        cls, config: ModelConfig, state: Mapping[str, torch.Tensor], use_triton: bool = True, layer_fusion: bool = False
     ) -> FusedBertForQA:
         """From a `BertForQA` / HF `BertForQuestionAnswering` state dict; every needed tensor must be there."""
 
@@ -121,7 +133,7 @@ class FusedBertForQA(nn.Module):
                 "ffn_ln_bias": get(prefix + "output.LayerNorm.bias"),
             }
             packed.update({f"layer{index}_{name}": tensor for name, tensor in parts.items()})
-        return cls(config, packed, use_triton)
+        return cls(config, packed, use_triton, layer_fusion)
 
     def tensor(self, name: str) -> torch.Tensor:
         """One of the packed weights by buffer name (e.g. "word_embeddings", "layer0_qkv_weight")."""
@@ -137,7 +149,23 @@ class FusedBertForQA(nn.Module):
     def _kernels(self) -> bool:
         return self.use_triton and self.tensor("word_embeddings").is_cuda
 
+    @property
+    def runs_layer_kernels(self) -> bool:
+        """Whether forward runs the layer-fused Triton kernels (CUDA, a supported shape, asked for)."""
+        if not (self.layer_fusion and self._kernels):
+            return False
+        from qacore.backends import torch_layer_kernels
+
+        config = self.config
+        return torch_layer_kernels.supports(
+            config.hidden_size, config.num_attention_heads, _activation(config.hidden_act)
+        )
+
     def forward(self, input_ids: torch.Tensor, segment_ids: torch.Tensor, input_mask: torch.Tensor) -> torch.Tensor:
+        if self.runs_layer_kernels:
+            from qacore.backends import torch_layer_kernels
+
+            return torch_layer_kernels.forward(self, input_ids, segment_ids, input_mask)
         config = self.config
         batch, seq = input_ids.shape
         hidden = config.hidden_size

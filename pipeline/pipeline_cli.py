@@ -1,0 +1,119 @@
+"""`qa-pipeline`: run the conversational chain (ASR stub -> QA -> response, the assistant.v1 front, the dashboard).
+
+    qa-pipeline                       # one process; assistant.v1 on 127.0.0.1:50061, dashboard on :8080
+    qa-pipeline --split               # each stage in its own process on a loopback port
+    qa-pipeline --qa-target HOST:PORT # ask a running qa-serve instead of starting QA
+
+Runs until SIGTERM or SIGINT, then shuts everything down (stage processes too). Bad flags are one
+line on stderr and exit code 2; a chain that cannot start exits with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline.chain import ChainSettings
+from pipeline.launcher import DEFAULT_ASSISTANT_PORT, DEFAULT_DASHBOARD_PORT, ChainConfig, start_chain
+from qacore.errors import QAError
+from qacore.latency import parse_budgets
+from services.asr_stub import AsrStubConfig
+from services.logctx import configure_logging
+from services.response_service import ResponderConfig
+
+log = logging.getLogger("qa-pipeline")
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qa-pipeline",
+        description="Run the conversational chain: ASR stub -> QA -> response behind assistant.v1, with a "
+        "latency dashboard.",
+    )
+    add = parser.add_argument
+    add("--engine", type=Path, help="QA engine directory (default: the shipped model's CPU engine)")
+    add("--qa-target", metavar="HOST:PORT", help="use a running qa-serve instead of starting QA")
+    add("--split", action="store_true", help="run each stage in its own process on a loopback port")
+    add("--host", default="127.0.0.1", help="address of the assistant.v1 front (default: %(default)s)")
+    add(
+        "--port", type=int, default=DEFAULT_ASSISTANT_PORT, help="assistant.v1 port; 0 picks one (default: %(default)s)"
+    )
+    add("--dashboard-host", default="127.0.0.1", help="address of the dashboard (default: %(default)s)")
+    add("--dashboard-port", type=int, default=DEFAULT_DASHBOARD_PORT, help="dashboard port (default: %(default)s)")
+    add("--no-dashboard", action="store_true", help="do not serve the dashboard")
+    add("--budgets", default="", metavar="STAGE=DURATION,...", help="default budgets, e.g. qa=10ms,asr=40ms,turn=120ms")
+    add("--asr-chunk-latency-ms", type=float, default=0.0, help="ASR stub: simulated work per audio chunk")
+    add("--asr-final-latency-ms", type=float, default=0.0, help="ASR stub: simulated end-of-utterance latency")
+    add("--no-speech", action="store_true", help="never synthesize reply audio (espeak-ng is used when installed)")
+    add("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def config_from_args(argv: Sequence[str] | None) -> tuple[ChainConfig, str]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.engine is not None and args.qa_target is not None:
+        parser.error("--engine and --qa-target exclude each other")
+    if args.engine is not None and not args.engine.is_dir():
+        parser.error(f"--engine {args.engine}: not a directory")
+    try:
+        config = ChainConfig(
+            engine_dir=args.engine,
+            qa_target=args.qa_target,
+            split=args.split,
+            host=args.host,
+            assistant_port=args.port,
+            dashboard_host=args.dashboard_host,
+            dashboard_port=None if args.no_dashboard else args.dashboard_port,
+            asr=AsrStubConfig(args.asr_chunk_latency_ms, args.asr_final_latency_ms),
+            responder=ResponderConfig(speech=not args.no_speech),
+            chain=ChainSettings(),
+            budgets=parse_budgets(args.budgets),
+            stage_log_level=args.log_level if args.log_level != "INFO" else "WARNING",
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    return config, args.log_level
+
+
+async def run(config: ChainConfig) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    starting = asyncio.create_task(_serve(config, stop))
+    return await starting
+
+
+async def _serve(config: ChainConfig, stop: asyncio.Event) -> int:
+    try:
+        async with start_chain(config) as chain:
+            print(f"assistant.v1 on {chain.assistant_target}; QA at {chain.qa_target}", file=sys.stderr)
+            if chain.dashboard_url:
+                print(f"dashboard: {chain.dashboard_url}", file=sys.stderr)
+            print("ready (Ctrl-C stops)", file=sys.stderr, flush=True)
+            await stop.wait()
+            log.info("signal received: shutting down")
+    except (OSError, QAError, ValueError) as exc:
+        print(f"qa-pipeline: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config, level = config_from_args(argv)
+    configure_logging(level)
+    try:
+        return asyncio.run(run(config))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""One stage of the chain in its own process (`qa-pipeline --split` starts one per stage).
+
+    python -m pipeline.stage_process asr --port 0 [--chunk-latency-ms 5] [--final-latency-ms 30]
+    python -m pipeline.stage_process response --port 0 [--no-speech]
+    python -m pipeline.stage_process qa --port 0 [--engine DIR]
+
+Once serving, it prints one JSON line on stdout ({"stage", "target", "audio_available"}) so that the
+parent learns the port, then runs until SIGTERM/SIGINT (or until its stdin closes: the parent died)
+and shuts down gracefully.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from services.asr_stub import AsrStub, AsrStubConfig, asr_server
+from services.logctx import configure_logging
+from services.response_service import ReplyMaker, ResponderConfig, response_server
+
+STAGES = ("asr", "response", "qa")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.stage_process", description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=STAGES)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--chunk-latency-ms", type=float, default=0.0)
+    parser.add_argument("--final-latency-ms", type=float, default=0.0)
+    parser.add_argument("--speech", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--engine", type=Path, default=None)
+    parser.add_argument("--log-level", default="WARNING")
+    return parser
+
+
+async def _until_stopped() -> None:
+    """Returns on SIGTERM, SIGINT or end of stdin (the parent is gone)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    def stdin_readable() -> None:  # end of stdin: the parent closed its pipe, or died
+        try:
+            data = os.read(sys.stdin.fileno(), 4096)
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(sys.stdin.fileno())
+            stop.set()
+
+    with contextlib.suppress(OSError, ValueError, NotImplementedError):  # no usable stdin: signals only
+        loop.add_reader(sys.stdin.fileno(), stdin_readable)
+    await stop.wait()
+
+
+def _announce(stage: str, target: str, audio_available: bool = False) -> None:
+    print(json.dumps({"stage": stage, "target": target, "audio_available": audio_available}), flush=True)
+
+
+async def run(args: argparse.Namespace) -> int:
+    if args.stage == "qa":
+        from services.config import EngineSpec, ServerConfig
+        from services.server import QAServer
+
+        engines = (EngineSpec(args.engine),) if args.engine else ()
+        server = QAServer(ServerConfig(host=args.host, port=args.port, engines=engines, grace_s=2.0))
+        await server.start()
+        _announce("qa", server.target)
+        try:
+            await _until_stopped()
+        finally:
+            await server.stop()
+        return 0
+    if args.stage == "asr":
+        stage = asr_server(AsrStub(AsrStubConfig(args.chunk_latency_ms, args.final_latency_ms)), args.host, args.port)
+        audio = False
+    else:
+        maker = ReplyMaker(ResponderConfig(speech=args.speech))
+        stage, audio = response_server(maker, args.host, args.port), maker.audio_available
+    await stage.start()
+    _announce(args.stage, stage.target, audio)
+    try:
+        await _until_stopped()
+    finally:
+        await stage.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        return asyncio.run(run(args))
+    except (OSError, ValueError) as exc:
+        print(f"{args.stage} stage: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

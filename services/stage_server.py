@@ -1,0 +1,120 @@
+"""A small grpc.aio server for one chain stage (ASR stub, response, assistant front) with health checking.
+
+Each stage's servicer is registered by a callback; standard health checking reports the stage's
+service name and the server as SERVING once started and NOT_SERVING while shutting down. Extra
+server interceptors (authentication, request ids, error mapping) are passed in by whoever builds
+the server, so the stages themselves know nothing about them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from services.logctx import NO_REQUEST, REQUEST_ID_HEADER
+
+log = logging.getLogger(__name__)
+
+TRACE_ID_HEADER = "x-trace-id"  # a conversational turn's trace id, sent to every stage the turn calls
+MAX_TRACE_ID_CHARS = 128
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024  # a 1 MiB audio chunk, a 1M-character passage, a spoken reply
+
+
+@dataclass(frozen=True)
+class StageBinding:
+    """One service of a stage: its full gRPC name and how to add its servicer to a server."""
+
+    service_name: str
+    register: Callable[[grpc.aio.Server], None]
+
+
+def trace_id_of(context: grpc.aio.ServicerContext) -> str:
+    """The caller's x-trace-id (else its x-request-id, else "-"), cut to a sane length, for log lines."""
+    metadata = dict(context.invocation_metadata() or ())
+    value = metadata.get(TRACE_ID_HEADER) or metadata.get(REQUEST_ID_HEADER) or NO_REQUEST
+    text = value if isinstance(value, str) else value.decode("utf-8", "replace")
+    return text[:MAX_TRACE_ID_CHARS]
+
+
+def host_port(host: str, port: int) -> str:
+    """The address clients dial: wildcard hosts become loopback; IPv6 in brackets."""
+    host = host if host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class StageServer:
+    """One listening gRPC server for one or more stage services; `start()` then `stop()`."""
+
+    def __init__(
+        self,
+        name: str,
+        bindings: Sequence[StageBinding],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    ) -> None:
+        self.name = name
+        self.bindings = tuple(bindings)
+        self.host = host
+        self.requested_port = port
+        self.interceptors = tuple(interceptors)
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+
+    @property
+    def target(self) -> str:
+        if self.port is None:
+            raise RuntimeError(f"{self.name} server is not started")
+        return host_port(self.host, self.port)
+
+    async def start(self) -> int:
+        """Bind, start and report SERVING; returns the port (OSError when the address cannot be bound)."""
+        server = grpc.aio.server(
+            interceptors=self.interceptors,
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        for binding in self.bindings:
+            binding.register(server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        address = f"[{self.host}]:{self.requested_port}" if ":" in self.host else f"{self.host}:{self.requested_port}"
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {address}: {exc}") from None
+        if port == 0:
+            raise OSError(f"cannot listen on {address}")
+        await server.start()
+        self._server, self.port = server, port
+        for binding in self.bindings:
+            await self.health.set(binding.service_name, SERVING)
+        await self.health.set(health.OVERALL_HEALTH, SERVING)
+        log.info("%s listening on %s", self.name, self.target)
+        return port
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        """Report NOT_SERVING, let calls in flight finish within `grace_s`, then close (idempotent)."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        await self.health.enter_graceful_shutdown()
+        await server.stop(grace_s)
+        log.info("%s stopped", self.name)
+
+    async def __aenter__(self) -> StageServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

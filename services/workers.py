@@ -1,0 +1,162 @@
+"""`qa-serve --workers N`: N server processes sharing one port, one merged metrics endpoint.
+
+One Python process tops out far below what the engine can do (the event loop and the GIL serialize
+request handling), so a host runs several. As in grpc's multiprocessing example, the parent reserves
+the port with SO_REUSEPORT and each worker binds it again with `grpc.so_reuseport`; the kernel spreads
+new connections over the workers. Each worker is a full `QAServer` (its own engine, batcher and health).
+
+Metrics follow prometheus_client's multiprocess mode: the parent points PROMETHEUS_MULTIPROC_DIR at a
+fresh directory before starting the workers, every worker writes its samples there, and the parent
+alone serves /metrics through a `MultiProcessCollector` that merges them (counters and histograms
+summed; gauges per worker `pid`).
+
+SIGTERM or SIGINT to the parent is passed to every worker, each drains within the grace period; a
+worker that exits on its own brings the others down too (exit 1), so the supervisor above (systemd,
+compose, Kubernetes) restarts one coherent unit instead of a host quietly serving at partial strength.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+from collections.abc import Iterator
+from multiprocessing.connection import wait
+from pathlib import Path
+from typing import Any
+
+from services.config import ServerConfig
+
+log = logging.getLogger("qa-serve")
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+STOP_MARGIN_S = 5.0  # beyond the grace period, how long a worker gets before it is killed
+
+
+@contextlib.contextmanager
+def reserved_port(host: str, port: int) -> Iterator[int]:
+    """Hold `host:port` (port 0: a free one) with SO_REUSEPORT so workers can bind it too; yields the port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 0:
+            raise OSError("SO_REUSEPORT is not available: --workers needs it")
+        sock.bind((host or "0.0.0.0", port))
+        yield int(sock.getsockname()[1])
+    finally:
+        sock.close()
+
+
+def worker_config(config: ServerConfig, port: int) -> ServerConfig:
+    """One worker's settings: the shared port, SO_REUSEPORT, no metrics endpoint of its own."""
+    return dataclasses.replace(config, port=port, workers=1, reuse_port=True, metrics_port=None)
+
+
+def _worker_main(config: ServerConfig) -> None:
+    """A worker process (spawned: PROMETHEUS_MULTIPROC_DIR is set before prometheus_client is imported)."""
+    import asyncio
+
+    from services.cli import serve
+    from services.logctx import configure_logging
+
+    configure_logging(config.log_level)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into one SIGTERM per worker
+    try:
+        code = asyncio.run(serve(config))
+    except KeyboardInterrupt:
+        code = 130
+    raise SystemExit(code)
+
+
+def serve_merged_metrics(host: str, port: int, directory: Path) -> tuple[Any, int]:
+    """Serve the workers' merged samples at http://host:port/metrics; returns (server, bound port)."""
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(directory))
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server, int(server.server_address[1])
+
+
+def run_workers(config: ServerConfig) -> int:
+    """Run `config.workers` worker processes until SIGTERM/SIGINT; returns the exit code."""
+    from services.server import default_engine_specs
+
+    if not config.engines:  # resolve (and build, once) the default engine before the workers race for it
+        config = dataclasses.replace(config, engines=default_engine_specs())
+    own_dir = MULTIPROC_ENV not in os.environ
+    directory = Path(os.environ.get(MULTIPROC_ENV) or tempfile.mkdtemp(prefix="qa-serve-metrics-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):  # samples of an earlier run would be merged in otherwise
+        stale.unlink()
+    os.environ[MULTIPROC_ENV] = str(directory)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    metrics_server = None
+    workers: list[Any] = []
+    try:
+        with reserved_port(config.host, config.port) as port:
+            if config.metrics_port is not None:
+                metrics_server, metrics_port = serve_merged_metrics(config.metrics_host, config.metrics_port, directory)
+                log.info("metrics on http://%s:%d/metrics (merged over %d workers)", config.metrics_host,
+                         metrics_port, config.workers)  # fmt: skip
+            context = multiprocessing.get_context("spawn")
+            for index in range(config.workers):
+                worker = context.Process(
+                    target=_worker_main, args=(worker_config(config, port),), name=f"qa-serve-worker-{index}"
+                )
+                worker.start()
+                workers.append(worker)
+            log.info("qa-serve: %d workers sharing port %d", config.workers, port)
+            code = _supervise(workers, stop)
+    except OSError as exc:
+        log.error("cannot serve: %s", exc)
+        code = 1
+    finally:
+        _stop_all(workers, config.grace_s + STOP_MARGIN_S)
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
+        if own_dir:
+            shutil.rmtree(directory, ignore_errors=True)
+    return code
+
+
+def _supervise(workers: list[Any], stop: threading.Event) -> int:
+    """Wait for a stop signal (0) or for a worker to exit on its own (1)."""
+    while not stop.is_set():
+        ended = wait([worker.sentinel for worker in workers], timeout=0.2)
+        if ended:
+            for worker in workers:
+                if not worker.is_alive():
+                    log.error("worker %s (pid %s) exited with %s: stopping all workers", worker.name, worker.pid,
+                              worker.exitcode)  # fmt: skip
+            return 1
+    log.info("signal received: stopping %d workers", len(workers))
+    return 0
+
+
+def _stop_all(workers: list[Any], timeout_s: float) -> None:
+    from prometheus_client import multiprocess
+
+    for worker in workers:
+        if worker.is_alive() and worker.pid is not None:
+            os.kill(worker.pid, signal.SIGTERM)
+    for worker in workers:
+        worker.join(timeout_s)
+        if worker.is_alive():
+            log.warning("worker %s did not stop within %.0f s: killing it", worker.name, timeout_s)
+            worker.kill()
+            worker.join()
+        if worker.pid is not None:
+            multiprocess.mark_process_dead(worker.pid)

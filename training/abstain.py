@@ -1,0 +1,136 @@
+"""`qa-train abstain`: tune a trained QA model (the shipped one) on SQuAD v1.1 plus prepared hard negatives.
+
+Positives are all v1.1 train windows; negatives are the examples of a `qa-train hard-negatives` file (only the
+config's `negative_kinds`), every window of which targets [CLS]. Plain cross-entropy, or (distill_alpha < 1)
+self-distillation: the start model's own logits on the positive windows are the soft target, so the model keeps
+what it knew about answerable questions while it learns to abstain; on negative windows the soft target is [CLS].
+The float16-rounded result (what would ship) is scored on SQuAD v1.1 dev (never abstaining) and SQuAD v2.0 dev,
+where the abstention threshold is tuned on the first half of the articles and reported on the second
+(training/calibration.py); each question's v2.0 scores are written for re-tuning elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from builder.checkpoint import load_checkpoint
+from builder.hf_export import save_hf_model
+from qacore.features import Featurizer
+from qacore.squad import read_dataset
+from qacore.tokenization import load_tokenizer
+from training.calibration import QuestionScore, calibrate, write_scores
+from training.config import TrainConfig
+from training.data import EvalSet, WindowArrays, build_eval_set, predict
+from training.negatives import HARD_KINDS, example_windows, read_examples
+from training.runs import DEV_V2_FILE, EXPORT_DIR, MODEL_DIR, RunPaths, _data, _device, pack_export
+
+log = logging.getLogger(__name__)
+
+V2_SCORES = "v2_scores.json"  # the tuned model's per-question v2.0 dev scores (QuestionScore)
+START_V2_SCORES = "start_v2_scores.json"  # the same of the start model
+
+
+def score_v2(model: Any, eval_set: EvalSet, config: TrainConfig, device: Any) -> dict[str, QuestionScore]:
+    from training.finetune import window_logits
+
+    start, end = window_logits(model, eval_set.windows, device, config.eval_batch_size, config.bf16)
+    predictions = predict(eval_set, start, end, replace(config.decoder, allow_null=True))
+    return {qid: QuestionScore.of(prediction) for qid, prediction in predictions.items()}
+
+
+def _evaluate(model: Any, dev_v1: EvalSet, dev_v2: EvalSet, config: TrainConfig, device: Any) -> tuple[dict, dict]:
+    from training.finetune import evaluate_model
+
+    v1, _ = evaluate_model(model, dev_v1, config, device)
+    per_question = score_v2(model, dev_v2, config, device)
+    return {"v1.1": v1, "v2.0": calibrate(dev_v2.dataset, per_question)}, per_question
+
+
+def self_distillation_targets(
+    model: Any, positives: WindowArrays, negatives: WindowArrays, config: TrainConfig, device: Any
+) -> tuple[Any, Any]:
+    """Soft targets (float16 on the device) for positives + negatives in that order: the start model's logits on
+    the positives; [CLS] alone (0 there, PAD_LOGIT elsewhere) on the negatives."""
+    import torch
+
+    from training.finetune import PAD_LOGIT, window_logits
+
+    start, end = window_logits(model, positives, device, config.eval_batch_size, config.bf16)
+    cls_only = np.full((len(negatives), negatives.width), PAD_LOGIT, dtype=np.float32)
+    cls_only[:, 0] = 0.0
+
+    def stacked(part: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate([part, cls_only]).astype(np.float16)).to(device)
+
+    return stacked(start), stacked(end)
+
+
+def run_abstain(
+    config: TrainConfig, paths: RunPaths, negatives_file: Path, score_start: bool = False
+) -> dict[str, Any]:
+    from qacore.backends.torch_network import BertForQA
+    from training.finetune import METRICS, Distillation, StudentQA, train
+
+    begin = time.perf_counter()
+    if config.model != "student":
+        raise ValueError(f"config {config.name} must train the student")
+    device = _device()
+    positives, stats, dev_v1 = _data(config, paths)
+    featurizer = Featurizer(load_tokenizer(paths.base_dir), config.featurizer)
+    kinds = config.negative_kinds or HARD_KINDS
+    examples = read_examples(negatives_file, kinds)
+    negatives, negative_stats = example_windows(examples, featurizer)
+    per_kind = {kind: sum(example.kind == kind for example in examples) for kind in kinds}
+    dev_v2 = build_eval_set(read_dataset(paths.squad_dir / DEV_V2_FILE), featurizer)
+    log.info("%d negative windows of %s (%s)", len(negatives), per_kind, negative_stats)
+    checkpoint = load_checkpoint(paths.base_dir)  # a trained QA model: a bare encoder (no span head) is refused
+    net = BertForQA(checkpoint.config, dropout=config.dropout)
+    net.load_weights(checkpoint.weights)
+    model = StudentQA(net).to(device)
+    paths.run_dir.mkdir(parents=True, exist_ok=True)
+    start_scores = None
+    if score_start:
+        start_scores, start_v2 = _evaluate(model, dev_v1, dev_v2, config, device)
+        write_scores(paths.run_dir / START_V2_SCORES, start_v2)
+        log.info("start model %s: %s", paths.base_dir, start_scores)
+    distillation = None
+    if config.distills:
+        teacher_start, teacher_end = self_distillation_targets(model, positives, negatives, config, device)
+        distillation = Distillation(teacher_start, teacher_end, config.distill_alpha, config.distill_temperature)
+    windows = WindowArrays.concatenate([positives, negatives])
+    summary = train(model, config, windows, None, paths.run_dir, device, distillation, save_checkpoints=False)
+    weights = {name: value.detach().float().cpu().numpy() for name, value in net.state_dict().items()}
+    rounded = {name: value.astype(np.float16).astype(np.float32) for name, value in weights.items()}
+    rounded_net = BertForQA(checkpoint.config)
+    rounded_net.load_weights(rounded)
+    tuned, tuned_v2 = _evaluate(StudentQA(rounded_net).to(device), dev_v1, dev_v2, config, device)
+    write_scores(paths.run_dir / V2_SCORES, tuned_v2)
+    log.info("tuned (float16): %s", tuned)
+    summary.update(
+        start_model=str(paths.base_dir),
+        start_model_sha256=checkpoint.source_sha256,
+        start=start_scores,
+        tuned=tuned,
+        positive_windows=len(positives),
+        negative_windows=len(negatives),
+        negative_examples=per_kind,
+        negatives=asdict(negative_stats),
+        train_questions=stats.questions,
+        wall_seconds=time.perf_counter() - begin,
+    )
+    (paths.run_dir / METRICS).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    model_dir = paths.run_dir / MODEL_DIR
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    card = f"# minilm-l6-squad tuned to abstain ({config.name})\n\nThe model card is written by `qa-train ship`.\n"
+    save_hf_model(model_dir, checkpoint.config, weights, paths.base_dir, model_card=card)
+    pack_export(model_dir, paths.run_dir / EXPORT_DIR)
+    return summary

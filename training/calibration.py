@@ -1,0 +1,111 @@
+"""The abstention threshold, tuned on the first half of the SQuAD v2.0 dev articles and reported on the second.
+
+A question's *null margin* is its null logit minus its best span logit (`Prediction.null_logit` - `best.logit`);
+the decoder abstains when the margin exceeds `DecoderConfig.null_threshold`. Fed to the official v2.0 metric as
+the no-answer "probability" (with every question answered by its best span), the metric's `best_f1_thresh` is
+exactly that threshold: questions whose margin exceeds it become "no answer". Plain numpy and the metric: no torch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from qacore.decoding import Prediction
+from qacore.squad import SquadDataset
+from qacore.squad_metric import evaluate_v2, exact_match, gold_answers_v2
+
+CONFIDENCE_BUCKETS = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0000001)
+
+
+@dataclass(frozen=True)
+class QuestionScore:
+    """What threshold tuning needs of one decoded v2.0 question (decoded with allow_null)."""
+
+    text: str  # best span text
+    null_margin: float  # null logit - best span logit
+    span_probability: float  # best span's probability among the n-best and the null answer
+    null_probability: float
+
+    @classmethod
+    def of(cls, prediction: Prediction) -> QuestionScore:
+        if not prediction.nbest:
+            return cls("", float("inf"), 0.0, 1.0)
+        best = prediction.nbest[0]
+        return cls(best.text, prediction.null_logit - best.logit, best.score, prediction.null_probability)
+
+
+def tune_threshold(dataset: SquadDataset, scores: Mapping[str, QuestionScore]) -> float:
+    """The null threshold (in logits) with the best F1 on `dataset` (the first half of v2.0 dev)."""
+    texts = {qid: score.text for qid, score in scores.items()}
+    margins = {qid: score.null_margin for qid, score in scores.items()}
+    return float(evaluate_v2(dataset, texts, margins)["best_f1_thresh"])
+
+
+def scores_at(dataset: SquadDataset, scores: Mapping[str, QuestionScore], threshold: float) -> dict[str, float]:
+    """Official v2.0 scores on `dataset` when abstaining at null margin > `threshold`, plus best_f1 (oracle)."""
+    texts = {qid: score.text for qid, score in scores.items()}
+    margins = {qid: score.null_margin for qid, score in scores.items()}
+    values = evaluate_v2(dataset, texts, margins, threshold).values
+    return {key: float(value) for key, value in values.items()}
+
+
+def reliability_table(
+    dataset: SquadDataset, scores: Mapping[str, QuestionScore], threshold: float
+) -> list[dict[str, float]]:
+    """Accuracy (exact match; an abstention is right iff the question is unanswerable) by confidence bucket,
+    where confidence is the probability the decoder reports for what it returns: the span's probability when it
+    answers, the null probability when it abstains."""
+    rows = [
+        {"low": low, "high": min(high, 1.0), "count": 0, "correct": 0, "confidence_sum": 0.0}
+        for low, high in itertools.pairwise(CONFIDENCE_BUCKETS)
+    ]
+    for _, question in dataset.questions():
+        score = scores[question.id]
+        abstains = score.null_margin > threshold
+        confidence = score.null_probability if abstains else score.span_probability
+        if abstains:
+            correct = not question.has_answer
+        else:
+            correct = any(exact_match(score.text, gold) for gold in gold_answers_v2(question.answer_texts))
+        for row, high in zip(rows, CONFIDENCE_BUCKETS[1:], strict=False):
+            if confidence < high:
+                row["count"] += 1
+                row["correct"] += int(correct)
+                row["confidence_sum"] += confidence
+                break
+    return [
+        {
+            "bucket": f"[{row['low']:.1f}, {row['high']:.1f}{']' if row['high'] == 1.0 else ')'}",
+            "questions": row["count"],
+            "mean_confidence": row["confidence_sum"] / row["count"] if row["count"] else 0.0,
+            "accuracy": row["correct"] / row["count"] if row["count"] else 0.0,
+        }
+        for row in rows
+    ]
+
+
+def calibrate(dataset: SquadDataset, scores: Mapping[str, QuestionScore]) -> dict[str, object]:
+    """Tune on the first half of the articles, report on the second (and on the first, for reference)."""
+    first, second = dataset.article_half("first"), dataset.article_half("second")
+    threshold = tune_threshold(first, scores)
+    return {
+        "null_threshold": threshold,
+        "tuned_on": f"first {len(first.articles)} articles ({first.num_questions} questions)",
+        "reported_on": f"last {len(second.articles)} articles ({second.num_questions} questions)",
+        "first_half": scores_at(first, scores, threshold),
+        "second_half": scores_at(second, scores, threshold),
+        "second_half_threshold_0": scores_at(second, scores, 0.0),
+        "reliability_second_half": reliability_table(second, scores, threshold),
+    }
+
+
+def write_scores(path: Path, scores: Mapping[str, QuestionScore]) -> None:
+    path.write_text(json.dumps({qid: asdict(score) for qid, score in scores.items()}) + "\n", encoding="utf-8")
+
+
+def read_scores(path: Path) -> dict[str, QuestionScore]:
+    return {qid: QuestionScore(**raw) for qid, raw in json.loads(path.read_text(encoding="utf-8")).items()}
