@@ -1,15 +1,20 @@
 """`qa-bench cpu`: latency of one question on the example passage, CPU engines vs Hugging Face + PyTorch.
 
-Every engine answers the same question on the same passage through the same featurizer and decoder;
-only the network runner differs (ONNX Runtime fp32, ONNX Runtime INT8, and, as the baseline measured in
-the same run, `transformers`' BertForQuestionAnswering on PyTorch eager fp32). Prints a table of
-median and p95 per stage and writes the figures as JSON.
+Every engine answers the same question about the same passage the way `qa-assistant -p ... -q ...` does
+(engine opened by `pipeline.assistant_cli.open_answerer`, passage tokenized once, then question
+tokenization, engine, decoding): the default engine (ONNX Runtime INT8 from the calibration shipped
+with the model), the previous default (ONNX Runtime fp32), and, as the baseline measured in the same
+run, `transformers`' BertForQuestionAnswering on PyTorch eager fp32 behind the same featurizer and
+decoder. Both ONNX Runtime engines are built exactly as `qa-build --default [--precision fp32]` builds
+them. Prints a table of median and p95 per stage and writes JSON and a short Markdown table (with the
+machine and its load average, since a shared machine inflates every figure).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -25,7 +30,6 @@ from qacore.answerer import AnswerResult, QuestionAnswerer
 from qacore.decoding import decode
 from qacore.engine import EngineOutputs
 from qacore.errors import QAError
-from qacore.factory import EngineOptions
 from qacore.features import EngineInputs
 from qacore.latency import LatencyTracker
 
@@ -49,12 +53,13 @@ class CpuBenchConfig:
 
 
 def time_answerer(answerer: QuestionAnswerer, config: CpuBenchConfig) -> tuple[list[dict[str, int]], str]:
+    passage = answerer.encode_passage(config.passage)  # as qa-assistant does: once for all questions
     for _ in range(config.warmup):
-        answerer.answer(config.question, config.passage)
+        answerer.answer(config.question, passage)
     rows = []
     result: AnswerResult | None = None
     for _ in range(config.iterations):
-        result = answerer.answer(config.question, config.passage)
+        result = answerer.answer(config.question, passage)
         rows.append(result.timings.as_dict())
     assert result is not None
     return rows, result.prediction.text
@@ -86,10 +91,11 @@ def time_pipeline(
 ) -> tuple[list[dict[str, int]], str]:
     rows = []
     text = ""
+    passage = answerer.encode_passage(config.passage)
     for iteration in range(config.warmup + config.iterations):
         tracker = LatencyTracker()
         with tracker.stage("tokenize"):
-            features = answerer.featurizer.featurize(config.question, config.passage)
+            features = answerer.featurizer.featurize(config.question, passage)
             batch = answerer.featurizer.batch(features.windows)
         with tracker.stage("infer"):
             outputs = infer(batch)
@@ -101,34 +107,40 @@ def time_pipeline(
     return rows, text
 
 
+# name in the report -> precision of `qa-build --default`
+ENGINES = {"onnxruntime-int8 (default)": "int8", "onnxruntime-fp32 (previous default)": "fp32"}
+
+
 def build_cpu_engines(config: CpuBenchConfig, scratch: Path) -> dict[str, Path]:
-    from builder.build import BuildConfig, build_engine
+    """The default engines of `config.model_dir`, built as `qa-build --default --precision P` builds them."""
+    from builder.build import build_engine
+    from builder.defaults import default_build_config
+    from qacore.default_engine import DefaultEngineSpec
 
     engines = {}
-    for name, int8 in (("onnxruntime-fp32", False), ("onnxruntime-int8", True)):
+    for name, precision in ENGINES.items():
         print(f"building {name} engine ...", file=sys.stderr, flush=True)
-        engines[name] = build_engine(
-            BuildConfig(
-                checkpoint=config.model_dir,
-                output=scratch / name,
-                batch_sizes=(1,),
-                sequence_lengths=(384,),
-                int8=int8,
-                squad_json=config.squad_json if int8 else None,
-                calib_num=config.calib_num if int8 else None,
-            )
-        )
+        spec = DefaultEngineSpec(precision=precision, model_dir=config.model_dir, cache_root=scratch)
+        engines[name] = build_engine(default_build_config(spec, scratch / precision))
     return engines
 
 
+def open_as_assistant(engine_dir: Path, config: CpuBenchConfig) -> QuestionAnswerer:
+    """The answerer `qa-assistant -e DIR -p PASSAGE -q QUESTION --threads N` opens."""
+    from pipeline.assistant_cli import open_answerer, parse_config
+
+    argv = ["-e", str(engine_dir), "-p", config.passage, "-q", config.question, "--threads", str(config.threads)]
+    return open_answerer(parse_config(argv))
+
+
 def run(config: CpuBenchConfig, command: str) -> dict[str, object]:
-    options = EngineOptions(intra_op_threads=config.threads)
     results: dict[str, dict[str, object]] = {}
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="qa-bench-cpu-") as scratch:
         engines = build_cpu_engines(config, Path(scratch))
         baseline_answerer = None
         for name, engine_dir in engines.items():
-            answerer = QuestionAnswerer.from_engine_dir(engine_dir, engine_options=options)
+            answerer = open_as_assistant(engine_dir, config)
             rows, text = time_answerer(answerer, config)
             results[name] = {"answer": text, **summarise(rows)}
             if baseline_answerer is None:
@@ -143,8 +155,10 @@ def run(config: CpuBenchConfig, command: str) -> dict[str, object]:
     return {
         "benchmark": "cpu_latency",
         "machine": machine_description(),
+        "load_average_1_5_15": [round(value, 2) for value in load_before],
         "python": platform.python_version(),
         "command": command,
+        "path": "qa-assistant (open_answerer; passage tokenized once, then question tokenize + infer + decode)",
         "question": config.question,
         "passage_chars": len(config.passage),
         "iterations": config.iterations,
@@ -154,6 +168,30 @@ def run(config: CpuBenchConfig, command: str) -> dict[str, object]:
         "results": results,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def markdown(report: dict[str, object]) -> str:
+    """A short table of the report, with the machine, its load and the command."""
+    results = report["results"]
+    assert isinstance(results, dict)
+    lines = [
+        "# CPU latency: one question on the example passage (`qa-bench cpu`)",
+        "",
+        f"Machine: {report['machine']}; load average (1/5/15 min) at the start: {report['load_average_1_5_15']}"
+        " (a shared machine inflates every figure). "
+        f"Threads: {report['threads'] or 'runtime default'}. Command: `{report['command']}`. "
+        f"Path: {report['path']}. {report['iterations']} iterations after {report['warmup']} warm-up; "
+        f"{report['created']}.",
+        "",
+        "| engine | total p50 (ms) | total p95 (ms) | infer p50 (ms) | tokenize p50 (ms) | decode p50 (ms) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, row in results.items():
+        lines.append(
+            f"| {name} | {row['total']['p50']:.2f} | {row['total']['p95']:.2f} | {row['infer']['p50']:.2f} "
+            f"| {row['tokenize']['p50']:.3f} | {row['decode']['p50']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def summarise(rows: list[dict[str, int]]) -> dict[str, dict[str, float]]:
@@ -180,8 +218,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iterations", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--threads", type=int, default=0, help="engine threads (0: runtime default)")
-    parser.add_argument("--squad-json", type=Path, default=DEFAULT_SQUAD, help="INT8 calibration questions")
-    parser.add_argument("--calib-num", type=int, default=100)
+    parser.add_argument(
+        "--squad-json", type=Path, default=DEFAULT_SQUAD, help="(unused: INT8 uses the shipped calibration)"
+    )
+    parser.add_argument("--calib-num", type=int, default=100, help="(unused: INT8 uses the shipped calibration)")
     parser.add_argument("--json-out", type=Path, default=REPO / "benchmarks" / "results" / "cpu_latency.json")
     parser.add_argument("--skip-transformers", action="store_true", help="leave out the transformers baseline")
 
@@ -210,5 +250,6 @@ def run_from_args(args: argparse.Namespace, argv: Sequence[str]) -> int:
     print_table(report)
     config.json_out.parent.mkdir(parents=True, exist_ok=True)
     config.json_out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {config.json_out}", file=sys.stderr)
+    config.json_out.with_suffix(".md").write_text(markdown(report), encoding="utf-8")
+    print(f"wrote {config.json_out} and {config.json_out.with_suffix('.md')}", file=sys.stderr)
     return 0

@@ -77,6 +77,7 @@ class BenchConfig:
     e2e_squad: Path | None = None  # SQuAD dev JSON(.gz) for the end-to-end rows
     e2e_questions: int = 300
     profile_shapes: tuple[tuple[int, int], ...] = ()  # (batch, seq) whose kernels are listed per model
+    block_sweep: tuple[tuple[int, int], ...] = ()  # (batch, seq) where the layer kernels' tile sizes are swept
     seed: int = 0
 
 
@@ -289,12 +290,57 @@ def _hf_step(hf: Any, inputs: EngineInputs) -> Callable[[], Any]:
     return step
 
 
-def kernel_profile(model: BenchModel, config: BenchConfig, batch: int, seq: int, rng: np.random.Generator) -> str:
-    """The fused module's CUDA kernels at one shape (eager, so each kernel shows), by total device time."""
+# Tile sizes tried by --block-sweep: (linear_m, linear_n, linear_k, attention_q, attention_kv, warps, stages).
+BLOCK_SWEEP = (
+    (32, 64, 64, 64, 64, 4, 3),
+    (16, 64, 64, 64, 64, 4, 3),
+    (16, 32, 64, 64, 64, 4, 3),
+    (32, 32, 64, 64, 64, 4, 3),
+    (32, 64, 128, 64, 64, 4, 3),
+    (64, 64, 64, 64, 64, 4, 3),
+    (32, 64, 64, 128, 64, 4, 3),
+    (32, 64, 64, 128, 128, 8, 3),
+    (16, 64, 64, 32, 64, 4, 2),
+    (32, 64, 64, 64, 32, 4, 4),
+)
+
+
+def block_sweep(model: BenchModel, config: BenchConfig, batch: int, seq: int, rng: np.random.Generator) -> list[Any]:
+    """The layer variant at one shape with each tile-size set of BLOCK_SWEEP (a fresh engine each)."""
+    from qacore.backends import torch_layer_kernels
+
+    inputs = random_inputs(batch, seq, model.config.vocab_size, rng)
+    stream = __import__("torch").cuda.Stream()
+    rows = []
+    original = torch_layer_kernels.Blocks.for_rows
+    try:
+        for sizes in BLOCK_SWEEP:
+            blocks = torch_layer_kernels.Blocks(*sizes)
+            torch_layer_kernels.Blocks.for_rows = classmethod(lambda cls, tokens, b=blocks: b)  # type: ignore[method-assign,assignment]
+            try:
+                engine = make_engine(model, config, "layer")
+                engine.infer(inputs)
+                times = time_device(engine.graphed_shape(batch, seq).graph.replay, stream, config)
+                engine.close()
+            except Exception:
+                log.exception("block sweep %s failed", sizes)
+                continue
+            timing = summarize(model.name, "layer", batch, seq, times, 0.0)
+            rows.append({"blocks": sizes, "p50_ms": timing.p50_ms, "p99_ms": timing.p99_ms})
+            log.info("blocks %s: p50 %.4f ms", sizes, timing.p50_ms)
+    finally:
+        torch_layer_kernels.Blocks.for_rows = original  # type: ignore[method-assign]
+    return rows
+
+
+def kernel_profile(
+    model: BenchModel, config: BenchConfig, batch: int, seq: int, rng: np.random.Generator, variant: str = "fused"
+) -> str:
+    """One variant's CUDA kernels at one shape (eager, so each kernel shows), by total device time."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    engine = make_engine(model, config, "fused")
+    engine = make_engine(model, config, variant)
     inputs = random_inputs(batch, seq, model.config.vocab_size, rng)
     tensors = [torch.from_numpy(a).cuda() for a in (inputs.input_ids, inputs.segment_ids, inputs.input_mask)]
     with torch.inference_mode():
@@ -306,7 +352,7 @@ def kernel_profile(model: BenchModel, config: BenchConfig, batch: int, seq: int,
                 engine.module(*tensors)
             torch.cuda.synchronize()
     engine.close()
-    title = f"kernels of fused {model.name} b={batch} s={seq} (5 eager forwards)"
+    title = f"kernels of {variant} {model.name} b={batch} s={seq} (5 eager forwards)"
     return title + "\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70)
 
 
@@ -497,11 +543,17 @@ def run(config: BenchConfig, out: Path | None, argv: Sequence[str]) -> dict[str,
         model = load_bench_model(name, config)
         report["results"] += [asdict(t) for t in bench_model(model, config, rng)]
         for batch, seq in config.profile_shapes:
-            try:
-                report.setdefault("kernel_profiles", []).append(kernel_profile(model, config, batch, seq, rng))
-                print(report["kernel_profiles"][-1])
-            except Exception:
-                log.exception("kernel profile of %s failed", name)
+            for variant in ("fused", "layer"):
+                try:
+                    profiled = kernel_profile(model, config, batch, seq, rng, variant)
+                    report.setdefault("kernel_profiles", []).append(profiled)
+                    print(profiled)
+                except Exception:
+                    log.exception("kernel profile of %s failed", name)
+        for batch, seq in config.block_sweep:
+            report.setdefault("block_sweep", []).append(
+                {"model": name, "batch": batch, "seq": seq, "rows": block_sweep(model, config, batch, seq, rng)}
+            )
         if name == "shipped" and config.e2e_squad is not None:
             report["e2e"] = [asdict(t) for t in bench_e2e(model, config)]
         log.info("%s done in %.1f s", name, time.perf_counter() - began)
@@ -560,6 +612,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--e2e-squad", type=Path, default=None, help="SQuAD dev JSON(.gz): add end-to-end rows")
     parser.add_argument("--e2e-questions", type=int, default=300)
     parser.add_argument("--profile-shapes", type=_shapes, default=(), help="BxS,... list the fused kernels there")
+    parser.add_argument("--block-sweep", type=_shapes, default=(), help="BxS,... sweep the layer kernels' tiles there")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
 
 
@@ -588,6 +641,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         e2e_squad=args.e2e_squad,
         e2e_questions=args.e2e_questions,
         profile_shapes=args.profile_shapes,
+        block_sweep=args.block_sweep,
     )
 
 

@@ -7,11 +7,12 @@ when the previous turn's latency report has arrived, so every figure is a turn's
 queueing behind earlier turns. Every `TurnReport` is folded into a `LatencyBoard`, the dashboard's own
 object, so the percentiles and over-budget rates here are computed exactly as `/api/latency` does.
 
-The baseline, measured in the same run right before each chain mode: the same questions on the same
-passages sent straight to a `QAServer` (what `qa-serve` runs) with the same engine, one at a time,
-over gRPC on loopback; its round trips and server timings go through the same `TurnRecorder` and
-board as the chain's `qa` rows, so `qa` of the chain minus `qa` of the baseline is what the chain adds
-to the language model's call, and `turn` is what the user waits for.
+The baseline, in the same run and interleaved with the chain: right before each turn, the same
+question on the same passage goes straight to the chain's own QA server (a `QAServer`, what `qa-serve`
+runs, with the same engine) over gRPC on loopback, so both meet the same engine under the same machine
+load. Its round trips and server timings go through the same `TurnRecorder` and board as the chain's
+`qa` rows: `qa` of the chain minus `qa` of the baseline is what the chain adds to the language model's
+call, and `turn` is what the user waits for.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.report import machine_description, percentile_summary
-from pipeline.board import TURN, BoardConfig, LatencyBoard, board_stage_names
+from pipeline.board import BoardConfig, LatencyBoard, board_stage_names
 from qacore.latency import LANGUAGE_MODEL_BUDGET_NS, QA_SERVER_STAGES, Budgets, TurnRecorder, TurnReport, parse_budgets
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +49,7 @@ class PipelineBenchConfig:
     paragraphs: int = 10  # sessions: the first paragraphs of the dev set with at least `questions` questions
     questions: int = 5  # turns per session
     rounds: int = 2  # the conversation is replayed this many times per mode
-    warmup_turns: int = 5  # unmeasured turns before each mode and each baseline
+    warmup_turns: int = 5  # unmeasured turns (and baseline calls) before each mode
     modes: tuple[str, ...] = MODES
     engine: Path | None = None  # None: the shipped model's default CPU engine
     budgets: Budgets = field(default_factory=Budgets)
@@ -104,8 +106,11 @@ class ReportCollector:
 # -- the chain ---------------------------------------------------------------------------------------
 
 
-async def converse(target: str, passage: str, questions: Sequence[str]) -> list[float]:
-    """One session, closed loop: each question is sent once the previous turn's report has arrived.
+async def converse(
+    target: str, passage: str, questions: Sequence[str], before_each: BaselineCall | None = None
+) -> list[float]:
+    """One session, closed loop: each question is sent once the previous turn's report has arrived
+    (and, with `before_each`, once the same question went straight to the QA server).
 
     Returns the client's view of each turn (question sent to report received), in milliseconds.
     """
@@ -120,6 +125,8 @@ async def converse(target: str, passage: str, questions: Sequence[str]) -> list[
     async def requests() -> Any:
         yield assistant_pb2.ConverseRequest(config=assistant_pb2.SessionConfig(passage=passage))
         for question in questions:
+            if before_each is not None:
+                await before_each(question, passage)
             sent_ns.append(time.perf_counter_ns())
             yield assistant_pb2.ConverseRequest(text=assistant_pb2.TextTurn(text=question))
             await reported.get()
@@ -135,83 +142,66 @@ async def converse(target: str, passage: str, questions: Sequence[str]) -> list[
     return waits_ms
 
 
-async def measure_chain(config: PipelineBenchConfig, mode: str, engine: Path, script: Script) -> dict[str, Any]:
+BaselineCall = Callable[[str, str], Awaitable[None]]
+
+
+def baseline_call(client: Any, collector: ReportCollector, budgets: Budgets) -> BaselineCall:
+    """The QA call alone: one question straight to the QA server, recorded as a turn with only `qa`."""
+
+    async def call(question: str, passage: str) -> None:
+        begin = time.perf_counter_ns()
+        answer = await client.answer(question, passage)
+        end = time.perf_counter_ns()
+        recorder = TurnRecorder(len(collector.reports), "baseline", budgets, start_ns=begin)
+        timings = answer.timings
+        stages = {name: timings.stage_ns(name) for name in QA_SERVER_STAGES.names}
+        recorder.record_remote("qa", begin, end, stages, timings.total_ns)
+        collector.record(recorder.finish(end_ns=end))
+
+    return call
+
+
+async def measure(config: PipelineBenchConfig, mode: str, engine: Path, script: Script) -> dict[str, Any]:
+    """The chain in `mode`, each turn preceded by its baseline: the same question straight to the chain's
+    own QA server (a `QAServer`, as `qa-serve` runs it), so both see the same engine at the same moment."""
+    from pipeline.client import QAClient
     from pipeline.launcher import ChainConfig, start_chain
 
     turns = len(script) * config.questions * config.rounds
-    collector = ReportCollector(config.budgets, window=turns)
+    chain_reports = ReportCollector(config.budgets, window=turns)
+    baseline_reports = ReportCollector(config.budgets, window=turns)
     chain_config = ChainConfig(
-        engine_dir=engine,
-        split=mode == "split",
-        assistant_port=0,
-        dashboard_port=None,
-        budgets=config.budgets,
+        engine_dir=engine, split=mode == "split", assistant_port=0, dashboard_port=None, budgets=config.budgets
     )
     client_ms: list[float] = []
-    async with start_chain(chain_config, board=collector) as chain:
-        await _warm_up(config, script, lambda p, q: converse(chain.assistant_target, p, q))
-        collector.reset()
+    async with start_chain(chain_config, board=chain_reports) as chain, QAClient(chain.qa_target) as qa:
+        before_each = baseline_call(qa, baseline_reports, config.budgets)
+        left = config.warmup_turns
+        for passage, questions in script:
+            if left <= 0:
+                break
+            await converse(chain.assistant_target, passage, questions[:left], before_each)
+            left -= len(questions[:left])
+        chain_reports.reset()
+        baseline_reports.reset()
         began = time.perf_counter_ns()
         async with asyncio.timeout(SESSION_TIMEOUT_S * len(script) * config.rounds):
             for _ in range(config.rounds):
                 for passage, questions in script:
-                    client_ms += await converse(chain.assistant_target, passage, questions)
+                    client_ms += await converse(chain.assistant_target, passage, questions, before_each)
         elapsed_s = (time.perf_counter_ns() - began) / 1e9
-    result = summarize(collector.board, board_stage_names(), collector.reports)
+    result = summarize(chain_reports.board, board_stage_names(), chain_reports.reports)
     result.update(
         {
-            "turns_per_s": round(len(collector.reports) / elapsed_s, 2),
+            "turns_per_s": round(len(chain_reports.reports) / elapsed_s, 2),
             "client_turn_ms": percentile_summary(np.asarray(client_ms)),
-            "info": collector.info,
+            "info": chain_reports.info,
         }
     )
-    return result
-
-
-async def _warm_up(config: PipelineBenchConfig, script: Script, session: Any) -> None:
-    left = config.warmup_turns
-    for passage, questions in script:
-        if left <= 0:
-            return
-        await session(passage, questions[:left])
-        left -= len(questions[:left])
-
-
-# -- the baseline: the QA call alone -----------------------------------------------------------------
-
-
-async def measure_baseline(config: PipelineBenchConfig, engine: Path, script: Script) -> dict[str, Any]:
-    from pipeline.client import QAClient
-    from services.config import EngineSpec, ServerConfig
-    from services.server import QAServer
-
-    turns = len(script) * config.questions * config.rounds
-    collector = ReportCollector(config.budgets, window=turns)
-    server = QAServer(ServerConfig(port=0, engines=(EngineSpec(engine),), grace_s=2.0))
-    async with server, QAClient(server.target) as client:
-
-        async def session(passage: str, questions: Sequence[str]) -> None:
-            for question in questions:
-                begin = time.perf_counter_ns()
-                answer = await client.answer(question, passage)
-                end = time.perf_counter_ns()
-                recorder = TurnRecorder(len(collector.reports), "baseline", config.budgets, start_ns=begin)
-                timings = answer.timings
-                stages = {name: timings.stage_ns(name) for name in QA_SERVER_STAGES.names}
-                recorder.record_remote("qa", begin, end, stages, timings.total_ns)
-                collector.record(recorder.finish(end_ns=end))
-
-        await _warm_up(config, script, session)
-        collector.reset()
-        began = time.perf_counter_ns()
-        for _ in range(config.rounds):
-            for passage, questions in script:
-                await session(passage, questions)
-        elapsed_s = (time.perf_counter_ns() - began) / 1e9
-    rows = ("qa", *(name for name in board_stage_names() if name.startswith("qa.")))
-    result = summarize(collector.board, rows, collector.reports)
-    result["calls_per_s"] = round(len(collector.reports) / elapsed_s, 2)
-    return result
+    qa_rows = ("qa", *(name for name in board_stage_names() if name.startswith("qa.")))
+    baseline = summarize(baseline_reports.board, qa_rows, baseline_reports.reports)
+    adds = chain_cost(chain_reports.reports, baseline_reports.reports)
+    return {"chain": result, "baseline": baseline, "chain_adds": adds}
 
 
 # -- figures -----------------------------------------------------------------------------------------
@@ -229,11 +219,22 @@ def summarize(board: LatencyBoard, names: Sequence[str], reports: Sequence[TurnR
             key: row[key]
             for key in ("budget_ms", "p50_ms", "p95_ms", "p99_ms", "mean_ms", "max_ms", "over_budget_rate", "window")
         }
+    beyond = [report.total_ns - qa_server_ns(report) for report in reports]
     qa_spans = [span for report in reports if (span := report.span("qa")) is not None]
     over_lm = (
         sum(span.duration_ns > LANGUAGE_MODEL_BUDGET_NS for span in qa_spans) / len(qa_spans) if qa_spans else None
     )
-    return {"turns": board.snapshot()["turns"], "stages": stages, "qa_over_10ms_rate": over_lm}
+    return {
+        "turns": board.snapshot()["turns"],
+        "stages": stages,
+        "qa_over_10ms_rate": over_lm,
+        "beyond_qa_server_ms": percentile_summary(np.asarray(beyond) / 1e6),
+    }
+
+
+def qa_server_ns(report: TurnReport) -> int:
+    """The QA server's own time in a turn (its stage rows, without the network gap around them)."""
+    return sum(span.duration_ns for span in report.spans if span.parent == "qa" and span.name != "qa.network")
 
 
 def _cell(value: float | None, digits: int = 2) -> str:
@@ -247,7 +248,7 @@ def _rate(value: float | None) -> str:
 def markdown_table(mode: str, chain: dict[str, Any], baseline: dict[str, Any]) -> str:
     lines = [
         f"{mode}: {chain['turns']['total']} turns ({chain['turns']['error']} errors), {chain['turns_per_s']} turns/s; "
-        f"baseline: {baseline['turns']['total']} QA calls straight to qa-serve",
+        f"baseline: the same {baseline['turns']['total']} questions straight to the QA server, each before its turn",
         "",
         "stage | budget ms | p50 ms | p95 ms | p99 ms | over budget | baseline p50 | baseline p95 | baseline p99 "
         "| baseline over budget",
@@ -255,9 +256,8 @@ def markdown_table(mode: str, chain: dict[str, Any], baseline: dict[str, Any]) -
     ]
     for name, row in chain["stages"].items():
         base = baseline["stages"].get(name, {})
-        label = name if "." not in name else f"&nbsp;&nbsp;{name}"
         lines.append(
-            f"{label} | {_cell(row['budget_ms'], 0)} | {_cell(row['p50_ms'])} | {_cell(row['p95_ms'])} | "
+            f"{name} | {_cell(row['budget_ms'], 0)} | {_cell(row['p50_ms'])} | {_cell(row['p95_ms'])} | "
             f"{_cell(row['p99_ms'])} | {_rate(row['over_budget_rate'])} | {_cell(base.get('p50_ms'))} | "
             f"{_cell(base.get('p95_ms'))} | {_cell(base.get('p99_ms'))} | {_rate(base.get('over_budget_rate'))}"
         )
@@ -265,30 +265,38 @@ def markdown_table(mode: str, chain: dict[str, Any], baseline: dict[str, Any]) -
     lines += [
         "",
         f"client's view of a turn (text sent to report received): p50 {client['p50']:.2f} ms, "
-        f"p95 {client['p95']:.2f} ms, p99 {client['p99']:.2f} ms",
+        f"p95 {client['p95']:.2f} ms, p99 {client['p99']:.2f} ms; QA calls over the language model's 10 ms budget: "
+        f"{_rate(chain['qa_over_10ms_rate'])} in the chain, {_rate(baseline['qa_over_10ms_rate'])} alone",
     ]
     return "\n".join(lines)
 
 
-def chain_cost(chain: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float]:
-    """What the chain adds over the QA call alone (p50 and p95, ms)."""
-    qa, base, turn = chain["stages"]["qa"], baseline["stages"]["qa"], chain["stages"][TURN]
+def chain_cost(chain_reports: Sequence[TurnReport], baseline_reports: Sequence[TurnReport]) -> dict[str, Any]:
+    """What the chain adds to the QA call, robust to the engine's own jitter on a busy machine.
+
+    * `beyond_qa_server_ms`: a turn's end-to-end time minus the QA server's own time (the chain's
+      stages, hops and hand-offs), against the same for the direct call (its round trip minus the
+      server's time): the difference is the chain's cost around the language model.
+    * `paired_turn_minus_qa_ms`: per question, the chain's turn minus the direct call's round trip
+      (the two measured back to back), summarized.
+    """
+    chain_beyond = np.asarray([r.total_ns - qa_server_ns(r) for r in chain_reports]) / 1e6
+    base_beyond = np.asarray([r.total_ns - qa_server_ns(r) for r in baseline_reports]) / 1e6
+    pairs = np.asarray([c.total_ns - b.total_ns for c, b in zip(chain_reports, baseline_reports, strict=True)]) / 1e6
+    chain_p50, base_p50 = float(np.percentile(chain_beyond, 50)), float(np.percentile(base_beyond, 50))
+    chain_p95, base_p95 = float(np.percentile(chain_beyond, 95)), float(np.percentile(base_beyond, 95))
     return {
-        "qa_p50_ms": round(qa["p50_ms"] - base["p50_ms"], 3),
-        "qa_p95_ms": round(qa["p95_ms"] - base["p95_ms"], 3),
-        "turn_p50_ms": round(turn["p50_ms"] - base["p50_ms"], 3),
-        "turn_p95_ms": round(turn["p95_ms"] - base["p95_ms"], 3),
+        "beyond_qa_server_p50_ms": round(chain_p50 - base_p50, 3),
+        "beyond_qa_server_p95_ms": round(chain_p95 - base_p95, 3),
+        "paired_turn_minus_qa_ms": percentile_summary(pairs),
     }
 
 
 async def run(config: PipelineBenchConfig, engine: Path, script: Script) -> dict[str, Any]:
     modes: dict[str, Any] = {}
     for mode in config.modes:
-        print(f"[{mode}] baseline: QA alone, straight to qa-serve ...", file=sys.stderr, flush=True)
-        baseline = await measure_baseline(config, engine, script)
-        print(f"[{mode}] the chain ...", file=sys.stderr, flush=True)
-        chain = await measure_chain(config, mode, engine, script)
-        modes[mode] = {"chain": chain, "baseline": baseline, "chain_adds": chain_cost(chain, baseline)}
+        print(f"[{mode}] the chain, each turn after its baseline ...", file=sys.stderr, flush=True)
+        modes[mode] = await measure(config, mode, engine, script)
     return modes
 
 
@@ -304,9 +312,13 @@ def report(
         engine_info = {"dir": str(engine)}
     settings = {key: str(value) if isinstance(value, Path) else value for key, value in asdict(config).items()}
     settings["budgets"] = config.budgets.as_ms()
+    machine = machine_description()
+    torch = sys.modules.get("torch")  # loaded only when a GPU engine ran in this process
+    if torch is not None and torch.cuda.is_available():
+        machine += f", {torch.cuda.get_device_name(0)}"
     return {
         "benchmark": "pipeline",
-        "machine": machine_description(),
+        "machine": machine,
         "python": platform.python_version(),
         "command": "qa-bench pipeline " + shlex.join(argv),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -315,14 +327,15 @@ def report(
         "sessions": len(script),
         "units": "milliseconds",
         "percentiles": "exact over every measured turn (linear interpolation), as the dashboard's /api/latency",
-        "baseline": "the same questions straight to a QAServer (qa-serve) with the same engine, one at a time, "
-        "gRPC on loopback, measured in the same run right before each mode",
+        "baseline": "each question also goes straight to the chain's own QA server (a QAServer, as qa-serve runs it: "
+        "the same engine), over gRPC on loopback, right before its chain turn",
         "modes": modes,
     }
 
 
 def markdown(result: dict[str, Any]) -> str:
     engine = result["engine"]
+    load = result["load_avg_1m"]
     lines = [
         "# qa-bench pipeline: the conversational chain against the QA call alone",
         "",
@@ -332,17 +345,26 @@ def markdown(result: dict[str, Any]) -> str:
         f"- conversation: {result['sessions']} SQuAD dev paragraphs x {result['config']['questions']} questions, "
         f"{result['config']['rounds']} rounds, one turn at a time (text turns; ASR stub with no simulated latency)",
         f"- baseline: {result['baseline']}",
+        f"- machine load (1-minute load average, before / after): {load['before']} / {load['after']}",
         f"- percentiles: {result['percentiles']}; budgets (ms): "
         + ", ".join(f"{name} {value:g}" for name, value in result["config"]["budgets"].items()),
         "",
     ]
     for mode, figures in result["modes"].items():
         lines += [f"## {mode}", "", markdown_table(mode, figures["chain"], figures["baseline"]), ""]
-        adds = figures["chain_adds"]
+        adds, chain, base = figures["chain_adds"], figures["chain"], figures["baseline"]
+        beyond, base_beyond, pairs = (
+            chain["beyond_qa_server_ms"],
+            base["beyond_qa_server_ms"],
+            adds["paired_turn_minus_qa_ms"],
+        )
         lines += [
-            f"The chain adds {adds['qa_p50_ms']:.2f} ms (p50) / {adds['qa_p95_ms']:.2f} ms (p95) to the QA call; "
-            f"a whole turn takes {adds['turn_p50_ms']:.2f} ms (p50) / {adds['turn_p95_ms']:.2f} ms (p95) more than "
-            "the QA call alone.",
+            f"What the chain adds around the language model: a turn spends {beyond['p50']:.2f} ms (p50) / "
+            f"{beyond['p95']:.2f} ms (p95) outside the QA server's own time, a direct QA call "
+            f"{base_beyond['p50']:.2f} / {base_beyond['p95']:.2f} ms: the chain costs "
+            f"{adds['beyond_qa_server_p50_ms']:.2f} ms (p50) / {adds['beyond_qa_server_p95_ms']:.2f} ms (p95) more. "
+            f"Turn minus the direct call, question by question: p50 {pairs['p50']:.2f} ms, p95 {pairs['p95']:.2f} ms "
+            "(this one carries the engine's jitter between the two calls).",
             "",
         ]
     return "\n".join(lines)
@@ -397,8 +419,10 @@ def run_from_args(args: argparse.Namespace, argv: Sequence[str]) -> int:
         engine = resolve_default_engine()
     else:
         engine = config.engine
+    load_before = os.getloadavg()
     modes = asyncio.run(run(config, engine, script))
     result = report(config, engine, script, modes, argv)
+    result["load_avg_1m"] = {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)}
     text = markdown(result)
     print(text)
     config.json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -522,6 +522,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--server-arg", action="append", default=[], help="extra qa-serve flag for started servers (repeatable)")
     add("--json-out", type=Path, help="write the results as JSON here")
     add("--markdown-out", type=Path, help="write the results table as Markdown here")
+    add("--echo-floor", action="store_true", help="first measure a bare grpc.aio echo at the same concurrency levels")
 
 
 def config_from_args(args: argparse.Namespace) -> ServeBenchConfig:
@@ -561,9 +562,19 @@ def run_from_args(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
         pairs = load_questions(config.squad, min(config.questions, 500))
         offload = measure_cpu_offload(config.engine or ensure_default_engine(), pairs)
+    echo_rows = None
+    if args.echo_floor:  # the transport floor, same run, same levels (benchmarks.grpc_echo)
+        from benchmarks import grpc_echo
+
+        echo_rows = asyncio.run(grpc_echo.measure(config.concurrency, config.duration_s, config.warmup_s))
     rows = asyncio.run(run(config))
     result = report(config, rows, argv, offload)
-    table = markdown_table(rows)
+    if echo_rows is not None:
+        result["echo_floor"] = echo_rows
+        table = grpc_echo.markdown_table(echo_rows) + "\n\n"
+    else:
+        table = ""
+    table += markdown_table(rows)
     print(f"machine: {result['machine']}\ncommand: {result['command']}\n")
     print(table)
     if offload is not None:

@@ -123,6 +123,7 @@ class LatencyBoard:
         }
         self._recent: deque[TurnReport] = deque(maxlen=self.config.recent_turns)
         self._recent_outcomes: deque[str] = deque(maxlen=window)
+        self._recent_over: deque[bool] = deque(maxlen=window)  # any stage or the turn over budget, errors too
         self._finished_at: deque[int] = deque(maxlen=window)
         self._outcomes = dict.fromkeys(OUTCOMES, 0)
         self._info: dict[str, str] = {}
@@ -180,16 +181,12 @@ class LatencyBoard:
             raise ValueError(f"unknown stage(s) {', '.join(map(repr, unknown))}; known: {', '.join(self._names)}")
         for span in report.spans:
             self._observe(span.name, span.duration_ns, span.budget_ns)
-        turn_over = self._observe(TURN, report.total_ns, report.turn_budget_ns)
-        if report.error is not None:
-            outcome = "error"
-        elif turn_over or any(span.over_budget for span in report.spans):
-            outcome = "over_budget"
-        else:
-            outcome = "within_budget"
+        over = self._observe(TURN, report.total_ns, report.turn_budget_ns) or any(s.over_budget for s in report.spans)
+        outcome = "error" if report.error is not None else "over_budget" if over else "within_budget"
         self._outcomes[outcome] += 1
         self._turns.labels(outcome).inc()
         self._recent_outcomes.append(outcome)
+        self._recent_over.append(over)
         self._recent.append(report)
         self._finished_at.append(self._clock_ns())
         self._changed()
@@ -285,7 +282,8 @@ class LatencyBoard:
             "turns": {"total": self.turns_total, **self._outcomes},
             "turns_per_s": round(self.turns_per_s(), 3),
             "window_turns": len(outcomes),
-            "over_budget_rate": (sum(o == "over_budget" for o in outcomes) / len(outcomes)) if outcomes else None,
+            # Over budget: any stage, or the whole turn, took longer than its budget (failed turns included).
+            "over_budget_rate": (sum(self._recent_over) / len(outcomes)) if outcomes else None,
             "error_rate": (sum(o == "error" for o in outcomes) / len(outcomes)) if outcomes else None,
             "turn": by_name[TURN],
             "stages": stages,

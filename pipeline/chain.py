@@ -1,26 +1,24 @@
 """The conversational chain: user turns in, transcripts, answers, replies and latency reports out.
 
-One session is a stream composed with aiostream operators:
+One session, composed with aiostream operators:
 
-    user inputs ──feeder task──▶ utterances (bounded queue)
-        | map(recognize, ordered, task_limit=max_turns_ahead)   ASR of up to N turns at once; interim
-        |                                                        transcripts go out at once (side queue)
-        | concatmap(answer_turn, task_limit=1)                   per turn, in order: final transcript,
-        |                                                        QA (deadline = QA budget), response,
-        |                                                        one TurnReport
-        merge(interim transcripts, turn events)  ──▶ events
+    user inputs ──feeder task──▶ turns, each started as its own task as soon as its utterance starts:
+        asr (audio streams to the recognizer as it arrives) → qa (deadline = QA budget) → response
+        │ interim transcripts ──▶ side queue ──────────────────────────────────────┐
+        ▼                                                                            ▼
+    iterate(turn runs) | concatmap(deliver each turn's events, in turn order) ── merge ──▶ events
 
-So a final transcript flows to QA at once, and the reply of turn N streams back while turn N+1 is
-being heard. Every queue is bounded (utterances waiting, audio chunks per utterance, interim
-events), so a slow stage or a slow reader slows the session down to the client's stream (gRPC flow
-control) and memory stays bounded. A stage that fails or times out becomes a TurnError event for
-that turn, followed by its report; the session goes on.
+So a final transcript goes to QA at once, and the reply of turn N streams back while turn N+1 is
+being heard (and recognized, and answered). Every queue is bounded: audio chunks per utterance,
+interim transcripts, and the turns started but not yet delivered (`max_turns_ahead`; beyond it the
+feeder stops reading the client). A slow stage or a slow reader slows the session down to the
+client's stream (gRPC flow control), and memory stays bounded. A stage that fails or times out
+becomes a TurnError event for that turn, followed by its report; the session goes on.
 
 Latency: a turn starts at the end of the user's utterance (the moment the chain reads the text turn,
-or the EndOfUtterance of a spoken one). Each stage is recorded with `TurnRecorder.record_remote`: its
-round trip from the chain's side, the stage server's own time inside it, and the gap between them
-(`<stage>.network`). Waiting behind the previous turn is time the user waits too: it stays in the
-report as unattributed time.
+or the EndOfUtterance of a spoken one) and ends when its reply is ready. Its stages run back to back
+in one coroutine; each is recorded with `TurnRecorder.record_remote`: its round trip from the chain's
+side, the stage server's own time inside it, and the gap between them (`<stage>.network`).
 """
 
 from __future__ import annotations
@@ -228,16 +226,32 @@ class Utterance:
             yield cast(UtteranceFrame, frame)
 
 
-@dataclass(frozen=True)
-class Recognized:
-    utterance: Utterance
-    final: Recognition | None
-    done_ns: int  # when the final transcript (or the failure) reached the chain
-    error: StageError | None = None
+class TurnRun:
+    """One turn running as its own task: stage after stage, its events queued for in-order delivery."""
+
+    def __init__(self, utterance: Utterance) -> None:
+        self.utterance = utterance
+        self.events: asyncio.Queue[ChainEvent | object] = asyncio.Queue()  # a turn has at most 6 events
+        self.task: asyncio.Task[None] | None = None
+
+    def emit(self, event: ChainEvent) -> None:
+        self.events.put_nowait(event)
+
+    async def delivered(self) -> AsyncIterator[ChainEvent]:
+        """The turn's events as they happen, up to its report."""
+        while (event := await self.events.get()) is not _END:
+            yield cast(ChainEvent, event)
 
 
 class Conversation:
-    """The state of one session: its settings, trace id, stages and the interim-transcript side queue."""
+    """One session: a feeder task turns the client's inputs into turns, each turn runs as its own task.
+
+    Turn tasks start as soon as an utterance starts (its audio streams to the recognizer at once) and
+    run their stages back to back in one coroutine, so no hand-off between stages waits on the client
+    or on another turn: a final transcript goes to QA at once, and turn N+1 is recognized (and
+    answered) while turn N's reply is still being made or sent. At most `max_turns_ahead` turns are
+    started but not yet delivered; beyond that the feeder stops reading the client.
+    """
 
     def __init__(self, stages: Stages, chain: ChainSettings, session: SessionSettings, trace_id: str) -> None:
         self.stages = stages
@@ -245,53 +259,67 @@ class Conversation:
         self.session = session
         self.trace_id = trace_id
         self._interim: asyncio.Queue[TranscriptEvent | object] = asyncio.Queue(chain.max_queued_events)
+        self._turn_slots = asyncio.Semaphore(chain.max_turns_ahead)
+        self._runs: set[TurnRun] = set()
 
     def events(self, inputs: AsyncIterator[UserInput]) -> AsyncIterator[ChainEvent]:
-        # aiostream's operator signatures are looser than mypy can follow: the stages are typed here.
-        recognize: Any = self._recognize
-        answer_turn: Any = self._answer_turn
-        recognized: Stream[Recognized] = stream.iterate(self._utterances(inputs)) | pipe.map(
-            recognize, ordered=True, task_limit=self.chain.max_turns_ahead
-        )
-        answered: Stream[ChainEvent] = recognized | pipe.concatmap(answer_turn, task_limit=1)
+        deliver: Any = self._deliver  # aiostream's operator signatures are looser than mypy can follow
+        answered: Stream[ChainEvent] = stream.iterate(self._turn_runs(inputs)) | pipe.concatmap(deliver, task_limit=1)
         merged: Stream[ChainEvent] = stream.merge(self._interim_events(), self._then_close_interim(answered))
         return self._iterate(merged)
 
-    @staticmethod
-    async def _iterate(source: Stream[ChainEvent]) -> AsyncIterator[ChainEvent]:
-        async with source.stream() as events:
-            async for event in events:
+    async def _iterate(self, source: Stream[ChainEvent]) -> AsyncIterator[ChainEvent]:
+        try:
+            async with source.stream() as events:
+                async for event in events:
+                    yield event
+        finally:
+            for run in list(self._runs):
+                if run.task is not None:
+                    run.task.cancel()
+
+    async def _deliver(self, run: TurnRun) -> AsyncIterator[ChainEvent]:
+        try:
+            async for event in run.delivered():
                 yield event
+        finally:
+            self._runs.discard(run)
+            self._turn_slots.release()
 
     # -- feeding ---------------------------------------------------------------------------------
 
-    async def _utterances(self, inputs: AsyncIterator[UserInput]) -> AsyncIterator[Utterance]:
-        """Utterances as they start; a separate task reads the client so audio keeps flowing."""
-        queue: asyncio.Queue[Utterance | object] = asyncio.Queue(self.chain.max_turns_ahead)
+    async def _turn_runs(self, inputs: AsyncIterator[UserInput]) -> AsyncIterator[TurnRun]:
+        """Turns in order as they start; a separate task reads the client so audio keeps flowing."""
+        queue: asyncio.Queue[TurnRun | object] = asyncio.Queue()  # bounded by the turn slots
         feeder = asyncio.create_task(self._feed(inputs, queue))
         try:
             while (item := await queue.get()) is not _END:
                 if isinstance(item, BaseException):
                     raise item
-                assert isinstance(item, Utterance)
+                assert isinstance(item, TurnRun)
                 yield item
         finally:
             feeder.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await feeder
 
-    async def _feed(self, inputs: AsyncIterator[UserInput], queue: asyncio.Queue[Utterance | object]) -> None:
+    async def _feed(self, inputs: AsyncIterator[UserInput], queue: asyncio.Queue[TurnRun | object]) -> None:
         turn = 0
         current: Utterance | None = None
 
-        def start(stub_transcript: str) -> Utterance:
+        async def start(stub_transcript: str) -> Utterance:
             nonlocal turn
+            await self._turn_slots.acquire()  # at most max_turns_ahead turns in flight: backpressure
             turn += 1
             settings = RecognitionSettings(
                 self.session.audio_encoding, self.session.interim_results, stub_transcript.strip()
             )
-            trace = TraceIds(f"{self.trace_id}/{turn}")
-            return Utterance(turn, trace, settings, self.chain.max_queued_chunks)
+            utterance = Utterance(turn, TraceIds(f"{self.trace_id}/{turn}"), settings, self.chain.max_queued_chunks)
+            run = TurnRun(utterance)
+            run.task = asyncio.create_task(self._run_turn(run), name=f"turn {utterance.trace.trace_id}")
+            self._runs.add(run)
+            queue.put_nowait(run)
+            return utterance
 
         try:
             async for item in inputs:
@@ -300,15 +328,13 @@ class Conversation:
                         raise InvalidInputError("a text turn inside a spoken turn (send EndOfUtterance first)")
                     if not item.text.strip() or len(item.text) > MAX_TEXT_CHARS:
                         raise InvalidInputError(f"a text turn must have 1..{MAX_TEXT_CHARS} characters")
-                    utterance = start("")
-                    await queue.put(utterance)
+                    utterance = await start("")
                     await utterance.end(TextFrame(item.text))
                 elif isinstance(item, UserAudio):
                     if len(item.content) > MAX_CHUNK_BYTES:
                         raise InvalidInputError(f"an audio chunk of {len(item.content):,} bytes (limit 1 MiB)")
                     if current is None:
-                        current = start(item.stub_transcript)
-                        await queue.put(current)
+                        current = await start(item.stub_transcript)
                     await current.put(AudioFrame(item.content))
                 else:
                     if current is None:
@@ -317,13 +343,76 @@ class Conversation:
                     current = None
             if current is not None:  # the client half-closed in mid-utterance: that ends it
                 await current.end()
-            await queue.put(_END)
+            queue.put_nowait(_END)
         except InvalidInputError as exc:
-            await queue.put(exc)
+            queue.put_nowait(exc)
 
-    # -- recognition (several turns at once) -----------------------------------------------------
+    # -- one turn --------------------------------------------------------------------------------
 
-    async def _recognize(self, utterance: Utterance) -> Recognized:
+    async def _run_turn(self, run: TurnRun) -> None:
+        utterance = run.utterance
+        turn, trace = utterance.turn, utterance.trace.trace_id
+        stage = "asr"
+        recorder: TurnRecorder | None = None
+        try:
+            final, error, done_ns = await self._recognize(utterance)
+            assert utterance.end_ns is not None
+            recorder = TurnRecorder(turn, trace, self.session.budgets, start_ns=utterance.end_ns)
+            if error is not None or final is None:
+                error = error or StageError("asr", grpc.StatusCode.INTERNAL, "no transcript")
+                recorder.record("asr", utterance.end_ns, done_ns)
+                run.emit(TurnErrorEvent(turn, trace, "asr", error.code, error.message))
+                run.emit(ReportEvent(turn, trace, recorder.finish(end_ns=done_ns, error=str(error))))
+                return
+            recorder.record_remote("asr", utterance.end_ns, done_ns, {}, final.processing_ns)
+            run.emit(TranscriptEvent(turn, trace, final.transcript, True, confidence=final.confidence))
+
+            stage = "qa"
+            errors: list[str] = []
+            begin = time.perf_counter_ns()
+            try:
+                result = await self.stages.qa.answer(self._qa_request(final.transcript), utterance.trace)
+            except StageError as exc:
+                recorder.record("qa", begin, time.perf_counter_ns())
+                errors.append(str(exc))
+                reply_request = ReplyRequest(Outcome.FAILED, final.transcript, error_message=str(exc))
+                run.emit(TurnErrorEvent(turn, trace, "qa", exc.code, exc.message))
+            else:
+                timings = result.timings
+                server_stages = {name: timings.stage_ns(name) for name in STAGES}
+                recorder.record_remote("qa", begin, time.perf_counter_ns(), server_stages, timings.total_ns)
+                reply_request = self._reply_request(final.transcript, result)
+                run.emit(AnswerEvent(turn, trace, result))
+
+            stage = "response"
+            begin = time.perf_counter_ns()
+            try:
+                reply = await self.stages.response.respond(
+                    reply_request, utterance.trace, self.chain.response_timeout_s
+                )
+            except StageError as exc:
+                end = time.perf_counter_ns()
+                recorder.record("response", begin, end)
+                errors.append(str(exc))
+                run.emit(TurnErrorEvent(turn, trace, "response", exc.code, exc.message))
+            else:
+                end = time.perf_counter_ns()
+                recorder.record_remote("response", begin, end, {}, reply.processing_ns)
+                run.emit(ReplyEvent(turn, trace, reply))
+            # the turn ends when its reply is ready; sending it is the client stream's business
+            run.emit(ReportEvent(turn, trace, recorder.finish(end_ns=end, error="; ".join(errors) or None)))
+        except Exception as exc:  # a fault of the chain itself: this turn fails, the session goes on
+            log.error("turn %s failed in %s", trace, stage, exc_info=exc)
+            message = f"internal error ({type(exc).__name__})"
+            run.emit(TurnErrorEvent(turn, trace, stage, grpc.StatusCode.INTERNAL, message))
+            if recorder is None:
+                recorder = TurnRecorder(turn, trace, self.session.budgets, start_ns=utterance.end_ns)
+            run.emit(ReportEvent(turn, trace, recorder.finish(error=f"{stage}: INTERNAL: {message}")))
+        finally:
+            run.events.put_nowait(_END)
+
+    async def _recognize(self, utterance: Utterance) -> tuple[Recognition | None, StageError | None, int]:
+        """The final transcript (or the failure) and when it reached the chain; interim ones go out at once."""
         loop = asyncio.get_running_loop()
         final: Recognition | None = None
         error: StageError | None = None
@@ -351,7 +440,7 @@ class Conversation:
             utterance.abandon()
             await utterance.ended.wait()  # the turn starts (and is reported) when the user stops speaking
             done_ns = max(done_ns, time.perf_counter_ns())
-        return Recognized(utterance, final, done_ns, error)
+        return final, error, done_ns
 
     async def _interim_events(self) -> AsyncIterator[ChainEvent]:
         while (event := await self._interim.get()) is not _END:
@@ -364,61 +453,16 @@ class Conversation:
                 yield event
         await self._interim.put(_END)
 
-    # -- answering (one turn at a time, in order) ------------------------------------------------
-
-    async def _answer_turn(self, recognized: Recognized) -> AsyncIterator[ChainEvent]:
-        utterance = recognized.utterance
-        turn, trace = utterance.turn, utterance.trace
-        budgets = self.session.budgets
-        assert utterance.end_ns is not None
-        recorder = TurnRecorder(turn, trace.trace_id, budgets, start_ns=utterance.end_ns)
-        if recognized.error is not None or recognized.final is None:
-            error = recognized.error or StageError("asr", grpc.StatusCode.INTERNAL, "no transcript")
-            recorder.record("asr", utterance.end_ns, recognized.done_ns)
-            yield TurnErrorEvent(turn, trace.trace_id, "asr", error.code, error.message)
-            yield ReportEvent(turn, trace.trace_id, recorder.finish(error=str(error)))
-            return
-        final = recognized.final
-        recorder.record_remote("asr", utterance.end_ns, recognized.done_ns, {}, final.processing_ns)
-        yield TranscriptEvent(turn, trace.trace_id, final.transcript, True, confidence=final.confidence)
-
-        errors: list[str] = []
-        qa_budget_ns = budgets.of("qa") or 10 * MS
-        request = QARequest(
-            question=final.transcript,
+    def _qa_request(self, question: str) -> QARequest:
+        budget_ns = self.session.budgets.of("qa") or 10 * MS
+        return QARequest(
+            question=question,
             passage=self.session.passage,
             passage_id=self.session.passage_id,
-            deadline_s=qa_budget_ns / 1e9,
+            deadline_s=budget_ns / 1e9,  # the QA budget is the QA call's deadline
             model_id=self.session.model_id,
             options=self.session.qa_options,
         )
-        begin = time.perf_counter_ns()
-        try:
-            result = await self.stages.qa.answer(request, trace)
-        except StageError as exc:
-            recorder.record("qa", begin, time.perf_counter_ns())
-            errors.append(str(exc))
-            reply_request = ReplyRequest(Outcome.FAILED, final.transcript, error_message=str(exc))
-            yield TurnErrorEvent(turn, trace.trace_id, "qa", exc.code, exc.message)
-        else:
-            timings = result.timings
-            server_stages = {name: timings.stage_ns(name) for name in STAGES}
-            recorder.record_remote("qa", begin, time.perf_counter_ns(), server_stages, timings.total_ns)
-            yield AnswerEvent(turn, trace.trace_id, result)
-            reply_request = self._reply_request(final.transcript, result)
-
-        begin = time.perf_counter_ns()
-        try:
-            reply = await self.stages.response.respond(reply_request, trace, self.chain.response_timeout_s)
-        except StageError as exc:
-            recorder.record("response", begin, time.perf_counter_ns())
-            errors.append(str(exc))
-            yield TurnErrorEvent(turn, trace.trace_id, "response", exc.code, exc.message)
-        else:
-            recorder.record_remote("response", begin, time.perf_counter_ns(), {}, reply.processing_ns)
-            yield ReplyEvent(turn, trace.trace_id, reply)
-        report = recorder.finish(error="; ".join(errors) or None)
-        yield ReportEvent(turn, trace.trace_id, report)
 
     def _reply_request(self, question: str, result: QAResult) -> ReplyRequest:
         want_audio = self.session.want_audio

@@ -35,6 +35,7 @@ from pipeline.client import AnswerOptions
 from qa.v1 import qa_pb2
 from qacore.latency import MS, Budgets, TurnReport
 from services.asr_stub import AudioEncoding
+from services.interceptors import InvalidMessage
 from services.logctx import escape_log_text, request_context
 from services.response_service import AUDIO_TO_PB, KIND_TO_PB
 from services.stage_server import MAX_TRACE_ID_CHARS, TRACE_ID_HEADER, StageBinding, StageServer
@@ -98,6 +99,8 @@ def options_from_pb(options: qa_pb2.AnswerOptions) -> AnswerOptions:
 
 async def inputs_from_pb(request_iterator: Any) -> AsyncIterator[UserInput]:
     async for message in request_iterator:
+        if isinstance(message, InvalidMessage):  # could not be read (services.interceptors.MessageInterceptor)
+            raise InvalidInputError(message.message)
         kind = message.WhichOneof("request")
         if kind == "text":
             yield UserText(message.text.text)
@@ -196,7 +199,7 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
     ) -> AsyncIterator[assistant_pb2.ConverseEvent]:
         trace_id = session_trace_id(context)
         with request_context(trace_id):
-            await context.send_initial_metadata(((TRACE_ID_HEADER, trace_id),))
+            context.set_trailing_metadata(((TRACE_ID_HEADER, trace_id),))
             if self.sessions >= self.max_sessions:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{self.max_sessions} sessions already open")
             self.sessions += 1
@@ -204,6 +207,8 @@ class AssistantService(assistant_pb2_grpc.AssistantServicer):
                 first = await anext(aiter(request_iterator), None)
                 if first is None:
                     return
+                if isinstance(first, InvalidMessage):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, first.message)
                 if first.WhichOneof("request") != "config":
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a SessionConfig")
                 try:

@@ -61,6 +61,7 @@ class ChainConfig:
     budgets: Budgets = field(default_factory=Budgets)  # sessions' defaults (a session may set its own)
     qa_max_batch_size: int | None = None  # None: qa-serve's default
     interceptors: tuple[grpc.aio.ServerInterceptor, ...] = ()  # extra interceptors of the front (and stages)
+    front_credentials: grpc.ServerCredentials | None = None  # TLS / mutual TLS of the front (services.auth)
     startup_timeout_s: float = 600.0  # a split stage must be serving by then (the engine may be built first)
     stage_log_level: str = "WARNING"  # log level of split stage processes
 
@@ -152,6 +153,7 @@ async def start_chain(
         stack.push_async_callback(stages.close)
         service = AssistantService(Chain(stages, config.chain), board, config.budgets)
         front: StageServer = assistant_server(service, config.host, config.assistant_port, config.interceptors)
+        front.credentials = config.front_credentials
         await front.start()
         stack.push_async_callback(front.stop)
         running.assistant_target = front.target

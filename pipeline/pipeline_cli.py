@@ -23,6 +23,7 @@ from pipeline.launcher import DEFAULT_ASSISTANT_PORT, DEFAULT_DASHBOARD_PORT, Ch
 from qacore.errors import QAError
 from qacore.latency import parse_budgets
 from services.asr_stub import AsrStubConfig
+from services.auth import AuthInterceptor, ServerSecurity
 from services.logctx import configure_logging
 from services.response_service import ResponderConfig
 
@@ -52,12 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
     add("--asr-final-latency-ms", type=float, default=0.0, help="ASR stub: simulated end-of-utterance latency")
     add("--no-speech", action="store_true", help="never synthesize reply audio (espeak-ng is used when installed)")
     add("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    ServerSecurity.add_arguments(parser)  # TLS, mutual TLS and bearer tokens of the assistant.v1 front
     return parser
 
 
 def config_from_args(argv: Sequence[str] | None) -> tuple[ChainConfig, str]:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        security = ServerSecurity.from_args(args)
+        tokens = security.tokens()
+        credentials = security.credentials()
+    except (ValueError, OSError) as exc:
+        parser.error(str(exc))
     if args.engine is not None and args.qa_target is not None:
         parser.error("--engine and --qa-target exclude each other")
     if args.engine is not None and not args.engine.is_dir():
@@ -76,6 +84,8 @@ def config_from_args(argv: Sequence[str] | None) -> tuple[ChainConfig, str]:
             chain=ChainSettings(),
             budgets=parse_budgets(args.budgets),
             stage_log_level=args.log_level if args.log_level != "INFO" else "WARNING",
+            interceptors=(AuthInterceptor(tokens),),
+            front_credentials=credentials,
         )
     except ValueError as exc:
         parser.error(str(exc))
@@ -87,6 +97,9 @@ async def run(config: ChainConfig) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    for interceptor in config.interceptors:  # rotate the front's bearer tokens without a restart
+        if isinstance(interceptor, AuthInterceptor) and interceptor.tokens is not None:
+            loop.add_signal_handler(signal.SIGHUP, interceptor.tokens.reload)
     starting = asyncio.create_task(_serve(config, stop))
     return await starting
 

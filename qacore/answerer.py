@@ -12,10 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
 from qacore.batching import LogitsTable, pad_batch, plan_batches, scatter_rows
 from qacore.bundle import EngineBundle, featurizer_for_engine, open_bundle
-from qacore.decoding import DecoderConfig, Prediction, decode
-from qacore.engine import Engine
+from qacore.decoding import DecoderConfig, Prediction, decode, decode_spans, span_masks, uses_device_spans
+from qacore.engine import Engine, EngineSpans
 from qacore.factory import EngineOptions
 from qacore.features import EncodedPassage, Features, Featurizer, FeaturizerConfig
 from qacore.latency import LatencyTracker, StageTimings
@@ -87,9 +89,21 @@ class QuestionAnswerer:
         windows = [features[item].windows[row] for item, row in owners]
         tables = [LogitsTable.for_windows(feature.windows) for feature in features]
         pad_id = self.featurizer.special.pad_id
+        # Engines that search spans on the device return a few spans per window instead of logit rows.
+        device_spans = uses_device_spans(self.engine, self.decoder_config)
+        spans: list[dict[int, EngineSpans]] = [{} for _ in features]  # per question: window row -> its spans
         for chunk in plan_batches([window.seq_len for window in windows], self.engine.meta.max_batch_size):
             batch = pad_batch([windows[index] for index in chunk], pad_id)
             begin = time.perf_counter_ns()
+            if device_spans:
+                masks = span_masks([windows[index] for index in chunk], batch.seq_len)
+                found = self.engine.infer_spans(batch, *masks, self.decoder_config.max_answer_length)
+                for position, index in enumerate(chunk):
+                    item, row = owners[index]
+                    spans[item][row] = _batch_row(found, position)
+                for item in {owners[index][0] for index in chunk}:
+                    trackers[item].add("infer", time.perf_counter_ns() - begin)
+                continue
             outputs = self.engine.infer(batch)
             duration = time.perf_counter_ns() - begin
             for position, index in enumerate(chunk):
@@ -104,13 +118,29 @@ class QuestionAnswerer:
                 )
             for item in {owners[index][0] for index in chunk}:
                 trackers[item].add("infer", duration)
-        results = []
+        results: list[AnswerResult] = []
         for tracker, feature, table, (question, _) in zip(trackers, features, tables, items, strict=True):
             with tracker.stage("decode"):
-                prediction = decode(feature, table.start, table.end, self.decoder_config)
+                if device_spans:
+                    prediction = decode_spans(feature, _stack(spans[len(results)]), self.decoder_config)
+                else:
+                    prediction = decode(feature, table.start, table.end, self.decoder_config)
             results.append(AnswerResult(question, prediction, tracker.finish()))
         return results
 
     def with_decoder(self, **changes: object) -> QuestionAnswerer:
         """The same engine and featurizer with other decoding options (n-best size, null threshold...)."""
         return QuestionAnswerer(self.engine, self.featurizer, replace(self.decoder_config, **changes))  # type: ignore[arg-type]
+
+
+def _batch_row(spans: EngineSpans, row: int) -> EngineSpans:
+    """One window's spans out of a batch's device span search."""
+    return EngineSpans(*(getattr(spans, name)[row : row + 1] for name in _SPAN_FIELDS))
+
+
+def _stack(rows: dict[int, EngineSpans]) -> EngineSpans:
+    """One question's spans in window order (batches carry windows shortest first)."""
+    return EngineSpans(*(np.concatenate([getattr(rows[row], name) for row in sorted(rows)]) for name in _SPAN_FIELDS))
+
+
+_SPAN_FIELDS = ("starts", "ends", "logits", "null_logits")

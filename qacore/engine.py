@@ -11,11 +11,12 @@ from typing import Any
 import numpy as np
 
 from qacore.config import ModelConfig
-from qacore.errors import EngineError
+from qacore.errors import EngineError, EngineFaultError
 from qacore.features import EngineInputs
 
 META_FILE = "meta.json"
 META_FORMAT = 1
+WARMUP_TOKEN_ID = 101  # [CLS] in BERT's uncased vocabulary (any valid id would do)
 
 
 @dataclass(frozen=True)
@@ -122,12 +123,19 @@ class Engine(ABC):
         raise EngineError(f"the {self.meta.backend} engine does not search spans on the device")
 
     def warmup(self) -> None:
-        """Run each optimised shape once so the first real request pays no start-up cost."""
+        """Run each optimised shape once so the first real request pays no start-up cost.
+
+        Raises `EngineFaultError` when the engine answers with NaN or infinite logits, so a broken engine
+        fails here, before it serves.
+        """
+        token = min(WARMUP_TOKEN_ID, self.meta.model_config.vocab_size - 1)
         for seq_len in self.meta.sequence_lengths:
             shape = (1, seq_len)
-            self.infer(
-                EngineInputs(np.zeros(shape, np.int32) + 101, np.zeros(shape, np.int32), np.ones(shape, np.int32))
+            outputs = self.infer(
+                EngineInputs(np.full(shape, token, np.int32), np.zeros(shape, np.int32), np.ones(shape, np.int32))
             )
+            if not (np.isfinite(outputs.start_logits).all() and np.isfinite(outputs.end_logits).all()):
+                raise EngineFaultError(f"the engine returned NaN or infinite logits at warm-up (sequence {seq_len})")
 
     def close(self) -> None:  # noqa: B027 - backends without resources keep the default
         """Release memory and threads held by the engine."""

@@ -28,6 +28,7 @@ from typing import Any
 import grpc
 
 from asr.v1 import asr_pb2, asr_pb2_grpc
+from services.interceptors import InvalidMessage
 from services.logctx import request_context
 from services.stage_server import StageBinding, StageServer, trace_id_of
 
@@ -281,7 +282,9 @@ def settings_to_pb(settings: RecognitionSettings) -> asr_pb2.RecognitionConfig:
     )
 
 
-def frame_from_pb(message: asr_pb2.StreamingRecognizeRequest) -> UtteranceFrame:
+def frame_from_pb(message: asr_pb2.StreamingRecognizeRequest | InvalidMessage) -> UtteranceFrame:
+    if isinstance(message, InvalidMessage):  # could not be read (services.interceptors.MessageInterceptor)
+        raise StreamMisuseError(message.message)
     kind = message.WhichOneof("request")
     if kind == "text":
         return TextFrame(message.text)
@@ -325,7 +328,7 @@ class RecognizerService(asr_pb2_grpc.RecognizerServicer):
             first = await anext(aiter(request_iterator), None)
             if first is None:
                 return
-            if first.WhichOneof("request") != "config":
+            if isinstance(first, InvalidMessage) or first.WhichOneof("request") != "config":
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be a config")
             try:
                 settings = settings_from_pb(first.config)

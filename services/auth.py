@@ -14,12 +14,14 @@ ever logged.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import contextvars
 import hashlib
 import hmac
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +157,41 @@ def server_credentials(cert: bytes, key: bytes, client_ca: bytes | None = None) 
     )
 
 
-def auth_interceptors(token_file: Path | None) -> tuple[AuthInterceptor, ...]:
-    """The interceptor a server installs: always one (it also sets the caller scope for mTLS-only servers)."""
-    return (AuthInterceptor(TokenSet(token_file) if token_file is not None else None),)
+@dataclass(frozen=True)
+class ServerSecurity:
+    """TLS, mutual TLS and bearer tokens of one server, as flags (for the chain's servers; `qa-serve` declares
+    the same settings in `services.config.ServerConfig`)."""
+
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    auth_token_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both a certificate and a key")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("mutual TLS (--tls-client-ca) needs the server's own --tls-cert and --tls-key")
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        add = parser.add_argument
+        add("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key: serve TLS)")
+        add("--tls-key", type=Path, help="PEM private key")
+        add("--tls-client-ca", type=Path, help="PEM CA: clients must present a certificate it signed (mutual TLS)")
+        add("--auth-token-file", type=Path, help="accepted bearer tokens, one per line (reloaded on SIGHUP)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ServerSecurity:
+        return cls(args.tls_cert, args.tls_key, args.tls_client_ca, args.auth_token_file)
+
+    def tokens(self) -> TokenSet | None:
+        """The token set (read now: TokenFileError for a bad file)."""
+        return TokenSet(self.auth_token_file) if self.auth_token_file is not None else None
+
+    def credentials(self) -> grpc.ServerCredentials | None:
+        """TLS credentials (files read now: OSError for a missing one), or None for plaintext."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        client_ca = self.tls_client_ca.read_bytes() if self.tls_client_ca is not None else None
+        return server_credentials(self.tls_cert.read_bytes(), self.tls_key.read_bytes(), client_ca)

@@ -172,18 +172,25 @@ class Batcher:
         for engine, executor in zip(self._engines, self._executors, strict=True):
             self._workers.append(asyncio.create_task(self._work(engine, executor), name=f"batcher-{self.name}"))
 
-    async def close(self) -> None:
-        """Refuse new work, run what is queued (unless dropped), stop the workers and their threads.
+    async def close(self, timeout_s: float | None = None) -> bool:
+        """Refuse new work, run what is queued (unless dropped or abandoned), stop the workers and threads.
 
-        The engines themselves stay open: whoever loaded them closes them.
+        With `timeout_s`, an engine call still running after it is not waited for (its thread finishes on
+        its own); returns whether everything stopped. The engines themselves stay open: whoever loaded
+        them closes them, and only after this returned True.
         """
         self._closing = True
         self._wakeup.set()
+        stopped = True
         if self._workers:
-            await asyncio.gather(*self._workers, return_exceptions=True)
+            _, running = await asyncio.wait(self._workers, timeout=timeout_s)
+            for worker in running:
+                worker.cancel()
+            stopped = not running
         self._fail_queued(NotServingError("server is shutting down"))
         for executor in self._executors:
-            executor.shutdown(wait=True)
+            executor.shutdown(wait=stopped)
+        return stopped
 
     def abandon(self) -> None:
         """Shutdown past its grace period: refuse new work and fail what is queued (UNAVAILABLE) instead of
@@ -201,10 +208,9 @@ class Batcher:
     def busy_contexts(self) -> int:
         return self._busy
 
-    def queued_of(self, caller: str) -> int:
-        """Windows of one caller waiting to run."""
-        entry = self._callers.get(caller)
-        return entry.queued if entry is not None else 0
+    def queued_by_caller(self) -> dict[str, int]:
+        """Windows waiting to run, by caller (unary calls are "#<n>", streams "stream:<id>:...")."""
+        return {key: entry.queued for key, entry in self._callers.items() if entry.queued}
 
     # -- submitting --------------------------------------------------------------------------------
 
@@ -380,8 +386,9 @@ class Batcher:
             self._observer.observe_batch(size, seq_len, real_tokens(windows), infer_ns, ok)
 
     def _is_heavy(self, entry: _Caller) -> bool:
-        """A caller with a backlog: more windows queued than one batch holds, or already leading a batch."""
-        return entry.queued > self.max_batch_size or entry.leading > 0
+        """A caller with a backlog: more windows queued than one batch holds, several requests waiting (a
+        stream's questions), or already leading a batch."""
+        return entry.queued > self.max_batch_size or len(entry.jobs) > 1 or entry.leading > 0
 
     def _eligible(self) -> list[_Caller]:
         """Callers with queued windows that may lead the next batch, in rotation order."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -45,7 +46,18 @@ async def serve(config: ServerConfig) -> int:
     await stopping
     log.info("signal received: shutting down")
     await server.stop()
+    if server.engine_calls_abandoned:
+        raise HardExit(0)
     return 0
+
+
+class HardExit(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """The server stopped within its grace period but left an engine call running on a thread, which the
+    interpreter would wait for at exit: end the process now instead (logs are flushed first)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,6 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_workers(config)
     try:
         return asyncio.run(serve(config))
+    except HardExit as exit_now:
+        logging.shutdown()
+        os._exit(exit_now.code)
     except KeyboardInterrupt:  # a second Ctrl-C during shutdown
         return 130
 

@@ -181,7 +181,11 @@ class QuestionAnsweringService(qa_pb2_grpc.QuestionAnsweringServicer):
         assert text is not None
         passage_id = PassageStore.id_of(text)
         cached = self.passages.cached_encoding(scope, passage_id, model.model_id)
-        encoded = cached or await self._cpu(len(text) > offload, model.featurizer.encode_passage, text)
+        encoded = (
+            cached
+            if cached is not None
+            else await self._cpu(len(text) > offload, model.featurizer.encode_passage, text)
+        )
         if cached is None or share:
             await self.passages.store(scope, text, model.model_id, encoded, shared=share)
         return passage_id, encoded
@@ -203,6 +207,11 @@ class QuestionAnsweringService(qa_pb2_grpc.QuestionAnsweringServicer):
         if query.timeout_ms is not None:
             deadlines.append(arrival_ns + query.timeout_ms * 1_000_000)
         return min(deadlines) if deadlines else None
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _decode(features: Features, logits: WindowLogits, config: DecoderConfig) -> Prediction:
@@ -280,6 +289,10 @@ class StreamSession:
         stop = asyncio.create_task(self.stopped.wait())
         try:
             await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            task.add_done_callback(_retrieve)  # its outcome (often the end of the stream) no longer matters
+            raise
         finally:
             stop.cancel()
         if task.done():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 import time
 from collections.abc import Callable
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # set by `qa-serve --workers` (services/workers.py)
+QUEUE_DEPTH_REFRESH_S = 0.5
 FINAL_GRACE_S = 0.25  # after draining, how long idle streams and health watches get to close
 REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"  # the same protocol as v1alpha under its final name
 
@@ -72,7 +75,9 @@ class QAServer:
         self._server: grpc.aio.Server | None = None
         # Interceptors of other concerns (authentication) for the standard chain; set before `start()`.
         self.extra_interceptors: list[grpc.aio.ServerInterceptor] = []
+        self.engine_calls_abandoned = False  # set when stop() left an engine call running (qa-serve exits hard)
         self._stopping: asyncio.Task[None] | None = None
+        self._depth_refresh: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> QAServer:
         await self.start()
@@ -172,6 +177,8 @@ class QAServer:
             await self.health.set(model_health_name(model.model_id), SERVING)
         for name in (SERVICE_NAME, health.OVERALL_HEALTH):
             await self.health.set(name, SERVING)
+        if os.environ.get(MULTIPROC_ENV):  # a `--workers` process: see _refresh_queue_depth
+            self._depth_refresh = asyncio.create_task(self._refresh_queue_depth())
         log.info(
             "serving %s (default %s) after %.1f s",
             ", ".join(model.model_id for model in self.models),
@@ -185,8 +192,18 @@ class QAServer:
             self._stopping = asyncio.create_task(self._stop(self.config.grace_s if grace_s is None else grace_s))
         await asyncio.shield(self._stopping)
 
+    async def _refresh_queue_depth(self) -> None:
+        """Multiprocess metrics (`--workers`) merge the values workers write to files, and a gauge's function
+        is not such a value: queue depths are copied into the gauges every QUEUE_DEPTH_REFRESH_S instead."""
+        while True:
+            for model in self.models:
+                self.metrics.queue_depth.labels(model.model_id).set(model.batcher.depth)
+            await asyncio.sleep(QUEUE_DEPTH_REFRESH_S)
+
     async def _stop(self, grace_s: float) -> None:
         started = time.perf_counter_ns()
+        if self._depth_refresh is not None:
+            self._depth_refresh.cancel()
         deadline_s = time.monotonic() + grace_s
         # Drain first: new calls get UNAVAILABLE from the call-tracking interceptor (a clear, retryable
         # status), open streams stop reading, and calls and stream questions in flight finish. Only then
@@ -201,14 +218,19 @@ class QAServer:
                     "grace period of %.1f s over with %d calls still in flight: cancelling them",
                     grace_s, self.calls.in_flight,
                 )  # fmt: skip
-            # Work still queued is dropped, not run: the grace period bounds the shutdown.
-            for model in self.models:
-                model.batcher.abandon()
             # What is left are idle connections and health watches: close them promptly.
             await self._server.stop(min(FINAL_GRACE_S, max(0.0, deadline_s - time.monotonic())))
+        # Work still queued is dropped, not run, and a running engine call is not waited for beyond the
+        # grace period: the grace period bounds the shutdown.
         for model in self.models:
             model.batcher.abandon()
-            await model.close()
+            stopped = await model.batcher.close(max(FINAL_GRACE_S, deadline_s - time.monotonic()))
+            if stopped:
+                await model.close()
+            else:
+                self.engine_calls_abandoned = True
+                log.warning("model %s: an engine call is still running after the grace period; not waited for",
+                            model.model_id)  # fmt: skip
         # A long tokenization still running is not waited for; queued ones are cancelled.
         self.cpu_executor.shutdown(wait=False, cancel_futures=True)
         await self.passages.close()

@@ -1,9 +1,11 @@
 """A small grpc.aio server for one chain stage (ASR stub, response, assistant front) with health checking.
 
 Each stage's servicer is registered by a callback; standard health checking reports the stage's
-service name and the server as SERVING once started and NOT_SERVING while shutting down. Extra
-server interceptors (authentication, request ids, error mapping) are passed in by whoever builds
-the server, so the stages themselves know nothing about them.
+service name and the server as SERVING once started and NOT_SERVING while shutting down. Every call
+goes through the project's standard interceptor chain (`services.interceptors.server_interceptors`:
+request ids in log lines, error mapping, drain on shutdown, malformed messages as INVALID_ARGUMENT);
+extra interceptors (authentication) are passed in by whoever builds the server, so the stages
+themselves know nothing about them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from services.interceptors import CallTracker, server_interceptors
 from services.logctx import NO_REQUEST, REQUEST_ID_HEADER
 
 log = logging.getLogger(__name__)
@@ -52,7 +55,7 @@ def host_port(host: str, port: int) -> str:
 class StageServer:
     """One listening gRPC server for one or more stage services; `start()` then `stop()`."""
 
-    def __init__(
+    def __init__(  # interceptors: extra ones (e.g. authentication), inside request ids and error mapping
         self,
         name: str,
         bindings: Sequence[StageBinding],
@@ -65,6 +68,8 @@ class StageServer:
         self.host = host
         self.requested_port = port
         self.interceptors = tuple(interceptors)
+        self.credentials: grpc.ServerCredentials | None = None  # TLS (services.auth); set before start()
+        self.calls = CallTracker()
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -77,8 +82,9 @@ class StageServer:
 
     async def start(self) -> int:
         """Bind, start and report SERVING; returns the port (OSError when the address cannot be bound)."""
+        chain = server_interceptors(None, self.interceptors, calls=self.calls, max_message_bytes=MAX_MESSAGE_BYTES)
         server = grpc.aio.server(
-            interceptors=self.interceptors,
+            interceptors=chain,
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -90,7 +96,10 @@ class StageServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         address = f"[{self.host}]:{self.requested_port}" if ":" in self.host else f"{self.host}:{self.requested_port}"
         try:
-            port = server.add_insecure_port(address)
+            if self.credentials is not None:
+                port = server.add_secure_port(address, self.credentials)
+            else:
+                port = server.add_insecure_port(address)
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {address}: {exc}") from None
         if port == 0:
@@ -108,8 +117,10 @@ class StageServer:
         server, self._server = self._server, None
         if server is None:
             return
+        self.calls.drain()  # new calls get UNAVAILABLE; calls in flight may finish within the grace period
         await self.health.enter_graceful_shutdown()
-        await server.stop(grace_s)
+        await self.calls.wait_idle(grace_s)
+        await server.stop(0.5)
         log.info("%s stopped", self.name)
 
     async def __aenter__(self) -> StageServer:

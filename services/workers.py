@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from services.config import ServerConfig
+from services.server import MULTIPROC_ENV
 
 log = logging.getLogger("qa-serve")
 
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 STOP_MARGIN_S = 5.0  # beyond the grace period, how long a worker gets before it is killed
 
 

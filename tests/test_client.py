@@ -20,6 +20,7 @@ from pipeline.client import (
     QAClientError,
     Question,
     RetryPolicy,
+    channel_target,
     result_from_pb,
     status_code_of,
 )
@@ -170,3 +171,46 @@ async def test_tls(engine_dir: Path, tmp_path: Path) -> None:
         async with QAClient(server.target, plaintext) as client:
             with pytest.raises(QAClientError):
                 await client.answer("Who led them?", PASSAGE)
+
+
+def test_several_addresses_become_one_balanced_target() -> None:
+    assert channel_target("127.0.0.1:50051") == "127.0.0.1:50051"
+    assert channel_target("dns:///qa.internal:50051") == "dns:///qa.internal:50051"
+    assert channel_target("127.0.0.1:1, 127.0.0.2:2") == "ipv4:127.0.0.1:1,127.0.0.2:2"
+    assert channel_target(["[::1]:1", "[::1]:2"]) == "ipv6:[::1]:1,[::1]:2"
+    for bad in ("", "qa-a:1,qa-b:2", "127.0.0.1:1,[::1]:2", "127.0.0.1,127.0.0.2:2"):
+        with pytest.raises(ValueError):
+            channel_target(bad)
+
+
+def test_the_service_config_asks_grpc_for_round_robin_retries_and_throttling() -> None:
+    import json
+
+    config = json.loads(RetryPolicy(max_attempts=9, initial_backoff_s=0.05).service_config())
+    assert config["loadBalancingConfig"] == [{"round_robin": {}}]
+    (method,) = config["methodConfig"]
+    assert {name["method"] for name in method["name"]} == {"Answer", "PutPassage", "ListModels", "GetModelInfo"}
+    assert method["retryPolicy"]["maxAttempts"] == 5  # gRPC's own limit
+    assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+    assert config["retryThrottling"]["maxTokens"] > 0
+    assert "methodConfig" not in json.loads(RetryPolicy(max_attempts=1).service_config())
+    with pytest.raises(ValueError, match="both"):
+        ClientConfig(tls_root_cert=Path("ca.pem"), tls_client_cert=Path("c.pem"))
+    assert "secret" not in repr(ClientConfig(token="secret"))  # tokens are never printed
+
+
+async def test_round_robin_spreads_calls_and_routes_around_a_stopped_server(engine_dir: Path) -> None:
+    servers = [QAServer(ServerConfig(port=0, engines=(EngineSpec(engine_dir),))) for _ in range(2)]
+    for server in servers:
+        await server.start()
+    try:
+        async with QAClient([server.target for server in servers]) as client:
+            for index in range(10):
+                assert (await client.answer(f"Who led them ({index})?", PASSAGE)).text
+            assert all(answer_calls(server, "OK") >= 2 for server in servers)  # both addresses got calls
+            await servers[0].stop()
+            for index in range(6):  # gRPC retries UNAVAILABLE and round_robin drops the dead address
+                assert (await client.answer(f"Who led them ({index})?", PASSAGE)).text
+    finally:
+        for server in servers:
+            await server.stop()

@@ -148,6 +148,7 @@ def bad_input_files(tmp_path: Path) -> dict[str, str]:
     whole = gzip.compress(dataset.read_bytes())
     (tmp_path / "cut.json.gz").write_bytes(whole[: len(whole) // 2])
     (tmp_path / "bad.json").write_text('{"version": "v2.0", "data": [', encoding="utf-8")
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
     write_json(tmp_path / "list.json", [1, 2])
     write_json(tmp_path / "noqas.json", {"version": "v2.0", "data": [{"paragraphs": [{"context": "c"}]}]})
     write_json(tmp_path / "predlist.json", ["Paris"])
@@ -200,10 +201,28 @@ BAD_INPUTS = [
         "2.0 data only",
     ),
     ("engine mode limit 0", ["--squad-json", "{d}", "--limit", "0"], "no questions to answer"),
+    ("unknown flag", ["{d}", "{p}", "--frobnicate"], "unrecognized arguments"),
+    ("too many threads", ["--squad-json", "{d}", "--threads", "100000"], "--threads must be in [0, "),
+    ("precision with an engine", ["--squad-json", "{d}", "--engine", "{t}", "--precision", "fp32"], "--precision"),
+    ("precision in scoring mode", ["{d}", "{p}", "--precision", "fp32"], "apply to engine mode only"),
+    ("deeply nested dataset", ["{t}/deep.json", "{p}"], "nested too deeply"),
+]
+ENGINE_FAILURES = [
     ("engine directory missing", ["--squad-json", "{d}", "--engine", "{t}/no-engine"], "engine directory not found"),
     ("not an engine directory", ["--squad-json", "{d}", "--engine", "{t}"], "not an engine directory"),
-    ("unknown flag", ["{d}", "{p}", "--frobnicate"], "unrecognized arguments"),
 ]
+
+
+@pytest.mark.parametrize(("case", "argv", "message"), ENGINE_FAILURES, ids=[case for case, _, _ in ENGINE_FAILURES])
+def test_an_engine_that_cannot_be_used_is_one_line_and_exit_3(
+    case: str, argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    places = bad_input_files(tmp_path)
+    assert main([arg.format(**places) for arg in argv]) == 3
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and captured.err.startswith("qa-eval: error: "), captured.err
+    assert message in captured.err
 
 
 @pytest.mark.parametrize(("case", "argv", "message"), BAD_INPUTS, ids=[case for case, _, _ in BAD_INPUTS])

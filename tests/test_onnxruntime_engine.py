@@ -12,7 +12,7 @@ import pytest
 from builder.build import BuildConfig, build_engine
 from qacore.backends.onnxruntime import OrtEngine
 from qacore.decoding import decode
-from qacore.engine import EngineMeta
+from qacore.engine import EngineMeta, EngineOutputs
 from qacore.errors import EngineError
 from qacore.factory import EngineOptions, load_engine
 from qacore.features import EngineInputs, Features, Featurizer
@@ -93,12 +93,23 @@ def test_thread_options_do_not_change_results(
     batch = featurizer.batch(dev_features[0].windows)
     with load_engine(ort_fp32_engine_dir, EngineOptions(intra_op_threads=1, allow_spinning=False)) as single:
         np.testing.assert_allclose(single.infer(batch).start_logits, fp32_engine.infer(batch).start_logits, atol=1e-4)
-    with pytest.raises(EngineError, match="thread counts must be >= 0"):
+    with pytest.raises(EngineError, match=r"thread counts must be in \[0, "):
         EngineOptions(intra_op_threads=-1)
+    with pytest.raises(EngineError, match=r"thread counts must be in \[0, "):
+        EngineOptions(intra_op_threads=100_000)
 
 
-def test_warmup_runs_every_optimised_length(fp32_engine: OrtEngine) -> None:
+def test_warmup_runs_every_optimised_length(fp32_engine: OrtEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    shapes: list[tuple[int, int]] = []
+    infer = fp32_engine.infer
+
+    def recording_infer(inputs: EngineInputs) -> EngineOutputs:
+        shapes.append(inputs.input_ids.shape)
+        return infer(inputs)
+
+    monkeypatch.setattr(fp32_engine, "infer", recording_infer)
     fp32_engine.warmup()
+    assert shapes == [(1, length) for length in fp32_engine.meta.sequence_lengths] == [(1, 128), (1, 384)]
 
 
 def test_inputs_beyond_the_engine_are_refused(fp32_engine: OrtEngine) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -12,10 +13,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from builder.checkpoint import checkpoint_sha256, load_checkpoint
+from builder.checkpoint import load_checkpoint
 from builder.cli import main
-from builder.defaults import DefaultEngineOptions, ensure_default_engine
+from builder.defaults import ensure_default_engine
+from qacore.default_engine import (
+    DefaultEngineSpec,
+    find_default_engine,
+    is_current,
+    model_fingerprint,
+    resolve_default_engine,
+)
+from qacore.default_engine import shipped_model_dir as shipped_model_dir_of_package
 from qacore.engine import EngineMeta
+from qacore.errors import EngineError
 from qacore.factory import load_engine
 from qacore.features import Featurizer
 from qacore.tokenization import load_tokenizer, vocab_sha256
@@ -194,40 +204,76 @@ def test_console_entry_point_exit_status(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- default engine
 
 
-def test_default_engine_is_built_once_and_rebuilt_when_stale(
+def test_default_engine_is_int8_from_the_shipped_calibration_and_built_once(
     shipped_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("QA_ENGINE_CACHE", str(tmp_path / "cache"))
-    options = DefaultEngineOptions(model_dir=shipped_model_dir)
-    engine_dir = ensure_default_engine(options)
-    source = checkpoint_sha256(shipped_model_dir)
-    assert engine_dir == tmp_path / "cache" / f"minilm-l6-squad-{source[:12]}-onnxruntime-fp32"
+    assert shipped_model_dir.resolve() == shipped_model_dir_of_package().resolve()
+    engine_dir = ensure_default_engine()
+    fingerprint = model_fingerprint(shipped_model_dir)
+    assert engine_dir == tmp_path / "cache" / f"minilm-l6-squad-{fingerprint[:12]}-onnxruntime-int8"
     meta = EngineMeta.read(engine_dir)
-    assert (meta.backend, meta.precision, meta.source_sha256) == ("onnxruntime", "fp32", source)
+    assert (meta.backend, meta.precision) == ("onnxruntime", "int8")
+    # No SQuAD data was needed: the ranges came from the calibration shipped beside the model.
+    assert meta.builder_options["quantization"]["calibration_cached"] is True
+    assert meta.builder_options["calib_path"] == str(shipped_model_dir / "calibration.json")
+    assert find_default_engine() == engine_dir
     built_at = (engine_dir / "model.onnx").stat().st_mtime_ns
-
-    assert ensure_default_engine(options) == engine_dir
+    assert ensure_default_engine() == engine_dir
     assert (engine_dir / "model.onnx").stat().st_mtime_ns == built_at  # found, not rebuilt
 
-    raw = json.loads((engine_dir / "meta.json").read_text())
-    raw["backend_version"] = "0.0.1"  # built by another ONNX Runtime
-    (engine_dir / "meta.json").write_text(json.dumps(raw))
-    assert ensure_default_engine(options) == engine_dir
-    assert EngineMeta.read(engine_dir).backend_version != "0.0.1"
-
-    (engine_dir / "model.onnx").unlink()  # a damaged cache; `qa-build --default` repairs it
-    assert shipped_model_dir == DefaultEngineOptions().model_dir
+    (engine_dir / "model.onnx").unlink()  # a damaged cache: not current, and `qa-build --default` repairs it
+    assert find_default_engine() is None
     code, out, err = run_cli(["--default"], capsys)
     assert code == 0, err
     assert out.startswith(str(engine_dir)) and (engine_dir / "model.onnx").is_file()
     assert [path.name for path in (tmp_path / "cache").iterdir()] == [engine_dir.name]  # nothing half-written left
 
 
-def test_default_engine_cache_root_option(shipped_model_dir: Path, tmp_path: Path) -> None:
-    engine_dir = ensure_default_engine(DefaultEngineOptions(model_dir=shipped_model_dir, cache_root=tmp_path))
-    assert engine_dir.parent == tmp_path
+def test_an_engine_of_another_runtime_version_is_not_current(engine_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "engine"
+    shutil.copytree(engine_dir, copy)
+    assert is_current(copy, "fp32")
+    raw = json.loads((copy / "meta.json").read_text())
+    raw["backend_version"] = "0.0.1"  # built by another ONNX Runtime: rebuilt on next use
+    (copy / "meta.json").write_text(json.dumps(raw))
+    assert not is_current(copy, "fp32")
+    assert not is_current(engine_dir, "int8")
+
+
+def test_default_fp32_engine_is_one_flag_away(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(["--default", "--precision", "fp32", "--cache-root", str(tmp_path)], capsys)
+    assert code == 0, err
+    engine_dir = Path(out.split()[0])
+    assert engine_dir.parent == tmp_path and engine_dir.name.endswith("-onnxruntime-fp32")
     with load_engine(engine_dir) as engine:
-        assert engine.meta.model_id == "minilm-l6-squad"
+        assert (engine.meta.model_id, engine.meta.precision) == ("minilm-l6-squad", "fp32")
+    spec = DefaultEngineSpec(precision="fp32", cache_root=tmp_path)
+    assert resolve_default_engine(spec, build=False) == engine_dir
+
+
+def test_missing_default_engine_without_build_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(EngineError, match=r"^the default int8 engine is not built; run: qa-build --default$"):
+        resolve_default_engine(DefaultEngineSpec(cache_root=tmp_path), build=False)
+
+
+def test_default_only_options_are_refused_elsewhere(
+    shipped_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run_cli(["-m", str(shipped_model_dir), "-o", str(tmp_path / "x"), "--precision", "fp32"], capsys)
+    assert code == 2
+    assert_one_line_error(err, "--precision applies with --default only")
+
+
+def test_a_model_without_shipped_calibration_has_no_default_int8_engine(
+    shipped_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(shipped_model_dir, model)
+    (model / "calibration.json").unlink()
+    code, _, err = run_cli(["--default", "--default-model-dir", str(model), "--cache-root", str(tmp_path)], capsys)
+    assert code == 2
+    assert_one_line_error(err, "ships no calibration.json for its INT8 engine; use --precision fp32")
 
 
 def assert_one_line_error(err: str, message: str) -> None:

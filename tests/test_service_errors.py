@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -57,11 +57,14 @@ def batcher_of(server: QAServer) -> Batcher:
 
 
 async def wait_idle(batcher: Batcher) -> None:
-    for _ in range(500):
-        if batcher.depth == 0 and batcher.busy_contexts == 0:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("batcher did not become idle")
+    await wait_until(lambda: batcher.depth == 0 and batcher.busy_contexts == 0, 10)
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float = 30) -> None:
+    """Poll an observable condition until it holds; fail after `timeout_s`."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.001)
 
 
 async def status_of_call(client: QAClient, question: Question) -> tuple[grpc.StatusCode, str]:
@@ -79,7 +82,8 @@ async def status_of_call(client: QAClient, question: Question) -> tuple[grpc.Sta
         (Question("Who?", ""), "passage is empty"),
         (Question("Who?"), "neither passage nor passage_id"),
         (Question("Who?", passage_id=""), "passage_id is empty"),
-        (Question("Who?", PASSAGE, model_id="no-such-model"), "unknown model 'no-such-model'"),
+        (Question("Who?", PASSAGE, model_id="m" * 129), "model_id has 129 characters; the limit is 128"),
+        (Question("Who?", passage_id="p" * 129), "passage_id has 129 characters; the limit is 128"),
         (Question("Who?", PASSAGE, request_id="r" * 129), "request_id has 129 characters"),
         (Question("Who?", "x" * 40_000 + " y" * 20_000), "exceeds the limit of 65,536"),
         (Question("Who?", PASSAGE, options=AnswerOptions(n_best_size=0)), "n_best_size must be in [1, 100]"),
@@ -119,7 +123,8 @@ async def test_passage_over_the_character_limit_is_invalid_argument(engine_dir: 
 
 async def test_message_beyond_the_transport_limit_is_resource_exhausted(client: QAClient) -> None:
     # Up to twice the configured limit the service answers INVALID_ARGUMENT itself (above); gRPC
-    # refuses anything larger before it reaches the service.
+    # refuses anything larger before it reaches the service (documented in qa.proto as the transport's
+    # cut-off: do not retry).
     code, _ = await status_of_call(client, Question("Who?", "x" * 200_000))
     assert code == Code.RESOURCE_EXHAUSTED
 
@@ -148,7 +153,28 @@ async def test_other_calls_report_their_errors(client: QAClient) -> None:
     assert empty_passage.value.code == Code.INVALID_ARGUMENT
     with pytest.raises(QAClientError) as put_unknown_model:
         await client.put_passage(PASSAGE, model_id="nope")
-    assert put_unknown_model.value.code == Code.INVALID_ARGUMENT
+    assert put_unknown_model.value.code == Code.NOT_FOUND
+
+
+async def test_unknown_model_is_not_found_on_every_rpc(client: QAClient) -> None:
+    """One rule (qa.proto): a model_id the server has not loaded is NOT_FOUND, in Answer, AnswerStream,
+    PutPassage and GetModelInfo alike."""
+    code, details = await status_of_call(client, Question("Who?", PASSAGE, model_id="no-such-model"))
+    assert code == Code.NOT_FOUND and "unknown model 'no-such-model'" in details
+    results = [result async for result in client.answer_stream([Question("Who?", PASSAGE, model_id="no-such")])]
+    assert isinstance(results[0], AnswerFailure) and results[0].code == Code.NOT_FOUND
+    for call in (client.put_passage(PASSAGE, model_id="no-such"), client.model_info("no-such")):
+        with pytest.raises(QAClientError) as unknown:
+            await call
+        assert unknown.value.code == Code.NOT_FOUND
+
+
+async def test_huge_ids_are_refused_without_being_echoed(client: QAClient) -> None:
+    """A 200 kB model_id or passage_id is INVALID_ARGUMENT; the details name the length, not the id."""
+    for question in (Question("Who?", PASSAGE, model_id="m" * 20_000), Question("Who?", passage_id="p" * 20_000)):
+        code, details = await status_of_call(client, question)
+        assert code == Code.INVALID_ARGUMENT
+        assert "20,000 characters" in details and len(details) < 200
 
 
 async def test_grpc_deadline_is_deadline_exceeded_and_frees_the_work(engine_dir: Path) -> None:
@@ -167,8 +193,7 @@ async def test_expired_work_is_dropped_before_it_runs(server: QAServer, client: 
     batcher = batcher_of(server)
     stored = await client.put_passage(LONG_PASSAGE)
     busy = asyncio.create_task(client.answer("Who?", passage_id=stored.passage_id))
-    while batcher.busy_contexts == 0:  # the long request is in the engine
-        await asyncio.sleep(0.001)
+    await wait_until(lambda: batcher.busy_contexts > 0)  # the long request is in the engine
     # Queued behind the long request, this one cannot start within 5 ms.
     code, details = await status_of_call(
         client, Question("Who were the Normans?", PASSAGE, options=AnswerOptions(timeout_ms=5))
@@ -211,8 +236,7 @@ async def test_cancelled_stream_frees_its_work(server: QAServer, client: QAClien
     stream = client.open_stream()
     for index in range(8):
         await stream.send(Question(f"Question {index}?", passage_id=stored.passage_id))
-    while batcher.stats.submitted_windows < 8 * stored.num_windows:
-        await asyncio.sleep(0.001)
+    await wait_until(lambda: batcher.stats.submitted_windows >= 8 * stored.num_windows)
     stream.cancel()  # the client goes away mid-stream
     await wait_idle(batcher)
     assert batcher.stats.dropped_windows > 0
@@ -225,8 +249,7 @@ async def test_cancelled_unary_call_frees_its_work(engine_dir: Path) -> None:
     async with QAServer(config) as server, QAClient(server.target, NO_RETRY) as client:
         batcher = batcher_of(server)
         call = asyncio.create_task(client.answer("Who?", LONG_PASSAGE))
-        while batcher.stats.submitted_windows == 0:
-            await asyncio.sleep(0.001)
+        await wait_until(lambda: batcher.stats.submitted_windows > 0)
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -18,6 +19,13 @@ from services.server import QAServer, model_health_name
 PASSAGE = "The Normans gave their name to Normandy, a region in France. Their leader was Rollo."
 SERVICE = "qa.v1.QuestionAnswering"
 NO_RETRY = ClientConfig(retry=RetryPolicy(max_attempts=1))
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float = 30) -> None:
+    """Poll an observable condition until it holds; fail after `timeout_s`."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.002)
 
 
 def config_for(engine_dir: Path, **changes: object) -> ServerConfig:
@@ -46,7 +54,8 @@ async def test_health_is_serving_only_after_warm_up_and_not_serving_on_shutdown(
             watch = health_pb2_grpc.HealthStub(client.channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE))
             assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
             in_flight = asyncio.create_task(client.answer("Who led them?", " ".join([PASSAGE] * 30)))
-            await asyncio.sleep(0.05)
+            batcher = next(iter(server.models)).batcher
+            await wait_until(lambda: batcher.stats.submitted_windows > 0)  # the request is in the server
             stopping = asyncio.create_task(server.stop())
             assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
             watch.cancel()  # a watch never ends by itself: it would hold the shutdown for the whole grace period
@@ -63,7 +72,10 @@ async def test_client_retries_unavailable_until_the_server_is_ready(engine_dir: 
         retrying = ClientConfig(retry=RetryPolicy(max_attempts=100, initial_backoff_s=0.02, max_backoff_s=0.1))
         async with QAClient(server.target, retrying) as client:
             pending = asyncio.create_task(client.answer("Who led them?", PASSAGE, timeout_s=60))
-            await asyncio.sleep(0.2)
+            refusals = {"method": "Answer", "code": "UNAVAILABLE"}
+            await wait_until(
+                lambda: (server.metrics.registry.get_sample_value("qa_requests_total", refusals) or 0) >= 2
+            )
             assert not pending.done()  # still retrying: the model is not loaded
             await server.load_models()
             assert (await pending).text
@@ -84,7 +96,43 @@ async def test_reflection_lists_the_services(engine_dir: Path) -> None:
         services, described = await asyncio.to_thread(list_services)
     assert SERVICE in services
     assert "grpc.health.v1.Health" in services
+    assert {"grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"} <= set(services)
     assert described == ["QuestionAnswering"]
+
+
+async def list_services_v1(target: str) -> list[str] | grpc.StatusCode:
+    """ListServices through `grpc.reflection.v1` (what grpcurl and current tools ask first)."""
+    from grpc_reflection.v1alpha import reflection_pb2  # the v1 messages are the same on the wire
+
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = channel.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )()
+        try:
+            await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+            await call.done_writing()
+            response = await call.read()
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+        return [service.name for service in response.list_services_response.service]
+
+
+async def test_reflection_v1_is_served_and_can_be_turned_off(engine_dir: Path) -> None:
+    server = QAServer(config_for(engine_dir))
+    await server.listen()
+    try:
+        listed = await list_services_v1(server.target)
+    finally:
+        await server.stop()
+    assert isinstance(listed, list) and SERVICE in listed
+    server = QAServer(config_for(engine_dir, reflection=False))
+    await server.listen()
+    try:
+        assert await list_services_v1(server.target) == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        await server.stop()
 
 
 async def test_metrics_endpoint_exposes_stages_batches_and_budget(engine_dir: Path) -> None:
@@ -106,6 +154,7 @@ async def test_metrics_endpoint_exposes_stages_batches_and_budget(engine_dir: Pa
     assert 'qa_latency_budget_seconds{stage="language_model"} 1e-09' in text
     # With a 1 ns budget every answered question is over it.
     assert f'qa_requests_over_budget_total{{model="{model_id}"}} 4.0' in text
+    assert f'qa_stage_over_budget_total{{model="{model_id}",stage="end_to_end"}} 4.0' in text
 
 
 async def test_unknown_engine_directory_fails_start_up_with_a_clear_error(tmp_path: Path) -> None:

@@ -225,3 +225,30 @@ def test_gpu_span_graph_finds_the_best_spans_of_the_logits(
 ) -> None:
     with open_torch_engine(fp16_engine_dir, TorchEngineConfig()) as engine:
         assert_spans_match_logits(engine, *windows_batch, atol=1e-3)
+
+
+def test_answers_from_device_spans_equal_answers_from_logits(
+    torch_fp32_engine_dir: Path, shipped_model_dir: Path, squad_dir: Path
+) -> None:
+    """The answerer uses an engine's span search when it has one; the answers are those decoded from logits."""
+    from benchmarks.engine_bench import LogitsOnly
+    from qacore.answerer import QuestionAnswerer
+    from qacore.decoding import DecoderConfig, uses_device_spans
+
+    dataset = read_dataset(squad_dir / "dev-v1.1.json.gz")
+    items = [(q.question, p.context) for p, q in dataset.questions(limit=40)]
+    featurizer = Featurizer(load_tokenizer(shipped_model_dir))
+    with open_torch_engine(torch_fp32_engine_dir, TorchEngineConfig(device="cpu", cuda_graphs=False)) as engine:
+        assert uses_device_spans(engine, DecoderConfig()) and not uses_device_spans(
+            engine, DecoderConfig(n_best_size=21)
+        )
+        assert not uses_device_spans(LogitsOnly(engine), DecoderConfig())
+        with_spans = QuestionAnswerer(engine, featurizer).answer_many(items)
+        with_logits = QuestionAnswerer(LogitsOnly(engine), featurizer).answer_many(items)
+    for spans, logits in zip(with_spans, with_logits, strict=True):
+        assert spans.prediction.text == logits.prediction.text and spans.prediction.text
+        got = [(span.start, span.end) for span in spans.prediction.nbest]
+        want = [(span.start, span.end) for span in logits.prediction.nbest]
+        assert got[:5] == want[:5]
+        assert spans.prediction.nbest[0].score == pytest.approx(logits.prediction.nbest[0].score, abs=1e-3)
+        assert spans.prediction.null_logit == pytest.approx(logits.prediction.null_logit, abs=1e-3)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qacore.errors import InvalidInputError
 from qacore.features import Featurizer, FeaturizerConfig
 from qacore.squad import read_dataset
 from qacore.squad_metric import normalize_answer
@@ -214,3 +215,139 @@ def test_negatives_pair_questions_with_other_articles_and_target_cls(featurizer:
     for negative in same:
         paragraph = articles[negative.article].paragraphs[negative.paragraph]
         assert negative.article == negative.question_article and negative.question not in paragraph.questions
+
+
+# --- Harder negatives (issue 11) --------------------------------------------------------------------------------
+
+_PARAGRAPH = (
+    "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, a region in "
+    "France. They were descended from Norse raiders from Denmark, Iceland and Norway. In 911 Rollo swore fealty "
+    "to King Charles III of West Francia. The Norman dynasty had a major political impact on medieval Europe."
+)
+
+
+def _question(text: str, answer: str, context: str = _PARAGRAPH, qid: str = "q1"):
+    from qacore.squad import Answer, Question
+
+    return Question(qid, text, (Answer(answer, context.index(answer)),))
+
+
+def _article(*paragraphs: tuple[str, tuple]):
+    from qacore.squad import Article, Paragraph
+
+    return Article("Normans", tuple(Paragraph(context, questions) for context, questions in paragraphs))
+
+
+def test_sentence_spans_cover_each_sentence_once() -> None:
+    from training.negatives import sentence_spans
+
+    spans = sentence_spans(_PARAGRAPH)
+    assert [_PARAGRAPH[s:e] for s, e in spans][
+        1
+    ] == "They were descended from Norse raiders from Denmark, Iceland and Norway."
+    assert len(spans) == 4 and _PARAGRAPH[spans[-1][0] :].startswith("The Norman dynasty")
+    assert sentence_spans('He said "Stop." Then he left.') == [(0, 15), (16, 29)]
+
+
+def test_sentence_removed_drops_the_answer_sentence_and_keeps_the_rest() -> None:
+    from training.negatives import remove_answer_sentence
+
+    question = _question("Who swore fealty to King Charles III?", "Rollo")
+    rest = remove_answer_sentence(_PARAGRAPH, question)
+    assert rest is not None and "Rollo" not in rest and "fealty" not in rest
+    assert rest.startswith("The Normans were") and rest.endswith("on medieval Europe.")
+    # The answer text also stands in another sentence: the question stays answerable, so no negative.
+    twice = _question("Where is Normandy?", "France", _PARAGRAPH + " France is large.")
+    assert remove_answer_sentence(_PARAGRAPH + " France is large.", twice) is None
+    # A one-sentence paragraph has nothing left.
+    alone = "Rollo swore fealty in 911."
+    assert remove_answer_sentence(alone, _question("Who swore fealty?", "Rollo", alone)) is None
+
+
+def test_find_entities_types_years_numbers_dates_and_names() -> None:
+    from training.negatives import find_entities
+
+    text = "When did Rollo meet King Charles III on March 3, 1912 with 1,200 men in Normandy?"
+    found = {text[s:e]: kind for s, e, kind in find_entities(text)}
+    assert found["March 3, 1912"] == "month_date"
+    assert found["1,200"] == "number"
+    assert found["Rollo"] == "name" and found["Normandy"] == "name" and found["King Charles III"] == "name"
+    assert "When" not in found and all(not name.startswith("When") for name in found)
+    other = "In 1066 the Normans"
+    assert {other[s:e]: k for s, e, k in find_entities(other)} == {"1066": "year", "Normans": "name"}
+
+
+def test_entity_swap_replaces_an_entity_of_the_paragraph_with_one_of_the_article_it_lacks() -> None:
+    from training.negatives import article_entities, swap_entity
+
+    other = "Rollo later fought in Brittany in 925. His son William Longsword ruled after 927."
+    entities = article_entities([_PARAGRAPH, other])
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        swapped = swap_entity("What did Rollo do in 911?", _PARAGRAPH, entities, rng)
+        assert swapped is not None and swapped != "What did Rollo do in 911?"
+        assert swapped in {"What did Rollo do in 925?", "What did Rollo do in 927?", "What did Brittany do in 911?"}
+    # Nothing of the same kind outside the paragraph: no negative.
+    assert swap_entity("What did Rollo do in 911?", _PARAGRAPH, article_entities([_PARAGRAPH]), rng) is None
+    # An entity the paragraph does not mention is not what ties the question to it: not swapped.
+    assert swap_entity("What did Brittany do?", _PARAGRAPH, entities, rng) is None
+
+
+def test_negation_negates_or_flips_to_an_antonym_the_paragraph_lacks() -> None:
+    from training.negatives import negate_question
+
+    rng = np.random.default_rng(0)
+    drawn = {negate_question("Who was the king of West Francia?", _PARAGRAPH, rng) for _ in range(20)}
+    assert drawn == {"Who was not the king of West Francia?", "Who was the king of East Francia?"}
+    assert negate_question("What did the Normans give to Normandy?", _PARAGRAPH, rng) == (
+        "What did the Normans not give to Normandy?"
+    )
+    assert negate_question("Who came first?", "Rollo came.", rng) == "Who came last?"
+    # The paragraph speaks of the last one too: flipping would make another answerable question.
+    assert negate_question("Who came first?", "Rollo came first and Hrolf last.", rng) is None
+    assert negate_question("Rollo?", _PARAGRAPH, rng) is None
+
+
+def test_bm25_picks_the_most_similar_paragraph_without_the_answer() -> None:
+    from training.negatives import Bm25, bm25_distractor
+
+    question = _question("Who swore fealty to King Charles III?", "Rollo")
+    similar = "King Charles III of West Francia received fealty from many lords, in 911 and later."
+    similar_with_answer = "King Charles III took fealty from Rollo."
+    unrelated = "Bread is baked in ovens."
+    article = _article((_PARAGRAPH, (question,)), (unrelated, ()), (similar_with_answer, ()), (similar, ()))
+    scores = Bm25([p.context for p in article.paragraphs]).scores(question.question)
+    assert scores[1] == 0 and scores[3] > 0 and scores[2] > 0
+    assert bm25_distractor(question, 0, article) == similar
+    lonely = _article((_PARAGRAPH, (question,)), (unrelated, ()))
+    assert bm25_distractor(question, 0, lonely) is None  # shares no term: not a distractor
+
+
+def test_hard_negatives_on_real_train_data_round_trip_and_target_cls(
+    featurizer: Featurizer, train_subset, tmp_path: Path
+) -> None:
+    from training.negatives import HARD_KINDS, example_windows, hard_negatives, read_examples, write_examples
+
+    articles = train_subset.articles
+    examples, stats = hard_negatives(articles, HARD_KINDS, 0.5, seed=3)
+    assert set(stats.attempted.values()) == {300}
+    assert all(stats.made[kind] >= 150 for kind in HARD_KINDS), stats  # each kind rewrites most questions
+    questions = {q.id: (q, p.context) for a in articles for p in a.paragraphs for q in p.questions}
+    for example in examples:
+        question, context = questions[example.source_id]
+        if example.kind in ("sentence_removed", "bm25_distractor"):
+            assert example.question == question.question and example.context != context
+            assert all(answer.text.lower() not in example.context.lower() for answer in question.answers)
+        else:
+            assert example.question != question.question and example.context == context
+    again, _ = hard_negatives(articles, HARD_KINDS, 0.5, seed=3)
+    assert again == examples  # seeded
+    path = tmp_path / "negatives.jsonl.xz"
+    write_examples(path, examples)
+    assert read_examples(path) == examples
+    assert read_examples(path, ["negation"]) == [e for e in examples if e.kind == "negation"]
+    arrays, window_stats = example_windows(examples[:50], featurizer)
+    assert window_stats.questions == 50 and len(arrays) >= 50
+    assert not arrays.start_positions.any() and not arrays.end_positions.any()
+    with pytest.raises(InvalidInputError, match="kinds"):
+        hard_negatives(articles, ["made_up"], 0.5, seed=3)

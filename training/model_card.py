@@ -87,3 +87,82 @@ def render_model_card(summary: dict[str, Any], teacher_summary: dict[str, Any] |
         "",
     ]
     return "\n".join(lines)
+
+
+NEGATIVE_KINDS_TEXT = {
+    "sentence_removed": "the question's own paragraph with the sentence(s) holding the answer removed",
+    "entity_swap": "the question with an entity of its paragraph (year, number, date, name) swapped for another of "
+    "the same kind from the article that the paragraph lacks",
+    "negation": "the question negated (was -> was not, did X build -> did X not build) or with a word flipped to "
+    "an antonym the paragraph does not use",
+    "bm25_distractor": "the question asked of the paragraph of its article most like it by BM25 that holds none of "
+    "its answer texts",
+}
+
+
+def _pct(value: float) -> str:
+    return f"{value:.2f}"
+
+
+def render_abstention_section(summary: dict[str, Any], threshold: float, evals: list[dict[str, Any]]) -> str:
+    """The model card's abstention section: the recipe of `qa-train abstain` (`summary` of the shipped run), the
+    shipped threshold, and every figure (`evals`: rows of where/weights/command and the scores measured)."""
+    config = summary["config"]
+    tuned = summary["tuned"]["v2.0"]
+    self_distilled = config["distill_alpha"] < 1.0
+    lines = [
+        "## Abstention (SQuAD 2.0 behaviour without SQuAD 2.0 training data)",
+        "",
+        f"Tuned from the distilled model above by `qa-train abstain` (config `{config['name']}`): one epoch over all "
+        f"{summary['positive_windows']:,} SQuAD v1.1 train windows plus {summary['negative_windows']:,} windows of "
+        "synthetic unanswerable questions made from SQuAD v1.1 train (`training/negatives.py`), each targeting "
+        "[CLS] (the null answer):",
+        "",
+    ]
+    for kind, count in summary["negative_examples"].items():
+        lines.append(f"- `{kind}` ({count:,} questions): {NEGATIVE_KINDS_TEXT[kind]}.")
+    lines += [
+        "",
+        f"Learning rate {config['learning_rate']}, batch {config['batch_size']}, warm-up {config['warmup_ratio']:.0%}, "
+        f"dropout {config['dropout']}, seed {config['seed']}"
+        + (
+            f"; loss {config['distill_alpha']} x CE(gold) + {1 - config['distill_alpha']:.1f} x T^2 x KL at T = "
+            f"{config['distill_temperature']} against the start model's own logits on the positive windows "
+            "([CLS] on the negative ones), so it keeps its answers while it learns to abstain."
+            if self_distilled
+            else "; plain cross-entropy."
+        ),
+        f"{summary['device']}, PyTorch {summary['torch']}: {summary['train_seconds'] / 60:.1f} min of training.",
+        "SQuAD v2.0 dev was never trained on.",
+        "",
+        f"**Abstention threshold `qa_null_threshold` = {threshold:.4f}** (config.json): the decoder abstains when the "
+        "null logit ([CLS] start + end) minus the best span's logit exceeds it, wherever `allow_null` is on; "
+        "`--null-threshold` overrides it. It was tuned for best F1 on the **first half of the v2.0 dev articles "
+        f"only** ({tuned['tuned_on']}); every v2.0 figure below is on the **second half** ({tuned['reported_on']}), "
+        "which played no part in choosing it.",
+        "",
+        "| weights / engine | where | SQuAD v1.1 dev F1 (EM), abstention off | v2.0 dev 2nd half F1 | EM | HasAns F1 "
+        "| NoAns F1 | command |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for row in evals:
+        lines.append(
+            f"| {row['what']} | {row['where']} | {_pct(row['v1_f1'])} ({_pct(row['v1_em'])}) | "
+            f"{_pct(row['v2']['f1'])} | {_pct(row['v2']['exact'])} | {_pct(row['v2']['HasAns_f1'])} | "
+            f"{_pct(row['v2']['NoAns_f1'])} | {row['command']} |"
+        )
+    lines += [
+        "",
+        "Reliability on the second half of v2.0 dev (the probability the decoder reports for what it returns: the "
+        "span's probability among the n-best and the null answer when it answers, the null probability when it "
+        "abstains; right = exact match, or an abstention on an unanswerable question):",
+        "",
+        "| confidence | questions | mean confidence | accuracy |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for row in tuned["reliability_second_half"]:
+        lines.append(
+            f"| {row['bucket']} | {row['questions']:,} | {row['mean_confidence']:.3f} | {row['accuracy']:.3f} |"
+        )
+    lines.append("")
+    return "\n".join(lines)

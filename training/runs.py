@@ -239,8 +239,10 @@ def ship(export_dir: Path, out_dir: Path) -> list[Path]:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
             tar.extractall(staging, filter="data")
         load_checkpoint(staging)  # refuses anything incomplete before the shipped model is touched
+        incoming = {file.name for file in staging.iterdir()}
         for old in out_dir.iterdir():
-            if old.is_file():
+            # Replace the model's own files (and shards of the old one); keep files others add (calibration).
+            if old.is_file() and (old.name in incoming or old.name.startswith("model")):
                 old.unlink()
         shipped = []
         for file in sorted(staging.iterdir()):

@@ -8,8 +8,10 @@
   const TOP = ["asr", "qa", "response"];
   const COLORS = { asr: "var(--asr)", qa: "var(--qa)", response: "var(--response)", other: "var(--other)" };
   const QA_PARTS = ["qa.queue", "qa.tokenize", "qa.infer", "qa.decode", "qa.network"];
+  const QA_UNSPLIT = "qa.unsplit"; // a QA call without server timings: it failed or ran out of time
   const QA_COLORS = {
     "qa.queue": "#f778ba", "qa.tokenize": "#ffa657", "qa.infer": "#bc8cff", "qa.decode": "#56d4dd", "qa.network": "#6e7681",
+    "qa.unsplit": "rgba(248, 81, 73, 0.55)",
   };
   const STATUS_TEXT = {
     ok: "Within budget", warn: "Close to budget", over: "Over budget", idle: "Waiting for turns",
@@ -86,7 +88,7 @@
     $("turns-per-s").textContent = snap.turns_per_s.toFixed(snap.turns_per_s < 10 ? 1 : 0);
     $("turns-total").textContent = String(snap.turns.total);
     $("errors").textContent = snap.turns.error + (snap.turns.error === 1 ? " error" : " errors");
-    setKpi("kpi-turns", snap.turns.error > 0 ? "warn" : "none");
+    setKpi("kpi-turns", (snap.error_rate || 0) > 0.05 ? "over" : snap.turns.error > 0 ? "warn" : "none");
   }
 
   // -- stage table ---------------------------------------------------------------------------------
@@ -252,15 +254,18 @@
       const parts = {};
       let children = 0;
       for (const name of QA_PARTS) { parts[name] = map[name] || 0; children += parts[name]; }
-      if (children === 0) parts["qa.infer"] = map.qa || 0; // a QA stage without server timings
+      if (children === 0) parts[QA_UNSPLIT] = map.qa || 0;
       const over = (map.qa || 0) > qaBudget;
-      const title = "turn " + turn.turn + ": qa " + ms(map.qa) + " (" + QA_PARTS.map((n) => n.slice(3) + " " + ms(map[n])).join(", ") + ")";
-      return { value: map.qa || 0, parts, label: turn.turn, title, flag: over ? "over" : null };
+      const failed = turn.error ? " — error: " + turn.error : "";
+      const title = "turn " + turn.turn + ": qa " + ms(map.qa) + " (" + QA_PARTS.map((n) => n.slice(3) + " " + ms(map[n])).join(", ") + ")" + failed;
+      return { value: map.qa || 0, parts, label: turn.turn, title, flag: turn.error ? "error" : over ? "over" : null };
     });
-    stackedChart($("qa-timeline"), qaTurns, QA_PARTS, (part) => QA_COLORS[part], [
+    stackedChart($("qa-timeline"), qaTurns, [...QA_PARTS, QA_UNSPLIT], (part) => QA_COLORS[part], [
       { value: qaBudget, label: "budget " + ms(qaBudget), cls: "budget-line", color: "var(--over)" },
     ], 200);
-    legend("qa-legend", QA_PARTS.map((name) => [name.slice(3), QA_COLORS[name]]));
+    const qaLegend = QA_PARTS.map((name) => [name.slice(3), QA_COLORS[name]]);
+    if (qaTurns.some((turn) => turn.parts[QA_UNSPLIT])) qaLegend.push(["failed (no server timings)", QA_COLORS[QA_UNSPLIT]]);
+    legend("qa-legend", qaLegend);
   }
 
   // -- info ----------------------------------------------------------------------------------------

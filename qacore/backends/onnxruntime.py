@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from qacore.engine import Engine, EngineMeta, EngineOutputs
-from qacore.errors import EngineError
+from qacore.errors import EngineError, EngineFaultError
 from qacore.factory import EngineOptions
 from qacore.features import EngineInputs
 
@@ -65,7 +65,10 @@ class OrtEngine(Engine):
             "segment_ids": np.ascontiguousarray(inputs.segment_ids, dtype=np.int32),
             "input_mask": np.ascontiguousarray(inputs.input_mask, dtype=np.int32),
         }
-        start_logits, end_logits = self.session.run(list(OUTPUT_NAMES), feed)
+        try:
+            start_logits, end_logits = self.session.run(list(OUTPUT_NAMES), feed)
+        except Exception as exc:  # ORT raises its own exception types (Fail, InvalidArgument, ...)
+            raise EngineFaultError(f"ONNX Runtime failed to run the engine: {first_line(exc)}") from None
         return EngineOutputs(np.asarray(start_logits, np.float32), np.asarray(end_logits, np.float32))
 
     def close(self) -> None:

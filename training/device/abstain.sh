@@ -20,15 +20,24 @@ from training.data import cached_train_windows
 w = Path(sys.argv[1])
 print(cached_train_windows(w / "squad/train-v1.1.json.gz", Path("models/minilm-l6-squad"), TrainConfig("x").featurizer, w / "cache")[1])
 PY
-pids=(); first=1
+# Runs start in their own sessions (they outlive a call cut short); this call waits at most MAX_SECONDS for them,
+# and the same command in the next call (while the machine is warm) starts none again: it waits and collects.
+first=1
 for cfg in "$@"; do
-  extra=(); if [ $first = 1 ]; then extra=(--score-start); first=0; fi
-  timeout "$max_seconds" python3 -m training.cli abstain --config "training/configs/$cfg.json" "${extra[@]}" \
+  if [ -e "$W/runs/$cfg.started" ]; then continue; fi
+  extra=(); if [ $first = 1 ]; then extra=(--score-start); fi; first=0
+  mkdir -p "$W/runs" && touch "$W/runs/$cfg.started"
+  setsid nohup python3 -m training.cli abstain --config "training/configs/$cfg.json" "${extra[@]}" \
     --squad-dir "$W/squad" --base models/minilm-l6-squad --cache-dir "$W/cache" --run-dir "$W/runs/$cfg" \
-    --negatives .carry/abstain/negatives.jsonl.xz > "$W/logs/$cfg.log" 2>&1 &
-  pids+=($!)
+    --negatives .carry/abstain/negatives.jsonl.xz > "$W/logs/$cfg.log" 2>&1 < /dev/null &
 done
-for i in "${!pids[@]}"; do wait "${pids[$i]}"; echo "run ${@:i+1:1} exit $?"; done
+deadline=$((SECONDS + max_seconds))
+while [ $SECONDS -lt $deadline ]; do
+  running=$(pgrep -fc "training.cli abstain" || true)
+  [ "$running" = 0 ] && break
+  sleep 5
+done
+status
 python3 - "$OUT" "$W" "$min_v1" "$@" <<'PY'
 import json, shutil, sys, tarfile
 from pathlib import Path

@@ -1,0 +1,168 @@
+"""The transport floor: a bare `grpc.aio` echo, measured like the QA service (`qa-bench serve --echo-floor`).
+
+A Python server process answers every call to `/echo.v1.Echo/Call` with a fixed 300-byte reply; the
+client sends 1.5 KB requests (about one question with an inline SQuAD passage) over unary calls on one
+channel, in the same closed loop as the service benchmark. What the service adds is its latency above
+this row's, at the same concurrency, in the same run. No protobuf: requests and replies are raw bytes.
+
+    python -m benchmarks.grpc_echo serve            # prints "listening on 127.0.0.1:PORT"
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.report import percentile_summary
+
+SERVICE = "echo.v1.Echo"
+METHOD = f"/{SERVICE}/Call"
+REQUEST_BYTES = 1536
+REPLY_BYTES = 300
+LISTENING = re.compile(r"listening on (\S+):(\d+)")
+REPO = Path(__file__).resolve().parents[1]
+
+
+async def serve(host: str, port: int) -> None:
+    """Answer echo calls until SIGTERM/SIGINT."""
+    import grpc
+
+    reply = b"r" * REPLY_BYTES
+
+    async def call(request: bytes, context: Any) -> bytes:
+        return reply
+
+    server = grpc.aio.server()
+    handler = grpc.method_handlers_generic_handler(SERVICE, {"Call": grpc.unary_unary_rpc_method_handler(call)})
+    server.add_generic_rpc_handlers((handler,))
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    print(f"listening on {host}:{bound}", file=sys.stderr, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await server.stop(grace=1)
+
+
+async def closed_loop(target: str, concurrency: int, duration_s: float, warmup_s: float) -> dict[str, Any]:
+    """`concurrency` callers, each sending its next request when the last reply arrives."""
+    import grpc
+
+    request = b"q" * REQUEST_BYTES
+    latencies: list[int] = []
+    errors = 0
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = channel.unary_unary(METHOD)
+        await asyncio.wait_for(channel.channel_ready(), 30)
+        begin = time.perf_counter_ns()
+        measure_from = begin + int(warmup_s * 1e9)
+        measure_to = measure_from + int(duration_s * 1e9)
+
+        async def caller(worker: int) -> None:
+            nonlocal errors
+            for _ in itertools.count():
+                started = time.perf_counter_ns()
+                if started >= measure_to:
+                    return
+                try:
+                    reply = await call(request, timeout=30)
+                    ok = len(reply) == REPLY_BYTES
+                except grpc.aio.AioRpcError:
+                    ok = False
+                done = time.perf_counter_ns()
+                if measure_from <= done <= measure_to:
+                    if ok:
+                        latencies.append(done - started)
+                    else:
+                        errors += 1
+
+        await asyncio.gather(*(caller(worker) for worker in range(concurrency)))
+    return {
+        "batching": "echo",
+        "concurrency": concurrency,
+        "answered": len(latencies),
+        "throughput_rps": round(len(latencies) / duration_s, 2),
+        "client_ms": percentile_summary(np.asarray(latencies, dtype=np.float64) / 1e6),
+        "errors": errors,
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+    }
+
+
+async def measure(concurrency: Sequence[int], duration_s: float, warmup_s: float) -> list[dict[str, Any]]:
+    """Start an echo server process, run every concurrency level against it, stop it."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "benchmarks.grpc_echo", "serve", cwd=REPO, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        assert process.stderr is not None
+        line = (await asyncio.wait_for(process.stderr.readline(), 60)).decode()
+        match = LISTENING.search(line)
+        if match is None:
+            raise RuntimeError(f"echo server did not start: {line!r}")
+        target = f"{match.group(1)}:{match.group(2)}"
+        return [await closed_loop(target, level, duration_s, warmup_s) for level in concurrency]
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), 10)
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| transport floor | concurrency | calls/s | p50 ms | p90 ms | p99 ms | errors | load avg |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        client = row["client_ms"]
+        lines.append(
+            f"| grpc.aio echo ({REQUEST_BYTES} B -> {REPLY_BYTES} B) | {row['concurrency']} | "
+            f"{row['throughput_rps']:.1f} | {client.get('p50', float('nan')):.2f} | "
+            f"{client.get('p90', float('nan')):.2f} | {client.get('p99', float('nan')):.2f} | {row['errors']} | "
+            f"{row['load_avg_1m']} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.grpc_echo", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve_parser = sub.add_parser("serve", help="run the echo server")
+    serve_parser.add_argument("--host", default="127.0.0.1")
+    serve_parser.add_argument("--port", type=int, default=0)
+    run_parser = sub.add_parser("run", help="start a server and measure it")
+    run_parser.add_argument("--concurrency", default="1,256")
+    run_parser.add_argument("--duration-s", type=float, default=5.0)
+    run_parser.add_argument("--warmup-s", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        asyncio.run(serve(args.host, args.port))
+        return 0
+    try:
+        levels = [int(level) for level in args.concurrency.split(",") if level]
+    except ValueError:
+        print(f"python -m benchmarks.grpc_echo: bad --concurrency {args.concurrency!r}", file=sys.stderr)
+        return 2
+    print(markdown_table(asyncio.run(measure(levels, args.duration_s, args.warmup_s))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

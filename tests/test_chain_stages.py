@@ -1,0 +1,246 @@
+"""The chain's stages on their own: the ASR stub's rules, the reply templates and speech, a dead stage."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import struct
+import wave
+from collections.abc import AsyncIterator, Iterable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from asr.v1 import asr_pb2, asr_pb2_grpc
+from pipeline.chain import (
+    Chain,
+    ChainSettings,
+    ReplyEvent,
+    ReportEvent,
+    SessionSettings,
+    TranscriptEvent,
+    TurnErrorEvent,
+    UserInput,
+    UserText,
+)
+from pipeline.grpc_stages import GrpcResponder
+from pipeline.local_stages import LocalQuestionAnswering, LocalRecognizer
+from pipeline.stages import Stages
+from qacore.latency import parse_budgets
+from services.asr_stub import (
+    AsrStub,
+    AsrStubConfig,
+    AudioEncoding,
+    AudioFrame,
+    EndFrame,
+    Recognition,
+    RecognitionError,
+    RecognitionSettings,
+    TextFrame,
+    UtteranceFrame,
+    asr_server,
+)
+from services.config import EngineSpec, ServerConfig
+from services.response_service import (
+    AudioStatus,
+    Outcome,
+    ReplyKind,
+    ReplyMaker,
+    ReplyRequest,
+    ResponderConfig,
+)
+from services.server import QAServer
+
+
+def wav_bytes(seconds: float, rate: int = 16_000, channels: int = 1, width: int = 2) -> bytes:
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(channels)
+        out.setsampwidth(width)
+        out.setframerate(rate)
+        out.writeframes(b"\x00" * width * channels * int(rate * seconds))
+    return buffer.getvalue()
+
+
+def chunks(data: bytes, size: int) -> Iterator[bytes]:
+    return (data[offset : offset + size] for offset in range(0, len(data), size))
+
+
+async def frames(items: Iterable[UtteranceFrame]) -> AsyncIterator[UtteranceFrame]:
+    for item in items:
+        yield item
+
+
+async def recognize(
+    settings: RecognitionSettings, items: Iterable[UtteranceFrame], config: AsrStubConfig | None = None
+) -> list[Recognition]:
+    return [result async for result in AsrStub(config).recognize(settings, frames(items))]
+
+
+# -- ASR stub ----------------------------------------------------------------------------------------
+
+
+async def test_text_passes_through_as_the_final_transcript() -> None:
+    (result,) = await recognize(RecognitionSettings(), [TextFrame("  Who was Rollo?  ")])
+    assert (result.transcript, result.is_final, result.confidence) == ("Who was Rollo?", True, 1.0)
+
+
+async def test_wav_audio_takes_its_transcript_from_the_end_frame_and_reports_interim_words() -> None:
+    audio = wav_bytes(2.0)
+    settings = RecognitionSettings(AudioEncoding.WAV, interim_results=True, stub_transcript="one two three four five")
+    items: list[UtteranceFrame] = [AudioFrame(chunk) for chunk in chunks(audio, 8000)]
+    results = await recognize(settings, [*items, EndFrame("one two three four five six")])
+    *interim, final = results
+    assert final.is_final and final.transcript == "one two three four five six"
+    assert final.audio_seconds == pytest.approx(2.0)
+    assert [r.transcript for r in interim] == ["one", "one two", "one two three", "one two three four"]
+    assert all(not r.is_final and r.stability == 0.5 for r in interim)
+
+
+async def test_pcm16_audio_falls_back_to_the_config_transcript() -> None:
+    settings = RecognitionSettings(AudioEncoding.PCM16, stub_transcript="from the config")
+    (result,) = await recognize(settings, [AudioFrame(b"\x00\x00" * 1600), EndFrame()])
+    assert result.transcript == "from the config" and result.audio_seconds == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    ("settings", "items", "code", "message"),
+    [
+        (RecognitionSettings(), [AudioFrame(wav_bytes(0.2)), EndFrame()], "FAILED_PRECONDITION", "cannot recognize"),
+        (RecognitionSettings(), [AudioFrame(wav_bytes(0.2, rate=8000)), EndFrame("x")], "INVALID_ARGUMENT", "8000"),
+        (RecognitionSettings(), [AudioFrame(wav_bytes(0.2, channels=2)), EndFrame("x")], "INVALID_ARGUMENT", "2 ch"),
+        (RecognitionSettings(), [AudioFrame(b"OggS" + bytes(60)), EndFrame("x")], "INVALID_ARGUMENT", "RIFF"),
+        (RecognitionSettings(), [AudioFrame(wav_bytes(0.2)[:30]), EndFrame("x")], "INVALID_ARGUMENT", "header"),
+        (RecognitionSettings(AudioEncoding.PCM16), [AudioFrame(b"\x00" * 3), EndFrame("x")], "INVALID_ARGUMENT", "odd"),
+        (RecognitionSettings(), [EndFrame("x")], "INVALID_ARGUMENT", "without text or audio"),
+        (RecognitionSettings(), [TextFrame("   ")], "INVALID_ARGUMENT", "characters"),
+        (RecognitionSettings(), [AudioFrame(wav_bytes(0.1)), TextFrame("hi")], "INVALID_ARGUMENT", "text frame"),
+        (RecognitionSettings(), [AudioFrame(b"\x00" * (1024 * 1024 + 1))], "INVALID_ARGUMENT", "exceeds"),
+    ],
+)
+async def test_unrecognizable_utterances_fail_with_a_status(
+    settings: RecognitionSettings, items: list[UtteranceFrame], code: str, message: str
+) -> None:
+    with pytest.raises(RecognitionError) as failure:
+        await recognize(settings, items)
+    assert failure.value.code.name == code and message in failure.value.message
+
+
+async def test_utterances_longer_than_the_limit_fail() -> None:
+    config = AsrStubConfig(max_utterance_s=0.5)
+    items = [AudioFrame(chunk) for chunk in chunks(wav_bytes(1.0), 8000)]
+    with pytest.raises(RecognitionError, match=r"longer than 0\.5 s"):
+        await recognize(RecognitionSettings(), [*items, EndFrame("x")], config)
+
+
+async def test_a_wav_with_extra_chunks_before_its_data_is_read() -> None:
+    audio = wav_bytes(0.5)
+    data_at = audio.index(b"data")
+    extra = b"LIST" + struct.pack("<I", 6) + b"INFOab"
+    with_list = audio[:data_at] + extra + audio[data_at:]
+    (result,) = await recognize(
+        RecognitionSettings(), [AudioFrame(with_list[:20]), AudioFrame(with_list[20:]), EndFrame("x")]
+    )
+    assert result.audio_seconds == pytest.approx(0.5)
+
+
+async def test_the_asr_server_speaks_asr_v1_and_reports_failures_in_band() -> None:
+    server = asr_server(AsrStub())
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = asr_pb2_grpc.RecognizerStub(channel)
+            config = asr_pb2.StreamingRecognizeRequest(config=asr_pb2.RecognitionConfig(encoding=asr_pb2.WAV))
+            text = asr_pb2.StreamingRecognizeRequest(text="Who was Rollo?")
+            (result,) = [message async for message in stub.StreamingRecognize(iter([config, text]))]
+            assert result.is_final and result.transcript == "Who was Rollo?"
+            audio = asr_pb2.StreamingRecognizeRequest(audio=asr_pb2.AudioChunk(content=wav_bytes(0.1)))
+            end = asr_pb2.StreamingRecognizeRequest(end_of_utterance=asr_pb2.EndOfUtterance())
+            (failed,) = [message async for message in stub.StreamingRecognize(iter([config, audio, end]))]
+            assert failed.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+            with pytest.raises(grpc.aio.AioRpcError) as misuse:
+                _ = [message async for message in stub.StreamingRecognize(iter([text]))]
+            assert misuse.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        await server.stop()
+
+
+# -- response ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("request_", "kind", "text"),
+    [
+        (ReplyRequest(Outcome.ANSWERED, "Who?", "rollo", 0.9), ReplyKind.ANSWER, "Rollo."),
+        (ReplyRequest(Outcome.ANSWERED, "Who?", "Rollo", 0.1), ReplyKind.LOW_CONFIDENCE, "I think it is Rollo, but"),
+        (
+            ReplyRequest(Outcome.ANSWERED, "Who?", "Rollo", 0.6, low_confidence_below=0.7),
+            ReplyKind.LOW_CONFIDENCE,
+            "I think",
+        ),
+        (ReplyRequest(Outcome.ABSTAINED, "Who?"), ReplyKind.ABSTAINED, "I couldn't find that in the passage."),
+        (ReplyRequest(Outcome.FAILED, "Who?", error_message="qa: DEADLINE"), ReplyKind.ERROR, "Sorry"),
+    ],
+)
+async def test_reply_templates(request_: ReplyRequest, kind: ReplyKind, text: str) -> None:
+    reply = await ReplyMaker(ResponderConfig(speech=False)).respond(request_)
+    assert reply.kind is kind and reply.text.startswith(text)
+    assert reply.audio_status is AudioStatus.NOT_REQUESTED and reply.audio == b""
+
+
+async def test_without_a_synthesizer_no_audio_is_produced_and_it_says_so() -> None:
+    maker = ReplyMaker(ResponderConfig(espeak_program="no-such-tts-program"))
+    reply = await maker.respond(ReplyRequest(Outcome.ABSTAINED, "Who?", want_audio=True))
+    assert not maker.audio_available
+    assert reply.audio_status is AudioStatus.UNAVAILABLE and reply.audio == b""
+    assert "not installed" in reply.audio_detail
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+async def test_espeak_ng_speaks_the_reply() -> None:
+    reply = await ReplyMaker().respond(ReplyRequest(Outcome.ANSWERED, "Who?", "Rollo", 0.9, want_audio=True))
+    assert reply.audio_status is AudioStatus.SYNTHESIZED
+    with wave.open(io.BytesIO(reply.audio)) as spoken:
+        assert spoken.getnchannels() == 1 and spoken.getsampwidth() == 2
+        assert spoken.getnframes() > 0.2 * spoken.getframerate()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ReplyRequest(Outcome.ANSWERED, "Who?", "", 0.9),
+        ReplyRequest(Outcome.ANSWERED, "Who?", "x", 1.5),
+        ReplyRequest(Outcome.ANSWERED, "Who?", "x" * 5000, 0.5),
+        ReplyRequest(Outcome.ANSWERED, "Who?", "x", float("nan")),
+    ],
+)
+async def test_bad_reply_requests_are_refused(bad: ReplyRequest) -> None:
+    with pytest.raises(ValueError):
+        await ReplyMaker(ResponderConfig(speech=False)).respond(bad)
+
+
+# -- a dead stage ------------------------------------------------------------------------------------
+
+
+async def test_a_dead_response_server_fails_each_turn_and_the_session_goes_on(engine_dir: Path) -> None:
+    """The real gRPC responder adapter pointed at a port nobody listens on: UNAVAILABLE per turn."""
+    async with QAServer(ServerConfig(port=0, engines=(EngineSpec(engine_dir),), grace_s=1.0)) as qa:
+        stages = Stages(LocalRecognizer(AsrStub()), LocalQuestionAnswering(qa), GrpcResponder("127.0.0.1:1"))
+        chain = Chain(stages, ChainSettings(response_timeout_s=2.0))
+        session = SessionSettings(passage="Rollo led the Norse raiders.", budgets=parse_budgets("qa=5s"))
+
+        async def inputs() -> AsyncIterator[UserInput]:
+            yield UserText("Who led the raiders?")
+            yield UserText("Who led them?")
+
+        events = [event async for event in chain.converse(session, "dead", inputs())]
+        await chain.close()
+    reports = [event for event in events if isinstance(event, ReportEvent)]
+    errors = [event for event in events if isinstance(event, TurnErrorEvent)]
+    assert [report.turn for report in reports] == [1, 2]
+    assert [(error.stage, error.code) for error in errors] == [("response", grpc.StatusCode.UNAVAILABLE)] * 2
+    assert not any(isinstance(event, ReplyEvent) for event in events)
+    assert all(report.report.error and "response" in report.report.error for report in reports)
+    finals = [event.text for event in events if isinstance(event, TranscriptEvent) and event.is_final]
+    assert finals == ["Who led the raiders?", "Who led them?"]

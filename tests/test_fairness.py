@@ -1,0 +1,147 @@
+"""Fairness under hostile load, on the CPU engine: one caller's backlog never starves another caller.
+
+While one caller runs the largest request the limits allow and another floods an `AnswerStream`
+without reading its answers, a third client's small requests keep their normal latency within 2x.
+"Normal" is measured in the same test, on the same server, interleaved with the loaded measurements
+(quiet, loaded, quiet, loaded, ...), so a machine that is slow for other reasons is slow for both.
+The comparison is of medians, which one descheduled request cannot move.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
+import pytest
+
+from qa.v1 import qa_pb2, qa_pb2_grpc
+from qacore.answerer import QuestionAnswerer
+from services.batcher import Batcher
+from services.config import BatcherConfig, EngineSpec, ServerConfig
+from services.server import QAServer
+
+SMALL_PASSAGE = "The Normans gave their name to Normandy, a region in France. Their leader was Rollo."
+SMALL_QUESTION = "Who was the leader of the Normans?"
+BIG_QUESTION = "Who were the Normans?"
+BIG_PASSAGE = " ".join(
+    [
+        "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, a region "
+        "in France. They were descended from Norse raiders and pirates from Denmark, Iceland and Norway."
+    ]
+    * 120
+)
+STREAM_LIMIT = 4  # questions the flooding stream may have in flight
+ROUNDS = 4
+SMALL_PER_PHASE = 10
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float = 60) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.002)
+
+
+@pytest.fixture(scope="module")
+def big_windows(engine_dir: Path) -> int:
+    """Windows of the big request: the test's server allows exactly this many per question."""
+    with QuestionAnswerer.from_engine_dir(engine_dir) as answerer:
+        return len(answerer.featurizer.featurize(BIG_QUESTION, BIG_PASSAGE).windows)
+
+
+@pytest.fixture
+async def server(engine_dir: Path, big_windows: int) -> AsyncIterator[QAServer]:
+    # CPU serving as documented for latency isolation: two engine contexts of one thread each, no batching
+    # (it does not raise CPU throughput), so callers with a backlog keep one context free for the others.
+    config = ServerConfig(
+        port=0,
+        engines=(EngineSpec(engine_dir),),
+        engine_contexts=2,
+        intra_op_threads=1,
+        batcher=BatcherConfig(max_batch_size=1, max_queue_delay_us=0, max_request_windows=big_windows),
+        max_stream_questions=STREAM_LIMIT,
+        grace_s=5.0,
+    )
+    async with QAServer(config) as server:
+        yield server
+
+
+def big_queued(batcher: Batcher) -> int:
+    """Queued windows of the one unary caller with a backlog (the big request)."""
+    unary = [queued for caller, queued in batcher.queued_by_caller().items() if caller.startswith("#")]
+    return max(unary, default=0)
+
+
+async def small_latencies(stub: qa_pb2_grpc.QuestionAnsweringStub, count: int) -> list[float]:
+    request = qa_pb2.AnswerRequest(question=SMALL_QUESTION, passage=SMALL_PASSAGE)
+    latencies = []
+    for _ in range(count):
+        started = time.perf_counter()
+        response = await stub.Answer(request, timeout=60)
+        latencies.append(time.perf_counter() - started)
+        assert response.answer.text
+
+    return latencies
+
+
+async def write_forever(call: grpc.aio.StreamStreamCall) -> None:
+    """Flood a stream with questions and never read an answer: gRPC flow control holds the writer back."""
+    request = qa_pb2.AnswerRequest(question=SMALL_QUESTION, passage=SMALL_PASSAGE)
+    for index in range(100_000):
+        request.request_id = str(index)
+        await call.write(request)
+
+
+async def test_small_requests_keep_their_latency_under_a_huge_request_and_a_flood(
+    server: QAServer, big_windows: int
+) -> None:
+    batcher = next(iter(server.models)).batcher
+    sessions = server.service.streams
+    big = qa_pb2.AnswerRequest(question=BIG_QUESTION, passage=BIG_PASSAGE)
+    async with (
+        grpc.aio.insecure_channel(server.target) as small_channel,
+        grpc.aio.insecure_channel(server.target) as big_channel,
+        grpc.aio.insecure_channel(server.target) as flood_channel,
+    ):
+        small = qa_pb2_grpc.QuestionAnsweringStub(small_channel)
+        big_stub = qa_pb2_grpc.QuestionAnsweringStub(big_channel)
+        flood_stub = qa_pb2_grpc.QuestionAnsweringStub(flood_channel)
+
+        # One window more than the limit is refused up front, with the documented code.
+        over = qa_pb2.AnswerRequest(question=BIG_QUESTION, passage=BIG_PASSAGE + " " + BIG_PASSAGE[:2000])
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await big_stub.Answer(over, timeout=60)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"the limit is {big_windows:,} per question" in (refused.value.details() or "")
+
+        for _ in range(3):  # warm the path on both engine contexts
+            await asyncio.gather(small_latencies(small, 1), small_latencies(small, 1))
+        quiet: list[float] = []
+        loaded: list[float] = []
+        for _ in range(ROUNDS):
+            quiet += await small_latencies(small, SMALL_PER_PHASE)
+
+            huge = big_stub.Answer(big, timeout=120)  # the largest request the limits allow
+            flood = flood_stub.AnswerStream()
+            flooding = asyncio.create_task(write_forever(flood))
+            await wait_until(lambda: big_queued(batcher) > 0)
+            await wait_until(lambda: any(session.read >= STREAM_LIMIT for session in sessions))
+
+            loaded += await small_latencies(small, SMALL_PER_PHASE)
+
+            # The flood is held back: the server never read more than its in-flight limit allows ahead.
+            assert all(session.read - session.written <= STREAM_LIMIT for session in sessions)
+            assert not flooding.done()
+            assert big_queued(batcher) > 0, "the big request must still be running"
+            flooding.cancel()
+            flood.cancel()
+            huge.cancel()
+            await asyncio.gather(flooding, return_exceptions=True)
+            await wait_until(lambda: batcher.depth == 0 and batcher.busy_contexts == 0 and not sessions)
+
+    quiet_median, loaded_median = statistics.median(quiet), statistics.median(loaded)
+    print(f"small request median: quiet {quiet_median * 1e3:.1f} ms, loaded {loaded_median * 1e3:.1f} ms")
+    assert loaded_median <= 2 * quiet_median, (quiet_median, loaded_median, sorted(quiet), sorted(loaded))
