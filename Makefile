@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install dev proto demo test lint format serve clean
+.PHONY: install dev proto demo engine calibration test lint format serve clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,20 @@ proto: | $(BIN)/python
 	$(BIN)/python scripts/gen_protos.py
 
 # The main job: answer the two example questions with the shipped model on CPU (engine built on first use).
-demo: install
+demo: engine
 	$(BIN)/qa-assistant --demo
+
+# Build (or find) the cached default CPU engine: INT8 from the calibration shipped with the model.
+engine: install
+	$(BIN)/qa-build --default
+
+# Recalibrate the default INT8 engine after the shipped model changes (needs SQuAD train data).
+SQUAD_TRAIN ?= ../shared/data/squad/train-v1.1.json.gz
+MODEL_DIR := models/minilm-l6-squad
+calibration: install
+	rm -f $(MODEL_DIR)/calibration.json
+	$(BIN)/qa-build -m $(MODEL_DIR) -o $$(mktemp -d)/engine --int8 --squad-json $(SQUAD_TRAIN) \
+		--calib-num 100 --calib-path $(MODEL_DIR)/calibration.json
 
 serve: install
 	$(BIN)/qa-serve

@@ -220,7 +220,7 @@ def format_result(result: AnswerResult, as_json: bool) -> str:
             },
             ensure_ascii=False,
         )
-    answer = f"{best.text!r}  (score {best.score:.3f}, characters {best.start}-{best.end})" if best else "(no answer)"
+    answer = f"{best.text!r}  (score {best.score:.3f}, code points {best.start}-{best.end})" if best else "(no answer)"
     stages = " | ".join(f"{stage} {value:.2f} ms" for stage, value in timings_ms.items())
     return f"Question: {result.question}\nAnswer: {answer}\nTimings: {stages}\n"
 

@@ -28,7 +28,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import grpc
@@ -261,6 +261,7 @@ class Conversation:
         self._interim: asyncio.Queue[TranscriptEvent | object] = asyncio.Queue(chain.max_queued_events)
         self._turn_slots = asyncio.Semaphore(chain.max_turns_ahead)
         self._runs: set[TurnRun] = set()
+        self._stored_passage_id: str | None = None  # the QA server's id of the session's passage, once known
 
     def events(self, inputs: AsyncIterator[UserInput]) -> AsyncIterator[ChainEvent]:
         deliver: Any = self._deliver  # aiostream's operator signatures are looser than mypy can follow
@@ -371,7 +372,7 @@ class Conversation:
             errors: list[str] = []
             begin = time.perf_counter_ns()
             try:
-                result = await self.stages.qa.answer(self._qa_request(final.transcript), utterance.trace)
+                result = await self._answer(final.transcript, utterance.trace)
             except StageError as exc:
                 recorder.record("qa", begin, time.perf_counter_ns())
                 errors.append(str(exc))
@@ -453,16 +454,30 @@ class Conversation:
                 yield event
         await self._interim.put(_END)
 
-    def _qa_request(self, question: str) -> QARequest:
-        budget_ns = self.session.budgets.of("qa") or 10 * MS
-        return QARequest(
-            question=question,
-            passage=self.session.passage,
-            passage_id=self.session.passage_id,
-            deadline_s=budget_ns / 1e9,  # the QA budget is the QA call's deadline
-            model_id=self.session.model_id,
-            options=self.session.qa_options,
-        )
+    async def _answer(self, question: str, trace: TraceIds) -> QAResult:
+        """Ask QA within the QA budget (the call's deadline). After the first answer the passage goes by
+        the id the QA server gave it; should the server have evicted it, the text goes again (once)."""
+        deadline_ns = time.perf_counter_ns() + (self.session.budgets.of("qa") or 10 * MS)
+        passage_id = self.session.passage_id or self._stored_passage_id
+        passage = None if passage_id else self.session.passage
+        request = QARequest(
+            question, passage, passage_id, deadline_ns / 1e9 - time.perf_counter_ns() / 1e9,
+            self.session.model_id, self.session.qa_options,
+        )  # fmt: skip
+        try:
+            result = await self.stages.qa.answer(request, trace)
+        except StageError as exc:
+            remaining_s = (deadline_ns - time.perf_counter_ns()) / 1e9
+            if exc.code is not grpc.StatusCode.NOT_FOUND or self.session.passage is None or passage is not None:
+                raise
+            if remaining_s <= 0:
+                raise StageError("qa", grpc.StatusCode.DEADLINE_EXCEEDED, "passage evicted; no time left") from None
+            self._stored_passage_id = None
+            result = await self.stages.qa.answer(replace(request, passage=self.session.passage, passage_id=None,
+                                                         deadline_s=remaining_s), trace)  # fmt: skip
+        if self.session.passage is not None and result.passage_id:
+            self._stored_passage_id = result.passage_id
+        return result
 
     def _reply_request(self, question: str, result: QAResult) -> ReplyRequest:
         want_audio = self.session.want_audio

@@ -31,6 +31,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -87,6 +88,7 @@ class DashboardServer:
         self._clients: set[_Client] = set()
         self._changed = asyncio.Event()
         self._runner: web.AppRunner | None = None
+        self._cached: tuple[int, float, dict[str, Any]] | None = None  # (board version, monotonic time, snapshot)
         self._broadcaster: asyncio.Task[None] | None = None
 
     @property
@@ -143,13 +145,24 @@ class DashboardServer:
             await self._runner.cleanup()
             self._runner = None
 
+    def snapshot(self) -> dict[str, Any]:
+        """The board's snapshot, computed at most once per `push_interval_s` while no turn arrives, so a
+        flood of page loads or polls costs the event loop little."""
+        now = time.monotonic()
+        cached = self._cached
+        if cached is not None and cached[0] == self.board.version and now - cached[1] < self.config.push_interval_s:
+            return cached[2]
+        snapshot = self.board.snapshot()
+        self._cached = (self.board.version, now, snapshot)
+        return snapshot
+
     # -- routes --------------------------------------------------------------------------------------
 
     async def _page(self, request: web.Request) -> web.StreamResponse:
         return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
     async def _latency(self, request: web.Request) -> web.Response:
-        return web.json_response(self.board.snapshot(), headers={"Cache-Control": "no-store"})
+        return web.json_response(self.snapshot(), headers={"Cache-Control": "no-store"})
 
     async def _metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.board.registry)
@@ -168,7 +181,7 @@ class DashboardServer:
         client = _Client(self.config.client_queue, asyncio.current_task())
         self._clients.add(client)
         try:
-            await response.write(b"retry: 2000\n" + _event(self.board.snapshot()))
+            await response.write(b"retry: 2000\n" + _event(self.snapshot()))
             while True:
                 message = await self._next(client)
                 await response.write(message if message is not None else b": keepalive\n\n")
@@ -198,7 +211,11 @@ class DashboardServer:
             last = time.monotonic()
             if not self._clients:
                 continue
-            message = _event(self.board.snapshot())
+            try:
+                message = _event(self.snapshot())
+            except Exception:  # a bug here must not end the pushes for good
+                log.exception("cannot build the dashboard snapshot")
+                continue
             for client in tuple(self._clients):
                 client.offer(message, self.config.stall_limit)
 

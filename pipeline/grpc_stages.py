@@ -86,7 +86,9 @@ class GrpcQuestionAnswering:
             )
         except QAClientError as exc:
             raise StageError("qa", exc.code, exc.message) from None
-        return QAResult(answer.best, answer.abstained, answer.model_id, answer.engine, answer.timings)
+        return QAResult(
+            answer.best, answer.abstained, answer.model_id, answer.engine, answer.timings, answer.passage_id
+        )
 
     async def close(self) -> None:
         await self.client.close()

@@ -60,7 +60,8 @@ class ChainConfig:
     chain: ChainSettings = field(default_factory=ChainSettings)
     budgets: Budgets = field(default_factory=Budgets)  # sessions' defaults (a session may set its own)
     qa_max_batch_size: int | None = None  # None: qa-serve's default
-    interceptors: tuple[grpc.aio.ServerInterceptor, ...] = ()  # extra interceptors of the front (and stages)
+    interceptors: tuple[grpc.aio.ServerInterceptor, ...] = ()  # extra interceptors of the front (e.g. auth)
+    max_sessions: int = 256  # open Converse sessions; more are RESOURCE_EXHAUSTED
     front_credentials: grpc.ServerCredentials | None = None  # TLS / mutual TLS of the front (services.auth)
     startup_timeout_s: float = 600.0  # a split stage must be serving by then (the engine may be built first)
     stage_log_level: str = "WARNING"  # log level of split stage processes
@@ -69,8 +70,8 @@ class ChainConfig:
         for port in (self.assistant_port, self.dashboard_port):
             if port is not None and not 0 <= port <= 65535:
                 raise ValueError(f"port must be in [0, 65535], got {port}")
-        if self.startup_timeout_s <= 0:
-            raise ValueError("startup timeout must be positive")
+        if self.startup_timeout_s <= 0 or self.max_sessions < 1:
+            raise ValueError("startup timeout and max sessions must be positive")
 
 
 @dataclass
@@ -151,7 +152,7 @@ async def start_chain(
     async with contextlib.AsyncExitStack() as stack:
         stages, running = await _start_stages(config, stack)
         stack.push_async_callback(stages.close)
-        service = AssistantService(Chain(stages, config.chain), board, config.budgets)
+        service = AssistantService(Chain(stages, config.chain), board, config.budgets, config.max_sessions)
         front: StageServer = assistant_server(service, config.host, config.assistant_port, config.interceptors)
         front.credentials = config.front_credentials
         await front.start()

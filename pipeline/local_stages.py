@@ -67,7 +67,9 @@ class LocalQuestionAnswering:
                 code, message = status_of(exc)
                 raise StageError("qa", code, message) from None
         prediction = served.prediction
-        return QAResult(prediction.best, prediction.abstained, served.model_id, served.engine, served.timings)
+        return QAResult(
+            prediction.best, prediction.abstained, served.model_id, served.engine, served.timings, served.passage_id
+        )
 
     async def close(self) -> None:
         return None

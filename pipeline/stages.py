@@ -66,6 +66,7 @@ class QAResult:
     model_id: str
     engine: str
     timings: StageTimings  # the QA server's own timings (qa.v1 StageTimings)
+    passage_id: str = ""  # the id under which the QA server holds the passage: send it instead of the text
 
 
 class SpeechRecognizer(Protocol):

@@ -42,7 +42,7 @@ class DecoderConfig:
 
 @dataclass(frozen=True)
 class Span:
-    """One candidate answer: `text == passage[start:end]`."""
+    """One candidate answer: `text == passage[start:end]`, offsets in Unicode code points."""
 
     text: str
     start: int

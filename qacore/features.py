@@ -15,7 +15,8 @@ from tokenizers import Tokenizer
 
 from qacore.errors import InvalidInputError
 
-# A documented bound on what one request may ask of the engines. 100,000 words of English are about
+# A documented bound on what one request may ask of the engines, in Unicode code points (what Python's
+# len() counts; a JavaScript string's length counts UTF-16 units). 100,000 words of English are about
 # 600,000 characters and 130,000 tokens (about 500 windows at the defaults): answered.
 MAX_PASSAGE_CHARS = 1_000_000
 MAX_QUESTION_CHARS = 4_096
@@ -74,7 +75,7 @@ class EncodedPassage:
 
     text: str
     token_ids: np.ndarray  # (n,) int32
-    offsets: np.ndarray  # (n, 2) int32, [start, end) character offsets into `text`
+    offsets: np.ndarray  # (n, 2) int32, [start, end) offsets into `text` in code points
 
     def __len__(self) -> int:
         return int(self.token_ids.shape[0])
@@ -134,7 +135,9 @@ class Featurizer:
         if not text or not text.strip():
             raise InvalidInputError("passage is empty")
         if len(text) > MAX_PASSAGE_CHARS:
-            raise InvalidInputError(f"passage has {len(text):,} characters; the limit is {MAX_PASSAGE_CHARS:,}")
+            raise InvalidInputError(
+                f"passage has {len(text):,} characters (Unicode code points); the limit is {MAX_PASSAGE_CHARS:,}"
+            )
         encoding = self.tokenizer.encode(text, add_special_tokens=False)
         if not encoding.ids:
             raise InvalidInputError("passage has no tokens")
@@ -148,7 +151,9 @@ class Featurizer:
         if not text or not text.strip():
             raise InvalidInputError("question is empty")
         if len(text) > MAX_QUESTION_CHARS:
-            raise InvalidInputError(f"question has {len(text):,} characters; the limit is {MAX_QUESTION_CHARS:,}")
+            raise InvalidInputError(
+                f"question has {len(text):,} characters (Unicode code points); the limit is {MAX_QUESTION_CHARS:,}"
+            )
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         if not ids:
             raise InvalidInputError("question has no tokens")

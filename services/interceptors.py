@@ -7,7 +7,8 @@ Every server of the project builds its chain with `server_interceptors(...)`; fr
    metadata on unary calls).
 2. `StatusInterceptor`: error mapping and metrics. An exception leaving an RPC becomes its documented
    status (`services.errors.status_of`): expected failures are logged in one line, unexpected ones with
-   a traceback and INTERNAL for the client, streams included. Every call is counted by method and code.
+   a traceback and INTERNAL for the client, streams included. Unary calls are counted by method and
+   code; streaming calls when they fail (their servicer counts what they stream).
 3. `extra`: interceptors of other concerns (authentication) run here: with request ids in their log
    lines and their refusals counted.
 4. `CallTrackingInterceptor`: counts calls in flight; once the server drains, new calls get UNAVAILABLE
@@ -171,7 +172,10 @@ class StatusInterceptor(_BehaviorInterceptor):
             self._count(name, code.name)
             await context.abort(code, message)
         else:
-            self._count(name, _code_name(context.code()) or "OK")
+            # A streaming call that ends well is not counted here: its servicer counts what it streamed
+            # (AnswerStream: one count per question), so the counter reads "answered questions and failed calls".
+            if not response_streaming:
+                self._count(name, _code_name(context.code()) or "OK")
 
     def _count(self, method: str, code_name: str) -> None:
         if self.metrics is not None:

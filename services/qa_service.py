@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 SERVICE_NAME = qa_pb2.DESCRIPTOR.services_by_name["QuestionAnswering"].full_name
-STREAM_QUESTION = "AnswerStream.question"  # metrics label of one question answered in-band on a stream
+STREAM_QUESTION = "AnswerStream"  # metrics label of one question answered (or failed) in-band on a stream
 INLINE_DECODE_WINDOWS = 2  # decoding takes ~0.5 ms per window: more than this goes to the executor
 
 

@@ -261,18 +261,16 @@ def enable_reflection(server: grpc.aio.Server, service_names: tuple[str, ...]) -
 
 def check_tls_pair(cert: Path, key: Path) -> None:
     """Raise ValueError naming the problem when the PEM certificate chain and key cannot serve TLS."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        context.load_cert_chain(cert, key)
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=cert)
+    except (ssl.SSLError, ValueError):
+        raise ValueError(f"TLS certificate {cert} is not a usable PEM certificate chain") from None
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
     except ssl.SSLError as exc:
-        reason = (exc.reason or "").upper()
-        if "MISMATCH" in reason:
-            problem = f"TLS certificate {cert} does not match the key {key}"
-        elif "KEY" in reason or "BAD_DECRYPT" in reason:
-            problem = f"TLS key {key} is not a usable unencrypted PEM private key ({exc.reason})"
-        else:
-            problem = f"TLS certificate {cert} is not a usable PEM certificate chain ({exc.reason or exc})"
-        raise ValueError(problem) from None
+        if "MISMATCH" in (exc.reason or "").upper():
+            raise ValueError(f"TLS certificate {cert} does not match the key {key}") from None
+        raise ValueError(f"TLS key {key} is not a usable unencrypted PEM private key") from None
 
 
 def depth_of(batcher: Batcher) -> Callable[[], float]:

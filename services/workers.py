@@ -10,7 +10,8 @@ fresh directory before starting the workers, every worker writes its samples the
 alone serves /metrics through a `MultiProcessCollector` that merges them (counters and histograms
 summed; gauges per worker `pid`).
 
-SIGTERM or SIGINT to the parent is passed to every worker, each drains within the grace period; a
+SIGTERM or SIGINT to the parent is passed to every worker, each drains within the grace period (SIGHUP
+is passed on too: every worker re-reads its token file); a
 worker that exits on its own brings the others down too (exit 1), so the supervisor above (systemd,
 compose, Kubernetes) restarts one coherent unit instead of a host quietly serving at partial strength.
 """
@@ -69,6 +70,7 @@ def _worker_main(config: ServerConfig) -> None:
 
     configure_logging(config.log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into one SIGTERM per worker
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the server handles it (token reload), not fatal
     try:
         code = asyncio.run(serve(config))
     except KeyboardInterrupt:
@@ -104,6 +106,7 @@ def run_workers(config: ServerConfig) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     metrics_server = None
     workers: list[Any] = []
+    signal.signal(signal.SIGHUP, lambda *_: _signal_all(workers, signal.SIGHUP))  # each re-reads its token file
     try:
         with reserved_port(config.host, config.port) as port:
             if config.metrics_port is not None:
@@ -146,12 +149,16 @@ def _supervise(workers: list[Any], stop: threading.Event) -> int:
     return 0
 
 
+def _signal_all(workers: list[Any], signum: int) -> None:
+    for worker in workers:
+        if worker.is_alive() and worker.pid is not None:
+            os.kill(worker.pid, signum)
+
+
 def _stop_all(workers: list[Any], timeout_s: float) -> None:
     from prometheus_client import multiprocess
 
-    for worker in workers:
-        if worker.is_alive() and worker.pid is not None:
-            os.kill(worker.pid, signal.SIGTERM)
+    _signal_all(workers, signal.SIGTERM)
     for worker in workers:
         worker.join(timeout_s)
         if worker.is_alive():

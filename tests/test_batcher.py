@@ -15,7 +15,13 @@ from qacore.engine import Engine, EngineOutputs
 from qacore.errors import EngineError
 from qacore.features import EngineInputs, Window
 from services.batcher import Batcher, BatcherConfig
-from services.errors import BatchFailedError, DeadlineExpiredError, NotServingError, QueueFullError
+from services.errors import (
+    BatchFailedError,
+    DeadlineExpiredError,
+    InvalidRequestError,
+    NotServingError,
+    QueueFullError,
+)
 
 PASSAGE = (
     "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, a region in "
@@ -208,14 +214,33 @@ async def test_failed_batch_fails_every_request_in_it(answerer: QuestionAnswerer
     await batcher.close()
 
 
+class SlowEngine(Engine):
+    """Wraps an engine; each call holds its thread for `delay_s` and records how many calls overlap."""
+
+    def __init__(self, inner: Engine, delay_s: float, tracker: dict[str, int]) -> None:
+        super().__init__(inner.meta)
+        self.inner, self.delay_s, self.tracker = inner, delay_s, tracker
+
+    def infer(self, inputs: EngineInputs) -> EngineOutputs:
+        self.tracker["running"] += 1
+        self.tracker["most"] = max(self.tracker["most"], self.tracker["running"])
+        try:
+            time.sleep(self.delay_s)
+            return self.inner.infer(inputs)
+        finally:
+            self.tracker["running"] -= 1
+
+
 async def test_two_engine_contexts_run_batches_in_parallel(answerer: QuestionAnswerer, engine_dir: Path) -> None:
     from qacore.factory import EngineOptions, load_engine
 
     second = load_engine(engine_dir, EngineOptions(intra_op_threads=1))
+    tracker = {"running": 0, "most": 0}
     try:
         observer = RecordingObserver()
         config = BatcherConfig(max_batch_size=2, max_queue_delay_us=0)
-        batcher = Batcher([answerer.engine, second], answerer.featurizer, config, observer)
+        engines = [SlowEngine(answerer.engine, 0.05, tracker), SlowEngine(second, 0.05, tracker)]
+        batcher = Batcher(engines, answerer.featurizer, config, observer)
         batcher.start()
         results = await asyncio.gather(*(batcher.run(windows_for(answerer, q)) for q in QUESTIONS))
         await batcher.close()
@@ -223,6 +248,64 @@ async def test_two_engine_contexts_run_batches_in_parallel(answerer: QuestionAns
         second.close()
     assert len(results) == len(QUESTIONS)
     assert sum(size for size, _ in observer.batches) == len(QUESTIONS)
+    assert tracker["most"] == 2  # both contexts ran a batch at the same time
+
+
+async def test_a_backlog_gets_one_share_of_each_round_not_the_whole_engine(answerer: QuestionAnswerer) -> None:
+    """Round robin over callers: a small request queued behind a 20-window request runs in the next batch."""
+    backlog = windows_for(answerer, QUESTIONS[0], " ".join([PASSAGE] * 60))
+    assert len(backlog) >= 20
+    order: list[str] = []
+    config = BatcherConfig(max_batch_size=1, max_queue_delay_us=0)
+    batcher = Batcher([answerer.engine], answerer.featurizer, config)
+    big = batcher.submit(backlog, caller="big")
+    small = batcher.submit(windows_for(answerer, QUESTIONS[1]), caller="small")
+    big.add_done_callback(lambda _: order.append("big"))
+    small.add_done_callback(lambda _: order.append("small"))
+    batcher.start()
+    await asyncio.gather(big, small)
+    await batcher.close()
+    assert order == ["small", "big"]
+    assert batcher.stats.batches == len(backlog) + 1
+
+
+async def test_a_caller_over_its_share_is_refused_but_others_are_admitted(answerer: QuestionAnswerer) -> None:
+    config = BatcherConfig(max_queue_windows=8, max_request_windows=8)
+    batcher = Batcher([answerer.engine], answerer.featurizer, config)
+    many = windows_for(answerer, QUESTIONS[0], " ".join([PASSAGE] * 25))[:8]
+    batcher.submit(many, caller="hog")  # fills the queue (admitted: the queue was empty)
+    with pytest.raises(QueueFullError, match="overloaded"):
+        batcher.submit(windows_for(answerer, QUESTIONS[1]), caller="hog")  # the hog is over its share
+    admitted = batcher.submit(windows_for(answerer, QUESTIONS[2]), caller="polite")  # another caller is not
+    batcher.start()
+    assert (await admitted).start_logits.shape[0] == 1
+    await batcher.close()
+
+
+async def test_a_request_over_the_window_limit_is_invalid(answerer: QuestionAnswerer) -> None:
+    batcher = Batcher([answerer.engine], answerer.featurizer, BatcherConfig(max_request_windows=3))
+    windows = windows_for(answerer, QUESTIONS[0], " ".join([PASSAGE] * 15))
+    assert len(windows) > 3
+    with pytest.raises(InvalidRequestError, match=f"needs {len(windows)} windows .* the limit is 3 per question"):
+        batcher.submit(windows)
+    assert batcher.depth == 0
+    await batcher.close()
+
+
+def test_batching_plan_groups_by_length_and_scatters_back_in_order() -> None:
+    """The one batching path (qacore.batching), without an engine."""
+    from qacore.batching import LogitsTable, length_bucket, plan_batches, scatter_rows
+
+    assert plan_batches([30, 10, 20, 10], 2) == [[1, 3], [2, 0]]
+    assert (length_bucket(64, 64), length_bucket(65, 64)) == (1, 2)
+    rows = [np.zeros(3, np.int32), np.zeros(5, np.int32)]
+    windows = [Window(ids, ids, 1, 0, len(ids) - 2, np.ones(len(ids) - 2, bool)) for ids in rows]
+    table = LogitsTable.for_windows(windows)
+    batch = np.arange(10, dtype=np.float32).reshape(2, 5)
+    scatter_rows(table, [1, 0], [5, 3], batch, -batch)
+    assert table.complete
+    np.testing.assert_array_equal(table.start[0], [5, 6, 7, -np.inf, -np.inf])
+    np.testing.assert_array_equal(table.start[1], [0, 1, 2, 3, 4])
 
 
 async def test_closed_batcher_refuses_work(answerer: QuestionAnswerer) -> None:

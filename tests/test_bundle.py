@@ -21,7 +21,7 @@ from qacore.eval_cli import main as qa_eval
 from qacore.factory import EngineOptions
 from qacore.files import sha256_file
 from services.config import BatcherConfig, EngineSpec
-from services.models import load_model
+from services.models import ModelRuntime, load_model
 
 TF_TINY = Path(__file__).parent / "data" / "tf_bert_tiny"
 PASSAGE = "Ada Lovelace wrote the first program for the Analytical Engine in 1843."
@@ -121,7 +121,7 @@ def test_the_model_null_threshold_reaches_every_decoder(engine_with_threshold: P
     assert model.decoder_config.null_threshold == 1.5
 
 
-async def _load_and_close(engine_dir: Path):  # type: ignore[no-untyped-def]
+async def _load_and_close(engine_dir: Path) -> ModelRuntime:
     model = await load_model(EngineSpec(engine_dir), EngineOptions(), 1, BatcherConfig())
     await model.close()
     return model

@@ -95,6 +95,7 @@ class Conversation:
 
     def __init__(self, call: Any) -> None:
         self.call = call
+        self.early: dict[int, list[assistant_pb2.ConverseEvent]] = {}
 
     async def send(self, requests: list[assistant_pb2.ConverseRequest]) -> None:
         for request in requests:
@@ -107,13 +108,19 @@ class Conversation:
         return event
 
     async def until_report(self, turn: int) -> Turn:
-        collected = Turn()
+        """Turn `turn`'s events up to its report (earlier turns are done; a later turn's interim
+        transcripts, the only events allowed to come early, are set aside for it)."""
+        collected = Turn(self.early.pop(turn, []))
         while True:
             event = await self.read()
-            if event.turn == turn:
-                collected.events.append(event)
-                if event.WhichOneof("event") == "report":
-                    return collected
+            if event.turn != turn:
+                assert event.turn > turn and event.WhichOneof("event") == "transcript"
+                assert not event.transcript.is_final, "a later turn's final transcript overtook this turn"
+                self.early.setdefault(event.turn, []).append(event)
+                continue
+            collected.events.append(event)
+            if event.WhichOneof("event") == "report":
+                return collected
 
     async def turn(self, requests: list[assistant_pb2.ConverseRequest], number: int) -> Turn:
         await self.send(requests)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import shutil
 import struct
@@ -13,21 +14,25 @@ import grpc
 import pytest
 
 from asr.v1 import asr_pb2, asr_pb2_grpc
+from assistant.v1 import assistant_pb2, assistant_pb2_grpc
 from pipeline.chain import (
+    AnswerEvent,
     Chain,
     ChainSettings,
     ReplyEvent,
     ReportEvent,
     SessionSettings,
+    SessionStarted,
     TranscriptEvent,
     TurnErrorEvent,
     UserInput,
     UserText,
 )
-from pipeline.grpc_stages import GrpcResponder
-from pipeline.local_stages import LocalQuestionAnswering, LocalRecognizer
-from pipeline.stages import Stages
-from qacore.latency import parse_budgets
+from pipeline.front import AssistantService, assistant_server
+from pipeline.grpc_stages import GrpcQuestionAnswering, GrpcResponder
+from pipeline.local_stages import LocalQuestionAnswering, LocalRecognizer, LocalResponder
+from pipeline.stages import QARequest, QAResult, StageError, Stages, TraceIds
+from qacore.latency import TurnReport, parse_budgets
 from services.asr_stub import (
     AsrStub,
     AsrStubConfig,
@@ -244,3 +249,155 @@ async def test_a_dead_response_server_fails_each_turn_and_the_session_goes_on(en
     assert all(report.report.error and "response" in report.report.error for report in reports)
     finals = [event.text for event in events if isinstance(event, TranscriptEvent) and event.is_final]
     assert finals == ["Who led the raiders?", "Who led them?"]
+
+
+async def test_a_reader_that_stops_reading_stops_the_chain_reading_its_client(engine_dir: Path) -> None:
+    """Backpressure: with max_turns_ahead turns started but undelivered, the chain reads no further input."""
+    async with QAServer(ServerConfig(port=0, engines=(EngineSpec(engine_dir),), grace_s=1.0)) as qa:
+        stages = Stages(LocalRecognizer(AsrStub()), LocalQuestionAnswering(qa), LocalResponder(ReplyMaker()))
+        settings = ChainSettings(max_turns_ahead=2)
+        chain = Chain(stages, settings)
+        session = SessionSettings(passage="Rollo led the Norse raiders.", budgets=parse_budgets("qa=5s"))
+        consumed = 0
+
+        async def inputs() -> AsyncIterator[UserInput]:
+            nonlocal consumed
+            for number in range(12):
+                consumed += 1
+                yield UserText(f"Who led the raiders? ({number})")
+
+        events = chain.converse(session, "slow-reader", inputs())
+        assert isinstance(await anext(events), SessionStarted)
+
+        async def read_one() -> object:
+            return await anext(events)
+
+        first = asyncio.create_task(read_one())  # the reader takes one event, then stops reading
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while consumed < settings.max_turns_ahead + 1:  # two turns started, the third input read and waiting
+            assert loop.time() < deadline, "the chain never read its first turns"
+            await asyncio.sleep(0.01)
+        await first
+        watch_until = loop.time() + 0.5  # an upper bound held over a window, not a synchronisation sleep
+        while loop.time() < watch_until:
+            assert consumed <= settings.max_turns_ahead + 1
+            await asyncio.sleep(0.01)
+        reports = [event.turn async for event in events if isinstance(event, ReportEvent)]
+        assert reports == list(range(1, 13)) and consumed == 12
+        await chain.close()
+
+
+async def test_the_passage_goes_by_id_and_again_as_text_when_the_qa_server_evicted_it(engine_dir: Path) -> None:
+    """A QA server that keeps one passage at a time: session A's passage is evicted by session B's, so A's
+    next turn gets NOT_FOUND for its passage id and the chain sends the text again, within its budget."""
+    config = ServerConfig(port=0, engines=(EngineSpec(engine_dir),), grace_s=1.0, passage_cache_chars=1)
+    async with QAServer(config) as qa:
+        calls: list[str] = []
+
+        class WatchedQA(LocalQuestionAnswering):  # the real adapter, noting how each call went
+            async def answer(self, request: QARequest, trace: TraceIds) -> QAResult:
+                source = "id" if request.passage_id else "text"
+                try:
+                    result = await super().answer(request, trace)
+                except StageError as exc:
+                    calls.append(f"{source}:{exc.code.name}")
+                    raise
+                calls.append(f"{source}:OK")
+                return result
+
+        stages = Stages(LocalRecognizer(AsrStub()), WatchedQA(qa), LocalResponder(ReplyMaker()))
+        chain = Chain(stages)
+        budgets = parse_budgets("qa=5s")
+        second_turn = asyncio.Event()
+
+        async def inputs_a() -> AsyncIterator[UserInput]:
+            yield UserText("Who led the raiders?")
+            await second_turn.wait()
+            yield UserText("Who led the raiders?")
+
+        async def inputs_b() -> AsyncIterator[UserInput]:
+            yield UserText("Where is Lima?")
+
+        session_a = chain.converse(
+            SessionSettings(passage="Rollo led the Norse raiders.", budgets=budgets), "a", inputs_a()
+        )
+        answers = []
+        async for event in session_a:
+            if isinstance(event, AnswerEvent) and event.result.best:
+                answers.append(event.result.best.text)
+            if isinstance(event, ReportEvent):
+                break
+        session_b = SessionSettings(passage="Lima is the capital of Peru.", budgets=budgets)
+        assert [e async for e in chain.converse(session_b, "b", inputs_b()) if isinstance(e, TurnErrorEvent)] == []
+        second_turn.set()
+        async for event in session_a:
+            assert not isinstance(event, TurnErrorEvent), event
+            if isinstance(event, AnswerEvent) and event.result.best:
+                answers.append(event.result.best.text)
+        assert answers == ["Rollo", "Rollo"]
+        assert calls == ["text:OK", "text:OK", "id:NOT_FOUND", "text:OK"]  # A, B, then A's fallback
+
+        async def one_turn() -> AsyncIterator[UserInput]:
+            yield UserText("Who led the raiders?")
+
+        unknown = SessionSettings(passage_id="no-such-passage", budgets=budgets)
+        failures = [event async for event in chain.converse(unknown, "unknown", one_turn())]
+        await chain.close()
+    codes = [(event.stage, event.code) for event in failures if isinstance(event, TurnErrorEvent)]
+    assert codes == [("qa", grpc.StatusCode.NOT_FOUND)]
+
+
+class ReportList(list[TurnReport]):
+    """The simplest board: keeps every report."""
+
+    def record(self, report: TurnReport) -> None:
+        self.append(report)
+
+
+async def test_sessions_beyond_the_limit_are_resource_exhausted() -> None:
+    stages = Stages(LocalRecognizer(AsrStub()), GrpcQuestionAnswering("127.0.0.1:1"), LocalResponder(ReplyMaker()))
+    service = AssistantService(Chain(stages), ReportList(), max_sessions=1)
+    server = assistant_server(service)
+    await server.start()
+    config = assistant_pb2.ConverseRequest(config=assistant_pb2.SessionConfig(passage="Rollo led them."))
+    try:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = assistant_pb2_grpc.AssistantStub(channel)
+            first = stub.Converse()
+            await first.write(config)
+            assert (await first.read()).WhichOneof("event") == "started"
+            second = stub.Converse()
+            await second.write(config)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await second.read()
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            await first.done_writing()
+            assert await first.read() is grpc.aio.EOF
+            third = stub.Converse()  # the first session's slot is free again
+            await third.write(config)
+            assert (await third.read()).WhichOneof("event") == "started"
+            third.cancel()
+    finally:
+        await server.stop()
+        await stages.close()
+
+
+async def test_an_asr_stage_that_runs_out_of_time_fails_its_turn_only() -> None:
+    """The ASR stub takes 2 s per utterance, the chain allows 0.1 s: each turn reports DEADLINE_EXCEEDED."""
+    asr = LocalRecognizer(AsrStub(AsrStubConfig(final_latency_ms=2000)))
+    stages = Stages(asr, GrpcQuestionAnswering("127.0.0.1:1"), LocalResponder(ReplyMaker()))
+    chain = Chain(stages, ChainSettings(asr_timeout_s=0.1))
+
+    async def inputs() -> AsyncIterator[UserInput]:
+        yield UserText("Who led the raiders?")
+        yield UserText("Who led them?")
+
+    session = SessionSettings(passage="Rollo led the Norse raiders.")
+    events = [event async for event in chain.converse(session, "slow-asr", inputs())]
+    await chain.close()
+    errors = [(event.turn, event.stage, event.code) for event in events if isinstance(event, TurnErrorEvent)]
+    assert errors == [(1, "asr", grpc.StatusCode.DEADLINE_EXCEEDED), (2, "asr", grpc.StatusCode.DEADLINE_EXCEEDED)]
+    reports = [event.report for event in events if isinstance(event, ReportEvent)]
+    assert [report.turn for report in reports] == [1, 2]
+    assert all(0.1 * 1e9 <= report.total_ns < 2 * 1e9 for report in reports)

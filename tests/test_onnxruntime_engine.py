@@ -179,6 +179,12 @@ def test_inconsistent_meta(ort_fp32_engine_dir: Path, tmp_path: Path, changes: d
 def test_engine_file_that_is_not_onnx(ort_fp32_engine_dir: Path, tmp_path: Path) -> None:
     engine_dir = copy_engine(ort_fp32_engine_dir, tmp_path)
     (engine_dir / "model.onnx").write_bytes(b"garbage")
+    with pytest.raises(EngineError, match="is corrupt: its SHA-256") as error:
+        load_engine(engine_dir)  # refused by the hash recorded at build time
+    assert "\n" not in str(error.value)
+    from qacore.files import sha256_file
+
+    edit_meta(engine_dir, engine_sha256=sha256_file(engine_dir / "model.onnx"))  # a garbage file that checks out
     with pytest.raises(EngineError, match="ONNX Runtime cannot load") as error:
         load_engine(engine_dir)
     assert "\n" not in str(error.value)

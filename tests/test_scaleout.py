@@ -151,8 +151,11 @@ async def test_load_spreads_a_killed_replica_fails_only_its_calls_and_passages_w
 
 
 async def test_workers_share_one_port_and_merge_their_metrics(engine_dir: Path, tmp_path: Path) -> None:
+    token_file = tmp_path / "tokens"
+    token_file.write_text("worker-token-1\n", encoding="utf-8")
     argv = [str(BIN / "qa-serve"), "--workers", "2", "--port", "0", "--metrics-port", "0", "--engine",
-            str(engine_dir), "--max-batch-size", "1", "--intra-op-threads", "1", "--grace-s", "2"]  # fmt: skip
+            str(engine_dir), "--max-batch-size", "1", "--intra-op-threads", "1", "--grace-s", "2",
+            "--auth-token-file", str(token_file)]  # fmt: skip
     server = spawn("qa-workers", argv, tmp_path)
     try:
         metrics_port = int(server.wait_log(METRICS, 60).group(2))
@@ -162,7 +165,8 @@ async def test_workers_share_one_port_and_merge_their_metrics(engine_dir: Path, 
         (port,) = ports
         questions = squad_questions(20)
         # Several connections: the kernel spreads connections (not calls) over the workers.
-        clients = [QAClient(f"127.0.0.1:{port}", NO_RETRY) for _ in range(8)]
+        with_token = ClientConfig(retry=RetryPolicy(max_attempts=1), timeout_s=30, token="worker-token-1")
+        clients = [QAClient(f"127.0.0.1:{port}", with_token) for _ in range(8)]
         try:
             for round_ in range(3):
                 replies = await asyncio.gather(
@@ -177,6 +181,9 @@ async def test_workers_share_one_port_and_merge_their_metrics(engine_dir: Path, 
         assert sample_sum(text, "qa_stage_latency_seconds_count", stage="end_to_end") == 24  # merged over workers
         pids = set(re.findall(r'qa_latency_budget_seconds\{[^}]*pid="(\d+)"', text))
         assert len(pids) == 2, text[:2000]  # gauges are kept per worker
+        # SIGHUP to the parent reaches every worker: each re-reads the token file.
+        server.popen.send_signal(signal.SIGHUP)
+        wait_for(lambda: server.log_text().count("bearer tokens reloaded") == 2, 30, "both workers' token reload")
         depth_pids = set(re.findall(r'qa_queue_depth_windows\{[^}]*pid="(\d+)"', text))
         assert depth_pids == pids  # queue depths are copied into the shared files by each worker
     finally:

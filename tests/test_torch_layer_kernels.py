@@ -224,7 +224,7 @@ def test_gpu_span_graph_finds_the_best_spans_of_the_logits(
     fp16_engine_dir: Path, windows_batch: tuple[EngineInputs, np.ndarray, np.ndarray]
 ) -> None:
     with open_torch_engine(fp16_engine_dir, TorchEngineConfig()) as engine:
-        assert_spans_match_logits(engine, *windows_batch, atol=1e-3)
+        assert_spans_match_logits(engine, *windows_batch, atol=5e-3)
 
 
 def test_answers_from_device_spans_equal_answers_from_logits(

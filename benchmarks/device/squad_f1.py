@@ -36,6 +36,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--limit", type=int, default=0, help="first N questions only (0: all)")
     parser.add_argument("--with-onnxruntime", action="store_true")
+    parser.add_argument("--paths", default="", help="comma-separated indices of the paths to run (default: all)")
     args = parser.parse_args()
     dataset = read_dataset(args.squad)
     if args.limit:
@@ -57,9 +58,12 @@ def main() -> int:
             LogitsOnly(torch_engine(layer_fusion=False)),
             torch_dir,
         ),
+        ("previous engine (fused), device span search", torch_engine(layer_fusion=False), torch_dir),
         ("layer-fused engine, CPU decode", LogitsOnly(torch_engine(layer_fusion=True)), torch_dir),
         ("layer-fused engine, device span search", torch_engine(layer_fusion=True), torch_dir),
     ]
+    if args.paths:
+        paths = [paths[int(index)] for index in args.paths.split(",")]
     if args.with_onnxruntime:
         ort_dir = build_engine(BuildConfig(checkpoint=SHIPPED_MODEL_DIR, output=work / "ort", backend="onnxruntime"))
         paths.append(("ONNX Runtime fp32 (host CPU cores)", load_engine(ort_dir), ort_dir))

@@ -52,7 +52,7 @@ class NginxLayout:
 
 def substitute(template: str, values: Mapping[str, str]) -> str:
     """Replace `${NAME}` placeholders (nginx's own `$variables` stay); a placeholder without a value is an error."""
-    lines = []
+    lines: list[str] = []
     for line in template.splitlines(keepends=True):
         names = [name for name in PLACEHOLDER.findall(line) if name in UPSTREAM_NAMES]
         if names and not line.lstrip().startswith("#"):
@@ -101,7 +101,11 @@ def render(layout: NginxLayout) -> Path:
         text = substitute((TEMPLATES / f"{name}.template").read_text(encoding="utf-8"), values)
         (layout.conf_d / name).write_text(text, encoding="utf-8")
     if layout.tls_cert is not None and layout.tls_key is not None and layout.qa_tls_listen:
-        tls_values = {"TLS_LISTEN": layout.qa_tls_listen, "TLS_CERT": str(layout.tls_cert), "TLS_KEY": str(layout.tls_key)}
+        tls_values = {
+            "TLS_LISTEN": layout.qa_tls_listen,
+            "TLS_CERT": str(layout.tls_cert),
+            "TLS_KEY": str(layout.tls_key),
+        }
         text = substitute((TEMPLATES / "tls.inc.template").read_text(encoding="utf-8"), tls_values)
         (layout.conf_d / "qa-tls.inc").write_text(text, encoding="utf-8")
     return layout.main_file

@@ -3,8 +3,8 @@
 The engine directory holds meta.json and the HF-named weights (`model.safetensors`, written by
 `qa-build --backend torch`). At load time the weights become a `FusedBertForQA` (one QKV GEMM,
 SDPA attention, Triton bias+GELU and residual+LayerNorm kernels) or, with `fused=False`, the training
-network `BertForQA` itself. By default (`layer_fusion`) the fused module runs four Triton kernels per
-encoder layer (`torch_layer_kernels`) where the model's shape allows. Each padded shape (batch bucket x
+network `BertForQA` itself. With `layer_fusion` the fused module runs four Triton kernels per encoder
+layer (`torch_layer_kernels`) instead (an experiment: correct, slower on the H200). Each padded shape (batch bucket x
 sequence bucket) is captured once into a CUDA graph with static input and output buffers; `infer` copies
 the batch into pinned host memory, into the static inputs, replays the graph and copies the logits back:
 two copies and one graph launch per call. Batches are padded up to the bucket and the logits sliced back, so callers
@@ -52,7 +52,9 @@ class TorchEngineConfig:
     # cuBLAS front end for the GEMMs: "cublas" | "cublaslt" | None (PyTorch's default). A captured graph
     # keeps the kernels chosen at capture, so this only has to hold while capturing.
     blas_library: str | None = None
-    layer_fusion: bool = True  # four Triton kernels per layer (torch_layer_kernels) where the shape allows
+    # Four Triton kernels per layer (torch_layer_kernels) where the shape allows. Off by default: correct
+    # (SQuAD F1 equal) but slower than cuBLAS + SDPA on the H200 (benchmarks/results/engine_h200.md).
+    layer_fusion: bool = False
     # Device span search: spans kept per window (twice the default n-best: distinct token spans may share a
     # character span) and the longest answer, in tokens, it searches.
     span_top_k: int = 40

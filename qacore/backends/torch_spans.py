@@ -116,19 +116,26 @@ def _kernel() -> Any:
         end_logits = tl.load(logits_ptr + (base + ends) * 2 + 1, mask=end_ok, other=0.0)
         scores = tl.where(end_ok, start_logits[:, None] + end_logits, -3.0e38)
         flat_index = starts[:, None] * BAND + offsets[None, :]
+        # One int64 key per pair, so each pick is a single max-reduction: the score's bits made orderable as
+        # a signed integer (flip the magnitude bits of negatives) above the inverted flat index (ties go to
+        # the earlier start, then the shorter span).
+        bits = scores.to(tl.int32, bitcast=True)
+        ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        key = (ordered.to(tl.int64) << 32) | (BLOCK_SEQ * BAND - 1 - flat_index).to(tl.int64)
         null = tl.load(logits_ptr + base * 2) + tl.load(logits_ptr + base * 2 + 1)
         out = out_ptr + row * (1 + 3 * TOP_K)
         tl.store(out, null)
         for slot in range(TOP_K):
-            best = tl.max(tl.max(scores, axis=1), axis=0)
-            # The smallest flat index among the maxima: ties go to the earlier start, then the shorter span.
-            index = tl.min(tl.min(tl.where(scores == best, flat_index, BLOCK_SEQ * BAND), axis=1), axis=0)
+            best_key = tl.max(tl.max(key, axis=1), axis=0)
+            index = BLOCK_SEQ * BAND - 1 - (best_key & 0xFFFFFFFF).to(tl.int32)
+            best_ordered = (best_key >> 32).to(tl.int32)
+            best = (best_ordered ^ ((best_ordered >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
             found = best > -1.0e38
             start = index // BAND
             tl.store(out + 1 + 3 * slot, tl.where(found, start, -1).to(tl.float32))
             tl.store(out + 2 + 3 * slot, tl.where(found, start + index % BAND, -1).to(tl.float32))
             tl.store(out + 3 + 3 * slot, tl.where(found, best, -3.0e38))
-            scores = tl.where(flat_index == index, -3.0e38, scores)
+            key = tl.where(flat_index == index, -9223372036854775807, key)
 
     _KERNEL = top_spans_kernel
     return _KERNEL

@@ -1,0 +1,111 @@
+"""Closed-loop load on a running `qa-serve` from several client processes (one Python client process tops
+out near the bare grpc.aio echo rate, ~7,000 calls/s, so 10,000 answers/s needs more than one).
+
+    python3 -m benchmarks.device.serve_load --target 127.0.0.1:50051 --concurrency 256 --processes 8 \
+        --squad dev-v1.1.json.gz --out load.json [--passage-ids]
+
+Each process runs `qa-bench serve`'s closed loop (`benchmarks.serve_bench.closed_loop`) with its share
+of the concurrency on its own channel; latencies of all processes are pooled for the percentiles and the
+throughput is their summed completion rate inside the same measured window.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.report import percentile_summary
+
+
+def _client(target: str, squad: str, questions: int, concurrency: int, duration: float, warmup: float,
+            passage_ids: bool, offset: int) -> dict[str, Any]:  # fmt: skip
+    from benchmarks.serve_bench import ServeBenchConfig, closed_loop, load_questions
+    from pipeline.client import ClientConfig, QAClient, Question, RetryPolicy
+
+    async def run() -> dict[str, Any]:
+        config = ServeBenchConfig(target=target, duration_s=duration, warmup_s=warmup)
+        pairs = load_questions(Path(squad), questions)
+        pairs = pairs[offset % len(pairs) :] + pairs[: offset % len(pairs)]
+        client = QAClient(target, ClientConfig(retry=RetryPolicy(max_attempts=1), timeout_s=60))
+        try:
+            await client.wait_ready(120)
+            asked = [Question(q, p) for q, p in pairs]
+            if passage_ids:
+                stored = {p: (await client.put_passage(p)).passage_id for p in {p for _, p in pairs}}
+                asked = [Question(q, passage_id=stored[p]) for q, p in pairs]
+
+            async def send(question: Question) -> Any:
+                return await client.answer(question, timeout_s=60)
+
+            samples = await closed_loop(send, asked, concurrency, config)
+        finally:
+            await client.close()
+        return {"latencies_ns": samples.latencies_ns, "codes": dict(samples.codes),
+                "infer_ms": [t.stage_ns("infer") / 1e6 for t in samples.timings[:2000]]}  # fmt: skip
+
+    return asyncio.run(run())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", required=True)
+    parser.add_argument("--squad", required=True)
+    parser.add_argument("--questions", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=256)
+    parser.add_argument("--processes", type=int, default=8)
+    parser.add_argument("--duration-s", type=float, default=6.0)
+    parser.add_argument("--warmup-s", type=float, default=2.0)
+    parser.add_argument("--passage-ids", action="store_true")
+    parser.add_argument("--label", default="")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if args.processes < 1 or args.concurrency < args.processes:
+        print("serve_load: need 1 <= processes <= concurrency", file=sys.stderr)
+        return 2
+    shares = [
+        args.concurrency // args.processes + (i < args.concurrency % args.processes) for i in range(args.processes)
+    ]
+    with ProcessPoolExecutor(args.processes) as pool:
+        futures = [
+            pool.submit(_client, args.target, args.squad, args.questions, share, args.duration_s, args.warmup_s,
+                        args.passage_ids, index * 97)
+            for index, share in enumerate(shares)
+        ]  # fmt: skip
+        parts = [future.result() for future in futures]
+    latencies = np.concatenate([np.asarray(part["latencies_ns"], dtype=np.float64) for part in parts]) / 1e6
+    codes: dict[str, int] = {}
+    for part in parts:
+        for code, count in part["codes"].items():
+            codes[code] = codes.get(code, 0) + count
+    row = {
+        "label": args.label,
+        "target": args.target,
+        "concurrency": args.concurrency,
+        "client_processes": args.processes,
+        "passage_ids": args.passage_ids,
+        "answers_per_s": round(latencies.size / args.duration_s, 1),
+        "client_ms": percentile_summary(latencies),
+        "server_infer_ms": percentile_summary(np.concatenate([np.asarray(p["infer_ms"]) for p in parts])),
+        "codes": codes,
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+    }
+    client = row["client_ms"]
+    print(
+        f"{args.label}: c={args.concurrency} x{args.processes} procs: {row['answers_per_s']:,.0f} answers/s, "
+        f"p50 {client.get('p50', float('nan')):.2f} ms, p99 {client.get('p99', float('nan')):.2f} ms, codes {codes}"
+    )
+    if args.out is not None:
+        args.out.write_text(json.dumps(row, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
