@@ -1,4 +1,4 @@
-# The CPU service image: the shipped model's ONNX Runtime engine, built at image build time.
+# The CPU service image: the shipped model's ONNX Runtime INT8 engine (shipped calibration), built at image build time.
 #   docker build -t realtime-qa:cpu .
 # Runs as an unprivileged user; the HEALTHCHECK asks grpc.health.v1 whether qa.v1 is SERVING.
 FROM python:3.11-slim
@@ -18,6 +18,7 @@ COPY models ./models
 # serves exactly the engine it was built with and never builds at start-up.
 RUN pip install --no-cache-dir . \
  && qa-build --checkpoint /app/models/minilm-l6-squad --backend onnxruntime --output /app/engines/minilm-l6-squad-cpu \
+    --int8 --calib-path /app/models/minilm-l6-squad/calibration.json \
  && useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin qa
 
 ENV QA_SERVE_ENGINE=/app/engines/minilm-l6-squad-cpu \

@@ -9,12 +9,14 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from qacore.errors import QAError
+from qacore.errors import EngineError, QAError
 from services.config import ServerConfig, config_from_args
 from services.logctx import configure_logging
 from services.server import QAServer
 
 log = logging.getLogger("qa-serve")
+
+EXIT_ENGINE = 3  # an engine that cannot be used (missing, corrupt, faulty): it never reports SERVING
 
 
 async def serve(config: ServerConfig) -> int:
@@ -42,7 +44,7 @@ async def serve(config: ServerConfig) -> int:
             log.error("cannot serve", exc_info=start_failure)
         stopping.cancel()
         await server.stop(0)
-        return 1
+        return EXIT_ENGINE if isinstance(start_failure, EngineError) else 1  # 3: like qa-assistant and qa-eval
     await stopping
     log.info("signal received: shutting down")
     await server.stop()

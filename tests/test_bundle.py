@@ -137,3 +137,20 @@ def test_a_non_finite_model_null_threshold_is_refused(tmp_path: Path) -> None:
     (model / "bert_config.json").write_text(json.dumps({**config, "qa_null_threshold": "high"}))
     with pytest.raises(CheckpointError, match=r"qa_null_threshold .* must be a finite number"):
         load_checkpoint(model / "model.ckpt-3")
+
+
+def test_qa_serve_refuses_a_corrupted_engine_with_exit_3(engine_dir: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    broken = corrupt_copy(engine_dir, tmp_path / "engine")
+    qa_serve = Path(sys.executable).with_name("qa-serve")
+    done = subprocess.run(
+        [str(qa_serve), "--engine", str(broken), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 3, done.stderr
+    assert "is corrupt" in done.stderr and "SERVING" not in done.stderr

@@ -109,3 +109,15 @@ def write_scores(path: Path, scores: Mapping[str, QuestionScore]) -> None:
 
 def read_scores(path: Path) -> dict[str, QuestionScore]:
     return {qid: QuestionScore(**raw) for qid, raw in json.loads(path.read_text(encoding="utf-8")).items()}
+
+
+def set_null_threshold(model_dir: Path, threshold: float) -> Path:
+    """Write `threshold` into the model's config.json as `qa_null_threshold` (what the builder carries to the
+    engine and the decoder uses by default wherever abstaining is allowed)."""
+    from builder.checkpoint import NULL_THRESHOLD_KEY
+
+    path = model_dir / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config[NULL_THRESHOLD_KEY] = float(threshold)
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return path

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     ship = commands.add_parser("ship", help="install an exported run as the shipped model")
     ship.add_argument("--export-dir", type=Path, required=True, help="holds model.tar.partNN and export.json")
     ship.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"model directory (default {DEFAULT_OUT})")
+    ship.add_argument(
+        "--null-threshold", type=float, help="also write this abstention threshold into config.json (qa_null_threshold)"
+    )
     return parser
 
 
@@ -116,6 +119,10 @@ def run(args: argparse.Namespace) -> None:
     elif args.command == "ship":
         for file in runs.ship(args.export_dir, args.out):
             print(file)
+        if args.null_threshold is not None:
+            from training.calibration import set_null_threshold
+
+            print(set_null_threshold(args.out, args.null_threshold))
 
 
 def main(argv: list[str] | None = None) -> int:

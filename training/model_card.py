@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, 12 heads, uncased WordPiece)"
@@ -166,3 +168,80 @@ def render_abstention_section(summary: dict[str, Any], threshold: float, evals: 
         )
     lines.append("")
     return "\n".join(lines)
+
+
+SHIPPED_RESULTS = Path(__file__).resolve().parent / "results"
+SHIPPED_ABSTAIN_RUN = "abstain_all_sd"
+CPU_EVALS = "cpu_evals.json"  # rows of `render_abstention_section`, measured on the CPU engines
+
+
+def render_shipped_card(
+    distill_summary: dict[str, Any],
+    teacher_summary: dict[str, Any],
+    abstain_summary: dict[str, Any],
+    threshold: float,
+    evals: list[dict[str, Any]],
+) -> str:
+    """The card of the shipped model: the distilled student (its training and v1.1 figures before the
+    abstention tuning) and the abstention tuning on top of it, with every figure of the shipped weights."""
+    base = render_model_card(distill_summary, teacher_summary)
+    name = abstain_summary["config"]["name"]
+    base = base.replace(
+        f"# minilm-l6-squad ({distill_summary['config']['name']})",
+        f"# minilm-l6-squad ({distill_summary['config']['name']} + {name})\n\n"
+        "These weights are the distilled student described under Results and Training, then tuned to abstain "
+        "on unanswerable questions (section Abstention, which holds every figure of the shipped weights).",
+        1,
+    )
+    base = base.replace(
+        "| these float16 weights |", "| the distilled start model, float16 (before abstention tuning) |"
+    )
+    base = base.replace(
+        "English extractive QA over passages; it always answers with a span (no abstention: trained on SQuAD\n"
+        "v1.1, which has no unanswerable questions).",
+        "English extractive QA over passages. It answers with a span, or abstains where `allow_null` is on and the\n"
+        "null logit beats the best span by more than `qa_null_threshold`. Its unanswerable training questions are\n"
+        "synthetic: SQuAD 2.0's own are harder, and about a quarter of answerable questions are refused at the\n"
+        "shipped threshold (see HasAns F1).",
+    )
+    base = base.replace(
+        "Base model and teacher: Apache-2.0. SQuAD v1.1: CC BY-SA 4.0.",
+        "Base model and teacher: Apache-2.0. SQuAD v1.1 and v2.0: CC BY-SA 4.0.",
+    )
+    section = render_abstention_section(abstain_summary, threshold, evals)
+    return base.replace("## Use and limits", section + "\n## Use and limits", 1)
+
+
+def main() -> None:
+    """Write models/minilm-l6-squad/README.md from the committed run results (training/results/)."""
+
+    def read(path: Path) -> Any:
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    model_dir = Path(__file__).resolve().parents[1] / "models" / "minilm-l6-squad"
+    abstain = read(SHIPPED_RESULTS / "abstain" / SHIPPED_ABSTAIN_RUN / "metrics.json")
+    threshold = float(read(model_dir / "config.json")["qa_null_threshold"])
+    cpu_path = SHIPPED_RESULTS / "abstain" / CPU_EVALS
+    evals = [
+        {
+            "what": "float16 weights, PyTorch bf16 autocast (training-time evaluation)",
+            "where": abstain["device"],
+            "v1_f1": abstain["tuned"]["v1.1"]["f1"],
+            "v1_em": abstain["tuned"]["v1.1"]["exact_match"],
+            "v2": abstain["tuned"]["v2.0"]["second_half"],
+            "command": "`bash training/device/abstain.sh` (training/README.md)",
+        }
+    ] + (read(cpu_path) if cpu_path.is_file() else [])
+    card = render_shipped_card(
+        read(SHIPPED_RESULTS / "distill_a0_t2_10ep" / "metrics.json"),
+        read(SHIPPED_RESULTS / "teacher" / "metrics.json"),
+        abstain,
+        threshold,
+        evals,
+    )
+    (model_dir / "README.md").write_text(card, encoding="utf-8")
+    print(model_dir / "README.md")
+
+
+if __name__ == "__main__":
+    main()
