@@ -29,7 +29,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from qacore.latency import CHAIN_STAGES, MS, QA_SERVER_STAGES, Budgets, TurnReport, remote_stage_names
+from qacore.latency import CHAIN_STAGES, MS, QA_SERVER_STAGES, SEPARATOR, Budgets, TurnReport, remote_stage_names
 from services.metrics import LATENCY_BUCKETS_S
 
 TURN = "turn"  # the end-to-end row: a turn's total time against the turn budget
@@ -157,13 +157,15 @@ class LatencyBoard:
             ["stage"],
             registry=self.registry,
         )
-        for name in self._names:  # every series exists from the start, so rates start at zero
-            self._latency.labels(name)
-            if self._stages[name].budget_ns is not None:
-                self._over_budget.labels(name)
-                self._budget.labels(name).set(self._stages[name].budget_ns / 1e9)  # type: ignore[operator]
-        for outcome in OUTCOMES:
-            self._turns.labels(outcome)
+        # Every series exists from the start (rates start at zero) and is looked up once, not per turn.
+        self._latency_of = {name: self._latency.labels(name) for name in self._names}
+        budgeted = [name for name in self._names if SEPARATOR not in name]  # chain stages and the turn
+        self._over_budget_of = {name: self._over_budget.labels(name) for name in budgeted}
+        self._turns_of = {outcome: self._turns.labels(outcome) for outcome in OUTCOMES}
+        for name in self._names:
+            budget_ns = self._stages[name].budget_ns
+            if budget_ns is not None:
+                self._budget.labels(name).set(budget_ns / 1e9)
 
     def _default_budget(self, name: str) -> int | None:
         return self.config.budgets.turn_ns if name == TURN else self.config.budgets.of(name)
@@ -184,7 +186,7 @@ class LatencyBoard:
         over = self._observe(TURN, report.total_ns, report.turn_budget_ns) or any(s.over_budget for s in report.spans)
         outcome = "error" if report.error is not None else "over_budget" if over else "within_budget"
         self._outcomes[outcome] += 1
-        self._turns.labels(outcome).inc()
+        self._turns_of[outcome].inc()
         self._recent_outcomes.append(outcome)
         self._recent_over.append(over)
         self._recent.append(report)
@@ -196,9 +198,9 @@ class LatencyBoard:
         if budget_ns is not None and budget_ns != window.budget_ns:
             self._budget.labels(name).set(budget_ns / 1e9)
         over = window.add(duration_ns, budget_ns)
-        self._latency.labels(name).observe(duration_ns / 1e9)
+        self._latency_of[name].observe(duration_ns / 1e9)
         if over:
-            self._over_budget.labels(name).inc()
+            (self._over_budget_of.get(name) or self._over_budget.labels(name)).inc()
         return over
 
     def set_info(self, info: dict[str, Any]) -> None:

@@ -134,21 +134,22 @@ def decode_spans(features: Features, spans: EngineSpans, config: DecoderConfig |
         raise InvalidInputError("spans do not match the question's windows")
     if not (np.isfinite(spans.null_logits).all() and not np.isnan(spans.logits).any()):
         raise EngineFaultError("the engine returned NaN or infinite logits; its engine file may be corrupt")
+    rows, slots = np.nonzero(spans.starts >= 0)
+    # Window position -> passage token: passage_start - context_offset of each span's window.
+    shift = np.array([window.passage_start - window.context_offset for window in features.windows])[rows]
     offsets = features.passage.offsets
-    found: list[tuple[int, int, float]] = []
-    for row, window in enumerate(features.windows):
-        valid = spans.starts[row] >= 0
-        first = window.passage_start - window.context_offset  # window position -> passage token
-        picked = zip(spans.starts[row][valid], spans.ends[row][valid], spans.logits[row][valid], strict=True)
-        for start, end, logit in picked:
-            found.append((int(offsets[first + start, 0]), int(offsets[first + end, 1]), float(logit)))
-    found.sort(key=lambda span: span[2], reverse=True)
+    char_starts = offsets[spans.starts[rows, slots] + shift, 0]
+    char_ends = offsets[spans.ends[rows, slots] + shift, 1]
+    logits = spans.logits[rows, slots]
     candidates: list[tuple[int, int, float]] = []
     seen: set[tuple[int, int]] = set()
-    for span in found:
-        if (span[0], span[1]) not in seen and len(candidates) < config.n_best_size:
-            seen.add((span[0], span[1]))
-            candidates.append(span)
+    for index in np.argsort(-logits, kind="stable"):
+        span = (int(char_starts[index]), int(char_ends[index]))
+        if span not in seen:
+            seen.add(span)
+            candidates.append((*span, float(logits[index])))
+            if len(candidates) == config.n_best_size:
+                break
     return _prediction(features, candidates, float(np.min(spans.null_logits)), config)
 
 

@@ -7,12 +7,13 @@ A batch starts when it is full or when its oldest window has waited `max_queue_d
 
 Fairness. Every request belongs to a *caller*: one unary call, or one `AnswerStream` (all of a
 stream's questions are one caller). Batches are formed round-robin over callers, one window per
-caller per round, so a caller with a huge backlog (a 7,800-window passage, a stream flooding
-questions) gets one share of each batch and of the engine, never all of it: another caller's small
+caller per round, so a caller with a huge backlog (the largest passage the limits allow, a stream
+flooding questions) gets one share of each batch and of the engine, never all of it: another caller's small
 request runs in the next batch, not after the backlog. With two or more engine contexts, callers
-with a backlog (more windows queued than one batch holds) may together lead batches on all contexts
-but one, which is kept for the other callers, so a small request never waits behind a backlog's
-engine call either.
+with a backlog (more windows queued than one batch holds, several requests queued, or already running
+a batch) may together lead batches on all contexts but one, which is kept for the other callers, so a
+small request never waits behind a backlog's engine call either; backlog batches also run at a lower
+CPU priority (Linux nice 19), so on a busy host the operating system favours the small requests.
 
 Padding is limited by bucketing windows by length (`qacore.batching.length_bucket`): the batch's
 leading window fixes the bucket and only windows of that bucket or shorter ones join it.
@@ -57,7 +58,7 @@ from services.logctx import current_request_id
 
 log = logging.getLogger(__name__)
 
-BACKGROUND_NICE = 10  # nice increment of engine calls led by callers with a backlog (Linux threads)
+BACKGROUND_NICE = 19  # nice increment of engine calls led by callers with a backlog (Linux threads)
 _thread_nice = threading.local()
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
+from qacore.default_engine import DEFAULT_PRECISION, PRECISIONS
 from qacore.latency import LANGUAGE_MODEL_BUDGET_NS
 
 ENV_PREFIX = "QA_SERVE_"
@@ -143,6 +144,10 @@ class ServerConfig:
         "engine directory to serve (repeatable; the first is the default model; default: the shipped model's "
         "CPU engine, built on first use)",
         flag="--engine", metavar="[MODEL_ID=]DIR", parse=EngineSpec.parse, repeatable=True,
+    )  # fmt: skip
+    precision: str = setting(
+        DEFAULT_PRECISION, "precision of the shipped model's default engine, served when no --engine is given",
+        choices=PRECISIONS,
     )  # fmt: skip
     batcher: BatcherConfig = field(default_factory=BatcherConfig, metadata={NESTED_KEY: BatcherConfig})
     engine_contexts: int = setting(

@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from qa.v1 import qa_pb2_grpc
+from qacore.default_engine import DEFAULT_PRECISION
 from qacore.factory import EngineOptions
 from qacore.files import read_bytes
 from services.auth import AuthInterceptor, TokenSet, server_credentials
@@ -48,11 +49,12 @@ def model_health_name(model_id: str) -> str:
     return f"{SERVICE_NAME}/{model_id}"
 
 
-def default_engine_specs() -> tuple[EngineSpec, ...]:
-    """The shipped model's CPU engine (INT8), built on first use by a child `qa-build --default` (then cached)."""
-    from qacore.default_engine import resolve_default_engine
+def default_engine_specs(precision: str = DEFAULT_PRECISION) -> tuple[EngineSpec, ...]:
+    """The shipped model's CPU engine (INT8 unless `precision` says fp32), built on first use by a child
+    `qa-build --default` (then cached)."""
+    from qacore.default_engine import DefaultEngineSpec, resolve_default_engine
 
-    return (EngineSpec(resolve_default_engine()),)
+    return (EngineSpec(resolve_default_engine(DefaultEngineSpec(precision=precision))),)
 
 
 class QAServer:
@@ -163,7 +165,7 @@ class QAServer:
 
     async def load_models(self) -> None:
         config = self.config
-        specs = config.engines or await asyncio.to_thread(default_engine_specs)
+        specs = config.engines or await asyncio.to_thread(default_engine_specs, config.precision)
         options = EngineOptions(intra_op_threads=config.intra_op_threads, allow_spinning=config.engine_spinning)
         started = time.perf_counter_ns()
         for spec in specs:
@@ -248,7 +250,7 @@ def enable_reflection(server: grpc.aio.Server, service_names: tuple[str, ...]) -
     wire, so one servicer answers both."""
     names = (*service_names, reflection.SERVICE_NAME, REFLECTION_V1)
     reflection.enable_server_reflection(names, server)
-    servicer = reflection.ReflectionServicer(names)
+    servicer = reflection.aio.ReflectionServicer(names)
     handler = grpc.stream_stream_rpc_method_handler(
         servicer.ServerReflectionInfo,
         request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,

@@ -94,7 +94,7 @@ def run_workers(config: ServerConfig) -> int:
     from services.server import default_engine_specs
 
     if not config.engines:  # resolve (and build, once) the default engine before the workers race for it
-        config = dataclasses.replace(config, engines=default_engine_specs())
+        config = dataclasses.replace(config, engines=default_engine_specs(config.precision))
     own_dir = MULTIPROC_ENV not in os.environ
     directory = Path(os.environ.get(MULTIPROC_ENV) or tempfile.mkdtemp(prefix="qa-serve-metrics-"))
     directory.mkdir(parents=True, exist_ok=True)

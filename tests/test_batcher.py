@@ -159,9 +159,12 @@ async def test_request_larger_than_the_queue_is_admitted_when_idle(answerer: Que
 async def test_expired_work_is_dropped_before_it_runs(answerer: QuestionAnswerer) -> None:
     observer = RecordingObserver()
     batcher = Batcher([answerer.engine], answerer.featurizer, BatcherConfig(max_queue_delay_us=0), observer)
-    doomed = batcher.submit(windows_for(answerer, QUESTIONS[0]), deadline_ns=time.perf_counter_ns() + 1_000_000)
+    deadline_ns = time.perf_counter_ns() + 1_000_000
+    doomed = batcher.submit(windows_for(answerer, QUESTIONS[0]), deadline_ns=deadline_ns)
     alive = batcher.submit(windows_for(answerer, QUESTIONS[1]))
-    await asyncio.sleep(0.01)  # the deadline passes while the work is still queued
+    async with asyncio.timeout(10):  # the deadline passes while the work is still queued
+        while time.perf_counter_ns() < deadline_ns:
+            await asyncio.sleep(0.001)
     batcher.start()
     with pytest.raises(DeadlineExpiredError):
         await doomed

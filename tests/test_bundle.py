@@ -30,7 +30,8 @@ PASSAGE = "Ada Lovelace wrote the first program for the Analytical Engine in 184
 def test_bundle_sizes_windows_to_the_engine_and_defaults_the_decoder(engine_dir: Path) -> None:
     with open_bundle(engine_dir) as bundle:
         assert bundle.featurizer.config.max_seq_length == bundle.meta.max_seq_length == 384
-        assert bundle.decoder_defaults.null_threshold == 0.0  # the shipped model carries no threshold (yet)
+        # the shipped model's calibrated threshold (config.json qa_null_threshold, tuned in training/calibration.py)
+        assert bundle.decoder_defaults.null_threshold == bundle.meta.null_threshold == -6.609375
         assert bundle.decoder(n_best_size=3, null_threshold=None).n_best_size == 3
 
 

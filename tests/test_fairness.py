@@ -35,8 +35,8 @@ BIG_PASSAGE = " ".join(
     * 120
 )
 STREAM_LIMIT = 4  # questions the flooding stream may have in flight
-ROUNDS = 4
-SMALL_PER_PHASE = 10
+ROUNDS = 6
+SMALL_PER_PHASE = 8
 
 
 async def wait_until(condition: Callable[[], bool], timeout_s: float = 60) -> None:

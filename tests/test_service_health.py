@@ -54,8 +54,7 @@ async def test_health_is_serving_only_after_warm_up_and_not_serving_on_shutdown(
             watch = health_pb2_grpc.HealthStub(client.channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE))
             assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
             in_flight = asyncio.create_task(client.answer("Who led them?", " ".join([PASSAGE] * 30)))
-            batcher = next(iter(server.models)).batcher
-            await wait_until(lambda: batcher.stats.submitted_windows > 0)  # the request is in the server
+            await wait_until(lambda: server.calls.in_flight > 0)  # the request is in the server
             stopping = asyncio.create_task(server.stop())
             assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
             watch.cancel()  # a watch never ends by itself: it would hold the shutdown for the whole grace period

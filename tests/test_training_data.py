@@ -351,3 +351,94 @@ def test_hard_negatives_on_real_train_data_round_trip_and_target_cls(
     assert not arrays.start_positions.any() and not arrays.end_positions.any()
     with pytest.raises(InvalidInputError, match="kinds"):
         hard_negatives(articles, ["made_up"], 0.5, seed=3)
+
+
+# --- Abstention threshold and calibration ------------------------------------------------------------------------
+
+
+def _v2_dataset():
+    from qacore.squad import SquadDataset
+
+    def article(title: str, questions: list[tuple[str, str | None]]) -> dict:
+        context = "Rollo swore fealty in 911 to King Charles."
+        qas = [
+            {
+                "id": qid,
+                "question": "Who?",
+                "answers": [] if answer is None else [{"text": answer, "answer_start": context.index(answer)}],
+                "is_impossible": answer is None,
+            }
+            for qid, answer in questions
+        ]
+        return {"title": title, "paragraphs": [{"context": context, "qas": qas}]}
+
+    data = [
+        article("a", [("a1", "Rollo"), ("a2", None), ("a3", "911"), ("a4", None)]),
+        article("b", [("b1", "Rollo"), ("b2", None)]),
+        article("c", [("c1", "911"), ("c2", None), ("c3", None)]),
+    ]
+    return SquadDataset.from_json_obj({"version": "v2.0", "data": data})
+
+
+def test_article_half_splits_by_article_and_qa_eval_scores_one_half(tmp_path: Path) -> None:
+    dataset = _v2_dataset()
+    first, second = dataset.article_half("first"), dataset.article_half("second")
+    assert [a.title for a in first.articles] == ["a"] and [a.title for a in second.articles] == ["b", "c"]
+    assert first.num_questions + second.num_questions == dataset.num_questions
+    with pytest.raises(InvalidInputError, match="article half"):
+        dataset.article_half("middle")
+    data_file = tmp_path / "dev.json"
+    data_file.write_text(json.dumps({"version": "v2.0", "data": dataset.raw_articles}))
+    predictions = tmp_path / "pred.json"
+    predictions.write_text(json.dumps({"a1": "Rollo", "a2": "", "a3": "x", "a4": "", "b1": "Rollo", "b2": "x"}))
+    command = [sys.executable, "-m", "qacore.eval_cli", str(data_file), str(predictions), "--article-half", "first"]
+    result = subprocess.run(command, capture_output=True, text=True, check=True, cwd=REPO)
+    scores = json.loads(result.stdout)
+    assert scores["total"] == 4 and scores["exact"] == 75.0  # article a only: a3 wrong
+    result = subprocess.run([*command[:-1], "second"], capture_output=True, text=True, cwd=REPO)
+    assert json.loads(result.stdout)["total"] == 5  # b and c; c's questions are unanswered (count as wrong)
+
+
+def test_threshold_is_tuned_on_the_first_half_and_reported_on_the_second() -> None:
+    from training.calibration import QuestionScore, calibrate, scores_at, tune_threshold
+
+    dataset = _v2_dataset()
+    # Unanswerable questions have high null margins except b2; answerable ones low.
+    margins = {"a1": -5.0, "a2": 1.0, "a3": -4.0, "a4": 2.0, "b1": -4.5, "b2": -6.0, "c1": -5.0, "c2": 3.0, "c3": 0.5}
+    texts = {"a1": "Rollo", "a3": "911", "b1": "Rollo", "c1": "911"}
+    scores = {qid: QuestionScore(texts.get(qid, "fealty"), margin, 0.5, 0.5) for qid, margin in margins.items()}
+    threshold = tune_threshold(dataset.article_half("first"), scores)
+    assert threshold == -4.0  # the largest margin still answered: a1, a3 answered; a2, a4 abstain
+    second = scores_at(dataset.article_half("second"), scores, threshold)
+    assert second["total"] == 5 and second["exact"] == 80.0  # all right but b2 (margin -6 answered)
+    report = calibrate(dataset, scores)
+    assert report["null_threshold"] == threshold and report["second_half"]["exact"] == 80.0
+    assert sum(row["questions"] for row in report["reliability_second_half"]) == 5
+
+
+def test_returned_confidence_agrees_with_the_decision() -> None:
+    from training.calibration import QuestionScore, returned_confidence
+
+    # p_null 0.2, p_span 0.7; margin -1.2 (about ln(0.2 / 0.7)). At threshold -2 the model abstains.
+    score = QuestionScore("x", -1.2, 0.7, 0.2)
+    abstains, confidence = returned_confidence(score, -2.0)
+    assert abstains and confidence > 0.5  # the shifted null answer outranks the span
+    answers, span_confidence = returned_confidence(score, 0.0)
+    assert not answers and span_confidence == pytest.approx(0.7)
+
+
+def test_ship_keeps_files_others_add_and_writes_the_threshold(shipped_model_dir: Path, tmp_path: Path) -> None:
+    from builder.checkpoint import read_null_threshold
+    from training.calibration import set_null_threshold
+    from training.runs import pack_export, ship
+
+    pack_export(shipped_model_dir, tmp_path / "export")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.json").write_text("{}")
+    (out / "model-00009-of-00009.safetensors").write_bytes(b"old shard")
+    ship(tmp_path / "export", out)
+    assert (out / "notes.json").read_text() == "{}"
+    assert not (out / "model-00009-of-00009.safetensors").exists()
+    set_null_threshold(out, -3.25)
+    assert read_null_threshold(out / "config.json") == -3.25

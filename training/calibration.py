@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from qacore.decoding import Prediction
-from qacore.squad import SquadDataset
+from qacore.squad import Question, SquadDataset
 from qacore.squad_metric import evaluate_v2, exact_match, gold_answers_v2
 
 CONFIDENCE_BUCKETS = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0000001)
@@ -53,26 +57,63 @@ def scores_at(dataset: SquadDataset, scores: Mapping[str, QuestionScore], thresh
     return {key: float(value) for key, value in values.items()}
 
 
+def returned_confidence(score: QuestionScore, threshold: float) -> tuple[bool, float]:
+    """(abstains, confidence) at `threshold`, the confidence being the probability of what the decoder returns
+    once its null logit is shifted by -threshold (so that abstaining at margin > threshold is the same as the
+    null answer outranking the best span): p_null' = p_null e^-t / (p_null e^-t + 1 - p_null), spans likewise."""
+    abstains = score.null_margin > threshold
+    weight = math.exp(-threshold)
+    norm = score.null_probability * weight + (1.0 - score.null_probability)
+    return abstains, (score.null_probability * weight if abstains else score.span_probability) / norm
+
+
+def _correct(question: Question, score: QuestionScore, abstains: bool) -> bool:
+    if abstains:
+        return not question.has_answer
+    return any(exact_match(score.text, gold) for gold in gold_answers_v2(question.answer_texts))
+
+
+def fit_platt(dataset: SquadDataset, scores: Mapping[str, QuestionScore], threshold: float) -> tuple[float, float]:
+    """(a, b) of P(right) = sigmoid(a * logit(confidence) + b), fit by logistic regression (Newton steps) on
+    `dataset` (the first half of v2.0 dev): what the returned confidence must be mapped through to be calibrated."""
+    features, labels = [], []
+    for _, question in dataset.questions():
+        score = scores[question.id]
+        abstains, confidence = returned_confidence(score, threshold)
+        confidence = min(max(confidence, 1e-6), 1 - 1e-6)
+        features.append(math.log(confidence / (1 - confidence)))
+        labels.append(float(_correct(question, score, abstains)))
+    x = np.stack([np.asarray(features), np.ones(len(features))], axis=1)
+    y = np.asarray(labels)
+    weights = np.zeros(2)
+    for _ in range(50):
+        p = 1 / (1 + np.exp(-(x @ weights)))
+        hessian = x.T @ (x * (p * (1 - p))[:, None]) + 1e-9 * np.eye(2)
+        weights -= np.linalg.solve(hessian, x.T @ (p - y))
+    return float(weights[0]), float(weights[1])
+
+
 def reliability_table(
-    dataset: SquadDataset, scores: Mapping[str, QuestionScore], threshold: float
-) -> list[dict[str, float]]:
-    """Accuracy (exact match; an abstention is right iff the question is unanswerable) by confidence bucket,
-    where confidence is the probability the decoder reports for what it returns: the span's probability when it
-    answers, the null probability when it abstains."""
-    rows = [
+    dataset: SquadDataset,
+    scores: Mapping[str, QuestionScore],
+    threshold: float,
+    platt: tuple[float, float] | None = None,
+) -> list[dict[str, Any]]:
+    """Accuracy (exact match; an abstention is right iff the question is unanswerable) by confidence bucket.
+    Confidence: `returned_confidence`, mapped through `platt` (a, b) when given."""
+    rows: list[dict[str, Any]] = [
         {"low": low, "high": min(high, 1.0), "count": 0, "correct": 0, "confidence_sum": 0.0}
         for low, high in itertools.pairwise(CONFIDENCE_BUCKETS)
     ]
     for _, question in dataset.questions():
         score = scores[question.id]
-        abstains = score.null_margin > threshold
-        confidence = score.null_probability if abstains else score.span_probability
-        if abstains:
-            correct = not question.has_answer
-        else:
-            correct = any(exact_match(score.text, gold) for gold in gold_answers_v2(question.answer_texts))
-        for row, high in zip(rows, CONFIDENCE_BUCKETS[1:], strict=False):
-            if confidence < high:
+        abstains, confidence = returned_confidence(score, threshold)
+        if platt is not None:
+            clipped = min(max(confidence, 1e-6), 1 - 1e-6)
+            confidence = 1 / (1 + math.exp(-(platt[0] * math.log(clipped / (1 - clipped)) + platt[1])))
+        correct = _correct(question, score, abstains)
+        for row in rows:
+            if confidence < row["high"] or row["high"] == 1.0:
                 row["count"] += 1
                 row["correct"] += int(correct)
                 row["confidence_sum"] += confidence
@@ -92,6 +133,7 @@ def calibrate(dataset: SquadDataset, scores: Mapping[str, QuestionScore]) -> dic
     """Tune on the first half of the articles, report on the second (and on the first, for reference)."""
     first, second = dataset.article_half("first"), dataset.article_half("second")
     threshold = tune_threshold(first, scores)
+    platt = fit_platt(first, scores, threshold)
     return {
         "null_threshold": threshold,
         "tuned_on": f"first {len(first.articles)} articles ({first.num_questions} questions)",
@@ -100,6 +142,8 @@ def calibrate(dataset: SquadDataset, scores: Mapping[str, QuestionScore]) -> dic
         "second_half": scores_at(second, scores, threshold),
         "second_half_threshold_0": scores_at(second, scores, 0.0),
         "reliability_second_half": reliability_table(second, scores, threshold),
+        "platt_first_half": platt,
+        "reliability_second_half_platt": reliability_table(second, scores, threshold, platt),
     }
 
 

@@ -106,7 +106,9 @@ def _pct(value: float) -> str:
     return f"{value:.2f}"
 
 
-def render_abstention_section(summary: dict[str, Any], threshold: float, evals: list[dict[str, Any]]) -> str:
+def render_abstention_section(
+    summary: dict[str, Any], calibration: dict[str, Any], threshold: float, evals: list[dict[str, Any]]
+) -> str:
     """The model card's abstention section: the recipe of `qa-train abstain` (`summary` of the shipped run), the
     shipped threshold, and every figure (`evals`: rows of where/weights/command and the scores measured)."""
     config = summary["config"]
@@ -155,16 +157,23 @@ def render_abstention_section(summary: dict[str, Any], threshold: float, evals: 
         )
     lines += [
         "",
-        "Reliability on the second half of v2.0 dev (the probability the decoder reports for what it returns: the "
-        "span's probability among the n-best and the null answer when it answers, the null probability when it "
-        "abstains; right = exact match, or an abstention on an unanswerable question):",
+        "Reliability on the second half of v2.0 dev. Confidence: the probability of what the decoder returns (the "
+        "span when it answers, the null answer when it abstains) among the n-best spans and the null answer, with "
+        "the null logit shifted by -threshold so that the probabilities agree with the decision "
+        "(`training.calibration.returned_confidence`); right = exact match, or an abstention on an unanswerable "
+        "question. Raw, and mapped through a Platt scaling P = sigmoid(a * logit(confidence) + b) fitted on the "
+        f"first half (a = {calibration['platt_first_half'][0]:.4f}, b = {calibration['platt_first_half'][1]:.4f}):",
         "",
-        "| confidence | questions | mean confidence | accuracy |",
-        "| --- | ---: | ---: | ---: |",
+        "| confidence | raw: questions | mean confidence | accuracy | Platt-scaled: questions | mean confidence "
+        "| accuracy |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for row in tuned["reliability_second_half"]:
+    for raw, scaled in zip(
+        calibration["reliability_second_half"], calibration["reliability_second_half_platt"], strict=True
+    ):
         lines.append(
-            f"| {row['bucket']} | {row['questions']:,} | {row['mean_confidence']:.3f} | {row['accuracy']:.3f} |"
+            f"| {raw['bucket']} | {raw['questions']:,} | {raw['mean_confidence']:.3f} | {raw['accuracy']:.3f} "
+            f"| {scaled['questions']:,} | {scaled['mean_confidence']:.3f} | {scaled['accuracy']:.3f} |"
         )
     lines.append("")
     return "\n".join(lines)
@@ -179,6 +188,7 @@ def render_shipped_card(
     distill_summary: dict[str, Any],
     teacher_summary: dict[str, Any],
     abstain_summary: dict[str, Any],
+    calibration: dict[str, Any],
     threshold: float,
     evals: list[dict[str, Any]],
 ) -> str:
@@ -208,7 +218,7 @@ def render_shipped_card(
         "Base model and teacher: Apache-2.0. SQuAD v1.1: CC BY-SA 4.0.",
         "Base model and teacher: Apache-2.0. SQuAD v1.1 and v2.0: CC BY-SA 4.0.",
     )
-    section = render_abstention_section(abstain_summary, threshold, evals)
+    section = render_abstention_section(abstain_summary, calibration, threshold, evals)
     return base.replace("## Use and limits", section + "\n## Use and limits", 1)
 
 
@@ -236,6 +246,7 @@ def main() -> None:
         read(SHIPPED_RESULTS / "distill_a0_t2_10ep" / "metrics.json"),
         read(SHIPPED_RESULTS / "teacher" / "metrics.json"),
         abstain,
+        read(SHIPPED_RESULTS / "abstain" / SHIPPED_ABSTAIN_RUN / "calibration.json"),
         threshold,
         evals,
     )

@@ -49,8 +49,8 @@ def main() -> int:
     meta = EngineMeta.read(torch_dir)
     weights = load_weights(torch_dir / meta.engine_file)
 
-    def torch_engine(**options: bool) -> TorchCudaEngine:
-        return TorchCudaEngine(meta, weights, TorchEngineConfig(**options))
+    def torch_engine(layer_fusion: bool) -> TorchCudaEngine:
+        return TorchCudaEngine(meta, weights, TorchEngineConfig(layer_fusion=layer_fusion))
 
     paths: list[tuple[str, Engine, Path]] = [
         (
