@@ -25,6 +25,7 @@ import platform
 import shlex
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -196,6 +197,7 @@ async def measure(config: PipelineBenchConfig, mode: str, engine: Path, script: 
             "turns_per_s": round(len(chain_reports.reports) / elapsed_s, 2),
             "client_turn_ms": percentile_summary(np.asarray(client_ms)),
             "info": chain_reports.info,
+            "errors": dict(Counter(r.error for r in chain_reports.reports if r.error is not None).most_common(5)),
         }
     )
     qa_rows = ("qa", *(name for name in board_stage_names() if name.startswith("qa.")))
@@ -262,6 +264,12 @@ def markdown_table(mode: str, chain: dict[str, Any], baseline: dict[str, Any]) -
             f"{_cell(base.get('p95_ms'))} | {_cell(base.get('p99_ms'))} | {_rate(base.get('over_budget_rate'))}"
         )
     client = chain["client_turn_ms"]
+    if chain["errors"]:
+        failures = "; ".join(f"{count} x {message}" for message, count in chain["errors"].items())
+        lines += [
+            "",
+            f"Failed turns: {failures} (the QA budget is also the QA call's deadline: `--budgets qa=...` moves both)",
+        ]
     lines += [
         "",
         f"client's view of a turn (text sent to report received): p50 {client['p50']:.2f} ms, "

@@ -10,8 +10,8 @@ stream's questions are one caller). Batches are formed round-robin over callers,
 caller per round, so a caller with a huge backlog (the largest passage the limits allow, a stream
 flooding questions) gets one share of each batch and of the engine, never all of it: another caller's small
 request runs in the next batch, not after the backlog. With two or more engine contexts, callers
-with a backlog (more windows queued than one batch holds, several requests queued, or already running
-a batch) may together lead batches on all contexts but one, which is kept for the other callers, so a
+with a backlog (more windows queued than one batch holds, several requests in flight, or already
+running a batch) may together lead batches on all contexts but one, which is kept for the other callers, so a
 small request never waits behind a backlog's engine call either; backlog batches also run at a lower
 CPU priority (Linux nice 19), so on a busy host the operating system favours the small requests.
 
@@ -144,6 +144,7 @@ class _Caller:
     jobs: deque[_Job] = field(default_factory=deque)
     queued: int = 0  # live windows of this caller not yet handed to a batch
     leading: int = 0  # batches in flight led by this caller
+    active: int = 0  # requests submitted and not yet finished (queued or in the engine)
 
     def head(self) -> _Job | None:
         """The caller's oldest job with windows still to hand out (dead or drained jobs are dropped)."""
@@ -295,6 +296,7 @@ class Batcher:
             entry = self._callers[key] = _Caller(key)
         entry.jobs.append(job)
         entry.queued += count
+        entry.active += 1
         future.add_done_callback(lambda _: self._release(job))
         self._depth += count
         self.stats.submitted_windows += count
@@ -321,20 +323,22 @@ class Batcher:
 
     def _release(self, job: _Job) -> None:
         """A finished, failed or cancelled job's queued windows no longer count (they are skipped)."""
-        left = len(job.windows) - job.next_index
-        if left <= 0:
-            return
-        job.next_index = len(job.windows)
-        self._depth -= left
-        self.stats.dropped_windows += left
         entry = self._callers.get(job.caller)
         if entry is not None:
-            entry.queued -= left
+            entry.active -= 1
+        left = len(job.windows) - job.next_index
+        if left > 0:
+            job.next_index = len(job.windows)
+            self._depth -= left
+            self.stats.dropped_windows += left
+            if entry is not None:
+                entry.queued -= left
+            self._wakeup.set()
+        if entry is not None:
             self._forget_if_idle(entry)
-        self._wakeup.set()
 
     def _forget_if_idle(self, entry: _Caller) -> None:
-        if entry.queued == 0 and entry.leading == 0 and self._callers.get(entry.key) is entry:
+        if entry.queued == 0 and entry.leading == 0 and entry.active == 0 and self._callers.get(entry.key) is entry:
             del self._callers[entry.key]
 
     # -- batching ----------------------------------------------------------------------------------
@@ -424,9 +428,9 @@ class Batcher:
             self._observer.observe_batch(size, seq_len, real_tokens(windows), infer_ns, ok)
 
     def _is_heavy(self, entry: _Caller) -> bool:
-        """A caller with a backlog: more windows queued than one batch holds, several requests waiting (a
+        """A caller with a backlog: more windows queued than one batch holds, several requests in flight (a
         stream's questions), or already leading a batch."""
-        return entry.queued > self.max_batch_size or len(entry.jobs) > 1 or entry.leading > 0
+        return entry.queued > self.max_batch_size or entry.active > 1 or entry.leading > 0
 
     def _eligible(self) -> list[_Caller]:
         """Callers with queued windows that may lead the next batch, in rotation order."""

@@ -26,7 +26,7 @@ def test_pipeline_bench_one_process_smoke(
     result = json.loads(json_out.read_text())
     figures = result["modes"]["one-process"]
     chain, baseline = figures["chain"], figures["baseline"]
-    assert chain["turns"]["total"] == 4 and chain["turns"]["error"] == 0
+    assert chain["turns"]["total"] == 4 and chain["turns"]["error"] == 0 and chain["errors"] == {}
     assert baseline["turns"]["total"] == 4
     for stage in ("asr", "qa", "qa.infer", "qa.network", "response", "turn"):
         row = chain["stages"][stage]

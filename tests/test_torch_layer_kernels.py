@@ -252,3 +252,29 @@ def test_answers_from_device_spans_equal_answers_from_logits(
         assert got[:5] == want[:5]
         assert spans.prediction.nbest[0].score == pytest.approx(logits.prediction.nbest[0].score, abs=1e-3)
         assert spans.prediction.null_logit == pytest.approx(logits.prediction.null_logit, abs=1e-3)
+
+
+def test_decode_spans_refuses_spans_that_do_not_fit_or_are_not_numbers(shipped_model_dir: Path) -> None:
+    from qacore.decoding import decode_spans
+    from qacore.engine import EngineSpans
+    from qacore.errors import EngineFaultError, InvalidInputError
+
+    features = Featurizer(load_tokenizer(shipped_model_dir)).featurize("Who wrote it?", "Ada Lovelace wrote it.")
+    window = features.windows[0]
+    first = window.context_offset
+    spans = EngineSpans(
+        starts=np.array([[first, first + 1, -1]], np.int32),
+        ends=np.array([[first + 1, first + 1, -1]], np.int32),
+        logits=np.array([[5.0, 2.0, -np.inf]], np.float32),
+        null_logits=np.array([1.0], np.float32),
+    )
+    prediction = decode_spans(features, spans)
+    offsets = features.passage.offsets  # the best span is the window's first two passage tokens
+    assert prediction.text == "Ada Lovelace wrote it."[offsets[0, 0] : offsets[1, 1]] == "Ada Love"
+    assert len(prediction.nbest) == 2
+    assert prediction.nbest[0].score > prediction.nbest[1].score and prediction.null_logit == 1.0
+    with pytest.raises(InvalidInputError, match="windows"):
+        decode_spans(features, EngineSpans(*(np.concatenate([a, a]) for a in (spans.starts, spans.ends, spans.logits,
+                                           spans.null_logits))))  # fmt: skip
+    with pytest.raises(EngineFaultError):
+        decode_spans(features, EngineSpans(spans.starts, spans.ends, spans.logits, np.array([np.nan], np.float32)))

@@ -442,3 +442,39 @@ def test_ship_keeps_files_others_add_and_writes_the_threshold(shipped_model_dir:
     assert not (out / "model-00009-of-00009.safetensors").exists()
     set_null_threshold(out, -3.25)
     assert read_null_threshold(out / "config.json") == -3.25
+
+
+def test_negative_kinds_in_configs_are_checked() -> None:
+    config = TrainConfig.from_dict({"name": "x", "negative_kinds": ["negation", "entity_swap"]})
+    assert config.negative_kinds == ("negation", "entity_swap")
+    with pytest.raises(InvalidInputError, match="negative_kinds"):
+        TrainConfig.from_dict({"name": "x", "negative_kinds": ["paraphrase"]})
+
+
+def test_self_distillation_targets_are_the_start_model_on_positives_and_cls_on_negatives(
+    shipped_model_dir: Path, featurizer: Featurizer, train_subset
+) -> None:
+    import torch
+
+    from builder.checkpoint import load_checkpoint
+    from qacore.backends.torch_network import BertForQA
+    from training.abstain import self_distillation_targets
+    from training.finetune import PAD_LOGIT, StudentQA, window_logits
+    from training.negatives import NegativeExample, example_windows
+
+    positives, _ = train_windows(train_subset.head(3).articles, featurizer)
+    paragraph, question = next(train_subset.questions())
+    negatives, _ = example_windows(
+        [NegativeExample("negation", question.id, "Who was not?", paragraph.context)], featurizer
+    )
+    checkpoint = load_checkpoint(shipped_model_dir)
+    net = BertForQA(checkpoint.config)
+    net.load_weights(checkpoint.weights)
+    model = StudentQA(net)
+    config = TrainConfig("x", bf16=False, eval_batch_size=4)
+    start, end = self_distillation_targets(model, positives, negatives, config, torch.device("cpu"))
+    assert start.shape == end.shape == (len(positives) + len(negatives), positives.width)
+    expected, _ = window_logits(model, positives, torch.device("cpu"), 4, False)
+    np.testing.assert_allclose(start[: len(positives)].float().numpy(), expected, rtol=1e-2, atol=1e-2)
+    negative_rows = start[len(positives) :].float().numpy()
+    assert (negative_rows[:, 0] == 0).all() and (negative_rows[:, 1:] == np.float16(PAD_LOGIT)).all()

@@ -107,7 +107,11 @@ def _pct(value: float) -> str:
 
 
 def render_abstention_section(
-    summary: dict[str, Any], calibration: dict[str, Any], threshold: float, evals: list[dict[str, Any]]
+    summary: dict[str, Any],
+    calibration: dict[str, Any],
+    threshold: float,
+    evals: list[dict[str, Any]],
+    comparison: dict[str, Any] | None = None,
 ) -> str:
     """The model card's abstention section: the recipe of `qa-train abstain` (`summary` of the shipped run), the
     shipped threshold, and every figure (`evals`: rows of where/weights/command and the scores measured)."""
@@ -150,11 +154,23 @@ def render_abstention_section(
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for row in evals:
+        v1_scope = f" on the first {row['v1_questions']:,}" if row.get("v1_questions") else ""
+        v2_scope = f" on the first {row['v2_questions']:,}" if row.get("v2_questions") else ""
         lines.append(
-            f"| {row['what']} | {row['where']} | {_pct(row['v1_f1'])} ({_pct(row['v1_em'])}) | "
-            f"{_pct(row['v2']['f1'])} | {_pct(row['v2']['exact'])} | {_pct(row['v2']['HasAns_f1'])} | "
+            f"| {row['what']} | {row['where']} | {_pct(row['v1_f1'])} ({_pct(row['v1_em'])}){v1_scope} | "
+            f"{_pct(row['v2']['f1'])}{v2_scope} | {_pct(row['v2']['exact'])} | {_pct(row['v2']['HasAns_f1'])} | "
             f"{_pct(row['v2']['NoAns_f1'])} | {row['command']} |"
         )
+    if comparison:
+        lines += [
+            "",
+            "Engines on the same questions (v1.1: abstention off; v2.0: second half, shipped threshold):",
+            "",
+            "| questions | " + " | ".join(comparison["engines"]) + " |",
+            "| --- | " + " | ".join("---:" for _ in comparison["engines"]) + " |",
+        ]
+        for label, values in comparison["rows"]:
+            lines.append(f"| {label} | " + " | ".join("–" if v is None else _pct(v) for v in values) + " |")
     lines += [
         "",
         "Reliability on the second half of v2.0 dev. Confidence: the probability of what the decoder returns (the "
@@ -181,7 +197,7 @@ def render_abstention_section(
 
 SHIPPED_RESULTS = Path(__file__).resolve().parent / "results"
 SHIPPED_ABSTAIN_RUN = "abstain_all_sd"
-CPU_EVALS = "cpu_evals.json"  # rows of `render_abstention_section`, measured on the CPU engines
+CPU_EVALS = "cpu_evals.json"  # {"rows": [...], "comparison": {...}} of `render_abstention_section`: CPU engines
 
 
 def render_shipped_card(
@@ -191,6 +207,7 @@ def render_shipped_card(
     calibration: dict[str, Any],
     threshold: float,
     evals: list[dict[str, Any]],
+    comparison: dict[str, Any] | None = None,
 ) -> str:
     """The card of the shipped model: the distilled student (its training and v1.1 figures before the
     abstention tuning) and the abstention tuning on top of it, with every figure of the shipped weights."""
@@ -218,7 +235,7 @@ def render_shipped_card(
         "Base model and teacher: Apache-2.0. SQuAD v1.1: CC BY-SA 4.0.",
         "Base model and teacher: Apache-2.0. SQuAD v1.1 and v2.0: CC BY-SA 4.0.",
     )
-    section = render_abstention_section(abstain_summary, calibration, threshold, evals)
+    section = render_abstention_section(abstain_summary, calibration, threshold, evals, comparison)
     return base.replace("## Use and limits", section + "\n## Use and limits", 1)
 
 
@@ -241,14 +258,16 @@ def main() -> None:
             "v2": abstain["tuned"]["v2.0"]["second_half"],
             "command": "`bash training/device/abstain.sh` (training/README.md)",
         }
-    ] + (read(cpu_path) if cpu_path.is_file() else [])
+    ]
+    cpu = read(cpu_path) if cpu_path.is_file() else {"rows": [], "comparison": None}
     card = render_shipped_card(
         read(SHIPPED_RESULTS / "distill_a0_t2_10ep" / "metrics.json"),
         read(SHIPPED_RESULTS / "teacher" / "metrics.json"),
         abstain,
         read(SHIPPED_RESULTS / "abstain" / SHIPPED_ABSTAIN_RUN / "calibration.json"),
         threshold,
-        evals,
+        evals + cpu["rows"],
+        cpu["comparison"],
     )
     (model_dir / "README.md").write_text(card, encoding="utf-8")
     print(model_dir / "README.md")

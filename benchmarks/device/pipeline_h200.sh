@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# qa-bench pipeline on the GPU machine (issue 8): the chain with the PyTorch CUDA-graph engine (fp16), one
-# process and split, each against its baseline. Run from the repository root on the GPU machine with
-# .carry/pipeline (the wheels the image lacks or has in other versions, and dev-v1.1.json.gz) and the generated
-# protobuf packages (qa, assistant, asr, response) carried; the results land in $OUT.
+# qa-bench pipeline on the GPU machine (issue 8; written, not yet run: no GPU machine was free): the chain with
+# the PyTorch CUDA-graph engine (fp16), one process and split, each against its baseline. Run from the
+# repository root on the GPU machine with .carry/pipeline (the wheels the image lacks or has in other versions:
+# grpcio, protobuf, grpcio-health-checking, grpcio-reflection, aiostream; and dev-v1.1.json.gz) and the
+# generated protobuf packages (qa, assistant, asr, response) carried; the results land in $OUT.
 set -o pipefail
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .carry/pipeline/*.whl || exit 1
