@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install dev proto demo engine calibration test lint format serve clean
+.PHONY: install dev proto demo converse engine calibration test lint format serve clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ proto: | $(BIN)/python
 # The main job: answer the two example questions with the shipped model on CPU (engine built on first use).
 demo: engine
 	$(BIN)/qa-assistant --demo
+
+# The conversational chain in one process: the example turns (typed, unanswerable, spoken) about the example
+# passage, with a latency table per turn. Extra flags: make converse CONVERSE_FLAGS="--json --budgets qa=50ms"
+converse: engine
+	$(BIN)/qa-assistant converse --turns-file examples/turns.txt -pf examples/passage.txt $(CONVERSE_FLAGS)
 
 # Build (or find) the cached default CPU engine: INT8 from the calibration shipped with the model.
 engine: install

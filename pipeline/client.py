@@ -301,25 +301,7 @@ class QAClient:
             ("grpc.enable_retries", 1),
             ("grpc.service_config", config.retry.service_config(config.load_balancing)),
         ]
-        # Over plaintext gRPC refuses call credentials: the token then travels as plain metadata.
-        self._auth_metadata: tuple[tuple[str, str], ...] = ()
-        if config.tls_root_cert is not None:
-            if config.tls_server_name:
-                options.append(("grpc.ssl_target_name_override", config.tls_server_name))
-            credentials = grpc.ssl_channel_credentials(
-                root_certificates=config.tls_root_cert.read_bytes(),
-                private_key=config.tls_client_key.read_bytes() if config.tls_client_key else None,
-                certificate_chain=config.tls_client_cert.read_bytes() if config.tls_client_cert else None,
-            )
-            if config.token is not None:
-                credentials = grpc.composite_channel_credentials(
-                    credentials, grpc.access_token_call_credentials(config.token)
-                )
-            self.channel = grpc.aio.secure_channel(self.target, credentials, options=options)
-        else:
-            if config.token is not None:
-                self._auth_metadata = ((AUTHORIZATION_HEADER, f"Bearer {config.token}"),)
-            self.channel = grpc.aio.insecure_channel(self.target, options=options)
+        self.channel, self._auth_metadata = open_channel(self.target, config, options)
         self._stub = qa_pb2_grpc.QuestionAnsweringStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -344,16 +326,19 @@ class QAClient:
         options: AnswerOptions | None = None,
         timeout_s: float | None = -1.0,
         request_id: str | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
     ) -> Answer:
         """Answer one question (a `Question`, or its fields as arguments).
 
         `timeout_s` bounds the call, retries included: -1 (default) uses `ClientConfig.timeout_s`,
-        None means no deadline. Raises `QAClientError` with the final status code.
+        None means no deadline. `request_id` is sent as `x-request-id` (a new one otherwise);
+        `metadata` adds headers to this call (e.g. the chain's `x-trace-id`). Raises `QAClientError`
+        with the final status code.
         """
         if not isinstance(question, Question):
             question = Question(question, passage, passage_id, model_id=model_id, options=options or AnswerOptions())
         message = question.to_pb()
-        response: qa_pb2.AnswerResponse = await self._call(self._stub.Answer, message, timeout_s, request_id)
+        response: qa_pb2.AnswerResponse = await self._call(self._stub.Answer, message, timeout_s, request_id, metadata)
         return Answer.from_pb(response)
 
     async def put_passage(self, passage: str, model_id: str = "", timeout_s: float | None = -1.0) -> StoredPassage:
@@ -406,6 +391,7 @@ class QAClient:
         request: Any,
         timeout_s: float | None = -1.0,
         request_id: str | None = None,
+        extra_metadata: Sequence[tuple[str, str]] = (),
     ) -> T:
         """One unary call, retried on the policy's codes all inside one deadline.
 
@@ -417,7 +403,9 @@ class QAClient:
         timeout = self.config.timeout_s if timeout_s == -1.0 else timeout_s
         deadline = None if timeout is None else time.monotonic() + timeout
         request_id = request_id or uuid.uuid4().hex[:16]
-        metadata = ((REQUEST_ID_HEADER, request_id), *self._auth_metadata)
+        reserved = (REQUEST_ID_HEADER, AUTHORIZATION_HEADER)  # set here, never twice
+        extra = tuple((key, value) for key, value in extra_metadata if key not in reserved)
+        metadata = ((REQUEST_ID_HEADER, request_id), *extra, *self._auth_metadata)
         policy = self.config.retry
         attempt = 0
         while True:
@@ -469,6 +457,31 @@ class QAClient:
             metadata=((REQUEST_ID_HEADER, request_id or uuid.uuid4().hex[:16]), *self._auth_metadata),
         )
         return QAStream(call)
+
+
+def open_channel(
+    target: str, config: ClientConfig, options: Sequence[tuple[str, Any]] = ()
+) -> tuple[grpc.aio.Channel, tuple[tuple[str, str], ...]]:
+    """A channel to `target` with `config`'s TLS, mutual TLS and token, and the metadata to send on each call.
+
+    Over TLS the token travels as call credentials (the returned metadata is empty); over plaintext gRPC
+    refuses call credentials, so the token is the `authorization` metadata returned here. Any gRPC
+    service's stubs can use the channel (the chain's stage adapters do).
+    """
+    options = list(options)
+    if config.tls_root_cert is None:
+        metadata = ((AUTHORIZATION_HEADER, f"Bearer {config.token}"),) if config.token is not None else ()
+        return grpc.aio.insecure_channel(target, options=options), metadata
+    if config.tls_server_name:
+        options.append(("grpc.ssl_target_name_override", config.tls_server_name))
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=config.tls_root_cert.read_bytes(),
+        private_key=config.tls_client_key.read_bytes() if config.tls_client_key else None,
+        certificate_chain=config.tls_client_cert.read_bytes() if config.tls_client_cert else None,
+    )
+    if config.token is not None:
+        credentials = grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(config.token))
+    return grpc.aio.secure_channel(target, credentials, options=options), ()
 
 
 def channel_target(target: str | Sequence[str]) -> str:

@@ -1,28 +1,37 @@
 """gRPC adapters of the stage interfaces: each stage's server reached over the network.
 
-Each call carries the turn's trace id in `x-trace-id` and `x-request-id` metadata (the QA call's
-`x-request-id`, through `QAClient`, is the trace id too). Every gRPC failure becomes a `StageError`
-with the call's status code.
+Each call carries the turn's trace id in `x-trace-id` and `x-request-id` metadata (the QA call too,
+through `QAClient`). Every gRPC failure becomes a `StageError` with the call's status code.
+
+Security: given a `ClientConfig` with TLS settings and/or a bearer token (`qa-pipeline --split` with
+`--tls-*`/`--auth-token-file` passes the front's settings on to its stage processes), every adapter
+dials its stage over TLS (mutual TLS with a client certificate) and presents the token.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import grpc
 
 from asr.v1 import asr_pb2, asr_pb2_grpc
-from pipeline.client import ClientConfig, QAClient, QAClientError, RetryPolicy, status_code_of
+from pipeline.client import ClientConfig, QAClient, QAClientError, RetryPolicy, open_channel, status_code_of
 from pipeline.stages import QARequest, QAResult, StageError, TraceIds
 from response.v1 import response_pb2_grpc
 from services.asr_stub import Recognition, RecognitionSettings, UtteranceFrame, frame_to_pb, settings_to_pb
 from services.response_service import Reply, ReplyRequest, reply_from_pb, request_to_pb
-from services.stage_server import MAX_MESSAGE_BYTES
+from services.stage_server import MAX_MESSAGE_BYTES, TRACE_ID_HEADER
 
 CHANNEL_OPTIONS = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 )
+
+
+def _channel(target: str, security: ClientConfig | None) -> tuple[grpc.aio.Channel, tuple[tuple[str, str], ...]]:
+    """A channel to a stage server (TLS and token from `security`) and the metadata each call adds."""
+    return open_channel(target, security or ClientConfig(), CHANNEL_OPTIONS)
 
 
 def _stage_error(stage: str, exc: grpc.aio.AioRpcError) -> StageError:
@@ -32,9 +41,9 @@ def _stage_error(stage: str, exc: grpc.aio.AioRpcError) -> StageError:
 class GrpcRecognizer:
     """asr.v1.Recognizer: one StreamingRecognize call per utterance."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, security: ClientConfig | None = None) -> None:
         self.target = target
-        self.channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.channel, self._auth = _channel(target, security)
         self._stub = asr_pb2_grpc.RecognizerStub(self.channel)
 
     async def recognize(
@@ -45,7 +54,7 @@ class GrpcRecognizer:
             async for frame in frames:
                 yield frame_to_pb(frame)
 
-        call = self._stub.StreamingRecognize(requests(), metadata=trace.metadata)
+        call = self._stub.StreamingRecognize(requests(), metadata=(*trace.metadata, *self._auth))
         try:
             async for message in call:
                 if message.HasField("error"):
@@ -68,10 +77,13 @@ class GrpcRecognizer:
 
 
 class GrpcQuestionAnswering:
-    """qa.v1.QuestionAnswering through `QAClient` (its retries of UNAVAILABLE stay inside the deadline)."""
+    """qa.v1.QuestionAnswering through `QAClient` (its retries of UNAVAILABLE stay inside the deadline).
+
+    `config` (TLS, token) gets a retry policy of 2 attempts: a retry must fit in the QA budget.
+    """
 
     def __init__(self, target: str, config: ClientConfig | None = None) -> None:
-        self.client = QAClient(target, config or ClientConfig(retry=RetryPolicy(max_attempts=2)))
+        self.client = QAClient(target, replace(config or ClientConfig(), retry=RetryPolicy(max_attempts=2)))
 
     async def answer(self, request: QARequest, trace: TraceIds) -> QAResult:
         try:
@@ -83,6 +95,7 @@ class GrpcQuestionAnswering:
                 options=request.options,
                 timeout_s=request.deadline_s,
                 request_id=trace.trace_id,
+                metadata=((TRACE_ID_HEADER, trace.trace_id),),
             )
         except QAClientError as exc:
             raise StageError("qa", exc.code, exc.message) from None
@@ -97,9 +110,9 @@ class GrpcQuestionAnswering:
 class GrpcResponder:
     """response.v1.Responder."""
 
-    def __init__(self, target: str, audio_available: bool = False) -> None:
+    def __init__(self, target: str, audio_available: bool = False, security: ClientConfig | None = None) -> None:
         self.target = target
-        self.channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.channel, self._auth = _channel(target, security)
         self._stub = response_pb2_grpc.ResponderStub(self.channel)
         self._audio_available = audio_available
 
@@ -109,7 +122,8 @@ class GrpcResponder:
 
     async def respond(self, request: ReplyRequest, trace: TraceIds, timeout_s: float) -> Reply:
         try:
-            message = await self._stub.Respond(request_to_pb(request), timeout=timeout_s, metadata=trace.metadata)
+            metadata = (*trace.metadata, *self._auth)
+            message = await self._stub.Respond(request_to_pb(request), timeout=timeout_s, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             raise _stage_error("response", exc) from None
         return reply_from_pb(message)

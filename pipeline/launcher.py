@@ -12,6 +12,11 @@ in-process adapters; QA is a `QAServer` in this process (its service called in-p
 qa.v1 port open for others), or the `qa_target` server. `split=True`: each stage runs in its own
 process on a loopback port (`pipeline.stage_process`) and the chain reaches them over gRPC; the
 same chain code runs either way. `qa-pipeline` and `qa-bench pipeline` use this; so do the tests.
+
+Security of the stages: `stage_security` (TLS, mutual TLS, token file) is passed to every split stage
+process, whose servers then demand it like the front does; `stage_client` is how the chain dials its
+stages and a `qa_target` (the CA that signed their certificate, the chain's client certificate, its
+bearer token).
 """
 
 from __future__ import annotations
@@ -31,10 +36,12 @@ from typing import Any
 import grpc
 
 from pipeline.chain import Chain, ChainSettings
+from pipeline.client import ClientConfig
 from pipeline.front import AssistantService, ReportSink, assistant_server
 from pipeline.stages import Stages
 from qacore.latency import Budgets
 from services.asr_stub import AsrStub, AsrStubConfig
+from services.auth import ServerSecurity
 from services.response_service import ReplyMaker, ResponderConfig
 from services.stage_server import StageServer
 
@@ -65,6 +72,8 @@ class ChainConfig:
     front_credentials: grpc.ServerCredentials | None = None  # TLS / mutual TLS of the front (services.auth)
     startup_timeout_s: float = 600.0  # a split stage must be serving by then (the engine may be built first)
     stage_log_level: str = "WARNING"  # log level of split stage processes
+    stage_security: ServerSecurity | None = None  # TLS / tokens the split stage servers demand
+    stage_client: ClientConfig | None = None  # TLS / token the chain presents to its stages and to qa_target
 
     def __post_init__(self) -> None:
         for port in (self.assistant_port, self.dashboard_port):
@@ -72,6 +81,21 @@ class ChainConfig:
                 raise ValueError(f"port must be in [0, 65535], got {port}")
         if self.startup_timeout_s <= 0 or self.max_sessions < 1:
             raise ValueError("startup timeout and max sessions must be positive")
+        if self.stage_security is not None and not self.split:
+            raise ValueError("stage_security is for split stage processes (split=True)")
+
+    def stage_process_args(self) -> tuple[str, ...]:
+        """The flags that hand `stage_security` on to a stage process."""
+        security = self.stage_security
+        if security is None:
+            return ()
+        flags = (
+            ("--tls-cert", security.tls_cert),
+            ("--tls-key", security.tls_key),
+            ("--tls-client-ca", security.tls_client_ca),
+            ("--auth-token-file", security.auth_token_file),
+        )
+        return tuple(item for flag, path in flags if path is not None for item in (flag, str(path)))
 
 
 @dataclass
@@ -167,7 +191,7 @@ async def start_chain(
                 "audio": "espeak-ng" if stages.response.audio_available else "none (espeak-ng not available)",
             }
         )
-        await _describe_qa(stages, running)
+        await _describe_qa(running, config.stage_client if config.split or config.qa_target else None)
         if hasattr(board, "set_info"):
             board.set_info(dict(running.info))
         if config.dashboard_port is not None:
@@ -194,12 +218,12 @@ async def _start_stages(config: ChainConfig, stack: contextlib.AsyncExitStack) -
             stack.push_async_callback(server.stop)
             qa, qa_target = LocalQuestionAnswering(server), server.target
         else:
-            qa = GrpcQuestionAnswering(qa_target)
+            qa = GrpcQuestionAnswering(qa_target, config.stage_client)
             await qa.client.wait_ready(config.startup_timeout_s)
         stages = Stages(LocalRecognizer(AsrStub(config.asr)), qa, LocalResponder(ReplyMaker(config.responder)))
         return stages, RunningChain(config, "", qa_target, None, None)
 
-    level = ("--log-level", config.stage_log_level)
+    level = ("--log-level", config.stage_log_level, *config.stage_process_args())
     children = [
         StageProcess(
             "asr",
@@ -222,12 +246,12 @@ async def _start_stages(config: ChainConfig, stack: contextlib.AsyncExitStack) -
     targets = {entry["stage"]: entry for entry in announced}
     qa_target = qa_target or targets["qa"]["target"]
     assert qa_target is not None
-    grpc_qa = GrpcQuestionAnswering(qa_target)
+    grpc_qa = GrpcQuestionAnswering(qa_target, config.stage_client)
     await grpc_qa.client.wait_ready(config.startup_timeout_s)
     stages = Stages(
-        GrpcRecognizer(targets["asr"]["target"]),
+        GrpcRecognizer(targets["asr"]["target"], config.stage_client),
         grpc_qa,
-        GrpcResponder(targets["response"]["target"], bool(targets["response"]["audio_available"])),
+        GrpcResponder(targets["response"]["target"], bool(targets["response"]["audio_available"]), config.stage_client),
     )
     running = RunningChain(config, "", qa_target, None, None)
     running.asr_target, running.response_target = targets["asr"]["target"], targets["response"]["target"]
@@ -249,12 +273,12 @@ async def _start_qa_server(config: ChainConfig) -> Any:
     return server
 
 
-async def _describe_qa(stages: Stages, running: RunningChain) -> None:
+async def _describe_qa(running: RunningChain, security: ClientConfig | None) -> None:
     """Engine and model of the QA stage, for the dashboard (best effort)."""
     from pipeline.client import QAClient
 
     try:
-        async with QAClient(running.qa_target) as client:
+        async with QAClient(running.qa_target, security) as client:
             model = await client.model_info(timeout_s=5.0)
     except Exception as exc:  # the chain works without this description
         log.warning("cannot describe the QA model: %s", exc)

@@ -4,6 +4,12 @@
     qa-pipeline --split               # each stage in its own process on a loopback port
     qa-pipeline --qa-target HOST:PORT # ask a running qa-serve instead of starting QA
 
+Security: --tls-cert/--tls-key (TLS), --tls-client-ca (mutual TLS) and --auth-token-file (bearer
+tokens) protect the assistant.v1 front; with --split every stage process demands the same, and the
+chain reaches its stages over TLS (verifying them with --stage-tls-ca, default --tls-client-ca, else
+--tls-cert itself; presenting --stage-tls-client-cert/--stage-tls-client-key under mutual TLS) with the
+first token of the token file, which it also presents to a --qa-target.
+
 Runs until SIGTERM or SIGINT, then shuts everything down (stage processes too). Bad flags are one
 line on stderr and exit code 2; a chain that cannot start exits with 1.
 """
@@ -19,11 +25,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.chain import ChainSettings
+from pipeline.client import ClientConfig
 from pipeline.launcher import DEFAULT_ASSISTANT_PORT, DEFAULT_DASHBOARD_PORT, ChainConfig, start_chain
 from qacore.errors import QAError
 from qacore.latency import parse_budgets
 from services.asr_stub import AsrStubConfig
-from services.auth import AuthInterceptor, ServerSecurity
+from services.auth import AuthInterceptor, ServerSecurity, read_tokens
 from services.logctx import configure_logging
 from services.response_service import ResponderConfig
 
@@ -54,7 +61,33 @@ def build_parser() -> argparse.ArgumentParser:
     add("--no-speech", action="store_true", help="never synthesize reply audio (espeak-ng is used when installed)")
     add("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     ServerSecurity.add_arguments(parser)  # TLS, mutual TLS and bearer tokens of the assistant.v1 front
+    add(
+        "--stage-tls-ca",
+        type=Path,
+        help="--split: PEM CA that signed --tls-cert (default: --tls-client-ca, else --tls-cert)",
+    )
+    add("--stage-tls-client-cert", type=Path, help="--split with --tls-client-ca: the chain's client certificate")
+    add("--stage-tls-client-key", type=Path, help="--split with --tls-client-ca: the chain's client key")
     return parser
+
+
+def stage_client_config(args: argparse.Namespace, security: ServerSecurity) -> ClientConfig | None:
+    """How the chain dials its split stages (which demand `security`) and a --qa-target; None: plaintext."""
+    token = read_tokens(security.auth_token_file)[0].decode("utf-8") if security.auth_token_file else None
+    root = None
+    if args.split and security.tls_cert is not None:
+        root = args.stage_tls_ca or security.tls_client_ca or security.tls_cert
+    elif args.qa_target and args.stage_tls_ca is not None:
+        root = args.stage_tls_ca
+    client_cert, client_key = args.stage_tls_client_cert, args.stage_tls_client_key
+    if args.split and security.tls_client_ca is not None and client_cert is None:
+        raise ValueError("--split with --tls-client-ca needs --stage-tls-client-cert and --stage-tls-client-key")
+    for path in (root, client_cert, client_key):
+        if path is not None and not path.is_file():
+            raise ValueError(f"{path}: no such file")
+    if token is None and root is None:
+        return None
+    return ClientConfig(tls_root_cert=root, tls_client_cert=client_cert, tls_client_key=client_key, token=token)
 
 
 def config_from_args(argv: Sequence[str] | None) -> tuple[ChainConfig, str]:
@@ -64,6 +97,7 @@ def config_from_args(argv: Sequence[str] | None) -> tuple[ChainConfig, str]:
         security = ServerSecurity.from_args(args)
         tokens = security.tokens()
         credentials = security.credentials()
+        stage_client = stage_client_config(args, security)
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
     if args.engine is not None and args.qa_target is not None:
@@ -86,6 +120,8 @@ def config_from_args(argv: Sequence[str] | None) -> tuple[ChainConfig, str]:
             stage_log_level=args.log_level if args.log_level != "INFO" else "WARNING",
             interceptors=(AuthInterceptor(tokens),),
             front_credentials=credentials,
+            stage_security=security if args.split and security != ServerSecurity() else None,
+            stage_client=stage_client,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -4,6 +4,10 @@
     python -m pipeline.stage_process response --port 0 [--no-speech]
     python -m pipeline.stage_process qa --port 0 [--engine DIR]
 
+Every stage takes the security flags of `qa-serve` (--tls-cert, --tls-key, --tls-client-ca,
+--auth-token-file): its server then demands TLS, client certificates and bearer tokens the same way
+(health checks exempt). `qa-pipeline --split` passes its own flags on.
+
 Once serving, it prints one JSON line on stdout ({"stage", "target", "audio_available"}) so that the
 parent learns the port, then runs until SIGTERM/SIGINT (or until its stdin closes: the parent died)
 and shuts down gracefully.
@@ -22,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from services.asr_stub import AsrStub, AsrStubConfig, asr_server
+from services.auth import AuthInterceptor, ServerSecurity
 from services.logctx import configure_logging
 from services.response_service import ReplyMaker, ResponderConfig, response_server
 
@@ -38,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--speech", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--engine", type=Path, default=None)
     parser.add_argument("--log-level", default="WARNING")
+    ServerSecurity.add_arguments(parser)
     return parser
 
 
@@ -67,12 +73,23 @@ def _announce(stage: str, target: str, audio_available: bool = False) -> None:
 
 
 async def run(args: argparse.Namespace) -> int:
+    security = ServerSecurity.from_args(args)
     if args.stage == "qa":
         from services.config import EngineSpec, ServerConfig
         from services.server import QAServer
 
         engines = (EngineSpec(args.engine),) if args.engine else ()
-        server = QAServer(ServerConfig(host=args.host, port=args.port, engines=engines, grace_s=2.0))
+        config = ServerConfig(
+            host=args.host,
+            port=args.port,
+            engines=engines,
+            grace_s=2.0,
+            tls_cert=security.tls_cert,
+            tls_key=security.tls_key,
+            tls_client_ca=security.tls_client_ca,
+            auth_token_file=security.auth_token_file,
+        )
+        server = QAServer(config)
         await server.start()
         _announce("qa", server.target)
         try:
@@ -80,12 +97,14 @@ async def run(args: argparse.Namespace) -> int:
         finally:
             await server.stop()
         return 0
+    interceptors = (AuthInterceptor(security.tokens()),)
     if args.stage == "asr":
-        stage = asr_server(AsrStub(AsrStubConfig(args.chunk_latency_ms, args.final_latency_ms)), args.host, args.port)
-        audio = False
+        stub = AsrStub(AsrStubConfig(args.chunk_latency_ms, args.final_latency_ms))
+        stage, audio = asr_server(stub, args.host, args.port, interceptors), False
     else:
         maker = ReplyMaker(ResponderConfig(speech=args.speech))
-        stage, audio = response_server(maker, args.host, args.port), maker.audio_available
+        stage, audio = response_server(maker, args.host, args.port, interceptors), maker.audio_available
+    stage.credentials = security.credentials()
     await stage.start()
     _announce(args.stage, stage.target, audio)
     try:

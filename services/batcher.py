@@ -10,10 +10,12 @@ stream's questions are one caller). Batches are formed round-robin over callers,
 caller per round, so a caller with a huge backlog (the largest passage the limits allow, a stream
 flooding questions) gets one share of each batch and of the engine, never all of it: another caller's small
 request runs in the next batch, not after the backlog. With two or more engine contexts, callers
-with a backlog (more windows queued than one batch holds, several requests in flight, or already
+with a backlog (more windows queued, or more requests in flight, than one batch holds, or already
 running a batch) may together lead batches on all contexts but one, which is kept for the other callers, so a
-small request never waits behind a backlog's engine call either; backlog batches also run at a lower
-CPU priority (Linux nice 19), so on a busy host the operating system favours the small requests.
+small request never waits behind a backlog's engine call either. Backlog callers also yield: they start
+no batch while another caller's batch runs or within 10 ms after one ended (but at least one every
+200 ms, so a backlog always progresses), and their batches run at a lower CPU priority (Linux nice 19),
+so neither the engine nor the operating system slows the small requests down much.
 
 Padding is limited by bucketing windows by length (`qacore.batching.length_bucket`): the batch's
 leading window fixes the bucket and only windows of that bucket or shorter ones join it.
@@ -58,6 +60,10 @@ from services.logctx import current_request_id
 
 log = logging.getLogger(__name__)
 
+# Callers with a backlog yield to the others: they start no batch while another caller's batch runs or
+# within LIGHT_YIELD_NS after one ended, but at least one every BACKLOG_STARVATION_NS.
+LIGHT_YIELD_NS = 10_000_000
+BACKLOG_STARVATION_NS = 200_000_000
 BACKGROUND_NICE = 19  # nice increment of engine calls led by callers with a backlog (Linux threads)
 _thread_nice = threading.local()
 
@@ -183,7 +189,10 @@ class Batcher:
         self._observer = observer
         self._callers: OrderedDict[str, _Caller] = OrderedDict()  # rotation order: the next lead first
         self._depth = 0  # live queued windows (cancelled or failed requests' windows excluded)
-        self._heavy_running = 0
+        self._heavy_running = 0  # batches in flight led by callers with a backlog
+        self._light_running = 0  # batches in flight led by the other callers
+        self._light_ended_ns = -BACKLOG_STARVATION_NS  # when the last of the latter ended
+        self._heavy_started_ns = -BACKLOG_STARVATION_NS
         self._anonymous = itertools.count()
         self._wakeup = asyncio.Event()
         self._closing = False
@@ -366,6 +375,9 @@ class Batcher:
                 batch.lead.leading -= 1
                 if batch.heavy:
                     self._heavy_running -= 1
+                else:
+                    self._light_running -= 1
+                    self._light_ended_ns = time.perf_counter_ns()
                 self._forget_if_idle(batch.lead)
                 self._wakeup.set()
 
@@ -428,13 +440,27 @@ class Batcher:
             self._observer.observe_batch(size, seq_len, real_tokens(windows), infer_ns, ok)
 
     def _is_heavy(self, entry: _Caller) -> bool:
-        """A caller with a backlog: more windows queued than one batch holds, several requests in flight (a
-        stream's questions), or already leading a batch."""
-        return entry.queued > self.max_batch_size or entry.active > 1 or entry.leading > 0
+        """A caller with a backlog: more windows queued, or more requests in flight (a stream's questions),
+        than one batch holds, or already leading a batch."""
+        return entry.queued > self.max_batch_size or entry.active > self.max_batch_size or entry.leading > 0
 
-    def _eligible(self) -> list[_Caller]:
+    def _heavy_wait_ns(self, now: int) -> int:
+        """How long callers with a backlog must still wait before leading a batch (0: they may now).
+
+        They yield to the other callers: not while another caller's batch runs or within LIGHT_YIELD_NS
+        after one ended (the gap between a client's consecutive small requests), unless they have not
+        started a batch for BACKLOG_STARVATION_NS, so a backlog always makes progress.
+        """
+        if self._closing:
+            return 0
+        starved_at = self._heavy_started_ns + BACKLOG_STARVATION_NS
+        if self._light_running:
+            return max(0, starved_at - now)
+        return max(0, min(self._light_ended_ns + LIGHT_YIELD_NS, starved_at) - now)
+
+    def _eligible(self, now: int) -> list[_Caller]:
         """Callers with queued windows that may lead the next batch, in rotation order."""
-        room_for_heavy = self._heavy_running < self.heavy_contexts
+        room_for_heavy = self._heavy_running < self.heavy_contexts and self._heavy_wait_ns(now) == 0
         return [
             entry
             for entry in self._callers.values()
@@ -445,12 +471,17 @@ class Batcher:
         """Wait until a batch is due (full, or its oldest window waited long enough) and take it."""
         delay_ns = self.config.max_queue_delay_us * 1_000
         while True:
-            eligible = self._eligible()
+            eligible = self._eligible(time.perf_counter_ns())
             if not eligible:
                 if self._closing and self._depth == 0:
                     return None
                 self._wakeup.clear()
-                await self._wakeup.wait()
+                backlog_wait_ns = self._heavy_wait_ns(time.perf_counter_ns()) if self._depth else 0
+                try:
+                    async with asyncio.timeout(backlog_wait_ns / 1e9 if backlog_wait_ns else None):
+                        await self._wakeup.wait()
+                except TimeoutError:
+                    pass
                 continue
             oldest_ns = min(job.submitted_ns for job in (entry.head() for entry in eligible) if job is not None)
             due_ns = oldest_ns + delay_ns
@@ -510,6 +541,9 @@ class Batcher:
         lead.leading += 1
         if lead_heavy:
             self._heavy_running += 1
+            self._heavy_started_ns = now
+        else:
+            self._light_running += 1
         for entry in contributed:  # round robin: callers that were served go to the back
             if self._callers.get(entry.key) is entry:
                 self._callers.move_to_end(entry.key)

@@ -18,10 +18,22 @@ PASSAGE = (
 STAGE_KEYS = {"name", "start_ms", "duration_ms", "budget_ms", "over_budget"}
 
 
-def converse(*args: str, stdin: str = "", timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+
+
+def converse(
+    *args: str, stdin: str = "", timeout_s: float = 300, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-c", "import sys; from pipeline.assistant_cli import main; sys.exit(main())"]
     return subprocess.run(
-        [*command, "converse", *args], input=stdin, capture_output=True, text=True, timeout=timeout_s, check=False
+        [*command, "converse", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+        cwd=cwd,
     )
 
 
@@ -111,3 +123,27 @@ def test_an_unreachable_target_is_one_line_and_exit_1(script: tuple[Path, Path])
     result = converse("--turns-file", str(turns), "-pf", str(passage), "--target", "127.0.0.1:1", timeout_s=60)
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1 and "UNAVAILABLE" in result.stderr
+
+
+def test_the_shipped_examples_converse_from_the_repo_root(engine_dir: Path) -> None:
+    """`make converse` (plus --json): the README's example turns, one of them spoken (a real espeak-ng WAV)."""
+    with wave.open(str(EXAMPLES / "question.wav")) as spoken:
+        assert (spoken.getframerate(), spoken.getnchannels(), spoken.getsampwidth()) == (16_000, 1, 2)
+        assert spoken.getnframes() > 16_000  # a spoken question lasts over a second
+    assert (EXAMPLES / "question.wav").stat().st_size < 100_000
+    args = ("--turns-file", "examples/turns.txt", "-pf", "examples/passage.txt", "--json")
+    result = converse(*args, "--engine", str(engine_dir), "--budgets", "qa=5s", cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    objects = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [o["turn"] for o in objects] == [1, 2, 3, 4]
+    assert objects[3]["transcript"] == (EXAMPLES / "question.txt").read_text(encoding="utf-8").strip()
+    passage = (EXAMPLES / "passage.txt").read_text(encoding="utf-8")
+    answers = {o["transcript"]: o["answer"] for o in objects}
+    assert answers["Who founded the Harbor Light Library?"] == "Margaret Olsen"
+    assert answers["When did the library move into the old customs house?"] == "1968"
+    assert "Lantern Festival" in objects[3]["answer"]
+    for turn in objects:
+        assert {"turn", "transcript", "answer", "abstained", "response", "stages", "total_ms"} <= set(turn)
+        assert turn["errors"] == [] and turn["response"]
+        assert turn["abstained"] or passage[turn["start"] : turn["end"]] == turn["answer"]
+        assert all(set(stage) == STAGE_KEYS for stage in turn["stages"])

@@ -92,12 +92,35 @@ async def small_latencies(
     return latencies
 
 
-async def write_forever(call: grpc.aio.StreamStreamCall) -> None:
-    """Flood a stream with questions and never read an answer: gRPC flow control holds the writer back."""
-    request = qa_pb2.AnswerRequest(question=SMALL_QUESTION, passage=SMALL_PASSAGE)
-    for index in range(100_000):
-        request.request_id = str(index)
-        await call.write(request)
+class Flood:
+    """Floods a stream with questions and never reads an answer; gRPC flow control holds the writer back
+    once the transport's window is full (until then the bytes only cost the transport, on both sides)."""
+
+    def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
+        self.call = call
+        self.written = 0
+        self.task = asyncio.create_task(self._write())
+
+    async def _write(self) -> None:
+        request = qa_pb2.AnswerRequest(question=SMALL_QUESTION, passage=SMALL_PASSAGE)
+        for index in range(1_000_000):
+            request.request_id = str(index)
+            await self.call.write(request)
+            self.written += 1
+
+    async def wait_held_back(self, quiet_s: float = 0.3, timeout_s: float = 60) -> None:
+        """Until the writer made no progress for `quiet_s` (flow control holds it)."""
+        async with asyncio.timeout(timeout_s):
+            while True:
+                before = self.written
+                await asyncio.sleep(quiet_s)
+                if self.written == before:
+                    return
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        self.call.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
 
 
 async def test_small_requests_keep_their_latency_under_a_huge_request_and_a_flood(
@@ -131,21 +154,19 @@ async def test_small_requests_keep_their_latency_under_a_huge_request_and_a_floo
         loaded_phases: list[list[float]] = []
         for _ in range(ROUNDS):
             huge = big_stub.Answer(big, timeout=120)  # the largest request the limits allow
-            flood = flood_stub.AnswerStream()
-            flooding = asyncio.create_task(write_forever(flood))
+            flood = Flood(flood_stub.AnswerStream())
             await wait_until(lambda: big_queued(batcher) > 0)
             await wait_until(lambda: any(session.read >= STREAM_LIMIT for session in sessions))
+            await flood.wait_held_back()
 
             loaded_phases.append(await small_latencies(small, SMALL_PER_PHASE, loaded_server))
 
             # The flood is held back: the server never read more than its in-flight limit allows ahead.
             assert all(session.read - session.written <= STREAM_LIMIT for session in sessions)
-            assert not flooding.done()
+            assert not flood.task.done()
             assert big_queued(batcher) > 0, "the big request must still be running"
-            flooding.cancel()
-            flood.cancel()
+            await flood.stop()
             huge.cancel()
-            await asyncio.gather(flooding, return_exceptions=True)
             await wait_until(lambda: batcher.depth == 0 and batcher.busy_contexts == 0 and not sessions)
             quiet_phases.append(await small_latencies(small, SMALL_PER_PHASE, quiet_server))
 
