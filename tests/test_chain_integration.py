@@ -278,6 +278,45 @@ async def test_a_failing_stage_yields_an_error_event_and_the_session_goes_on(cha
         await conversation.call.done_writing()
 
 
+async def test_a_failing_qa_stage_fails_each_turn_and_the_session_goes_on(chain: RunningChain) -> None:
+    """An unknown passage_id: QA fails (NOT_FOUND, not a timeout) on every turn; each turn still gets its
+    error event, an apology and its report, and the next turn runs."""
+    config = session_config()
+    config.passage_id = "no-such-passage"
+    channel, conversation = await open_conversation(chain.assistant_target, config)
+    async with channel:
+        for number in (1, 2):
+            turn = await conversation.turn(text_turn("Who was the Norse leader?"), number)
+            (error,) = turn.of("error")
+            assert error.stage == "qa" and error.code == grpc.StatusCode.NOT_FOUND.value[0]
+            assert not turn.of("answer")
+            (reply,) = turn.of("reply")
+            assert reply.kind == response_pb2.REPLY_ERROR
+            assert "NOT_FOUND" in turn.report.error
+            assert [row.name for row in turn.report.stages if "." not in row.name] == ["asr", "qa", "response"]
+        await conversation.call.done_writing()
+        assert await conversation.call.read() is grpc.aio.EOF
+
+
+async def test_pcm16_audio_options_and_request_ids_as_the_contract_says(chain: RunningChain) -> None:
+    """audio_format PCM16 (raw samples), qa_options.timeout_ms ignored (the QA budget is the deadline),
+    x-request-id echoed in the initial metadata."""
+    config = session_config(audio_format=assistant_pb2.PCM16)
+    config.qa_options.timeout_ms = 1  # would fail every call if it were the deadline
+    channel = grpc.aio.insecure_channel(chain.assistant_target)
+    metadata = (("x-trace-id", "pcm-session"), ("x-request-id", "pcm-request"))
+    call = assistant_pb2_grpc.AssistantStub(channel).Converse(metadata=metadata)
+    async with channel:
+        assert ("x-request-id", "pcm-request") in tuple(await call.initial_metadata())
+        conversation = Conversation(call)
+        await call.write(assistant_pb2.ConverseRequest(config=config))
+        assert (await conversation.read()).started.trace_id == "pcm-session"
+        raw = wav_bytes(0.5)[44:]  # the samples without the RIFF header
+        turn = await conversation.turn(audio_turn(raw, "Who was the Norse leader?"), 1)
+        assert not turn.of("error") and turn.of("answer")[0].text == "Rollo"
+        await call.done_writing()
+
+
 async def test_a_qa_call_that_cannot_make_its_budget_is_reported_not_dropped(chain: RunningChain) -> None:
     config = session_config(budgets_ms={"qa": 0.001})  # 1 us: the QA call's deadline passes first
     channel, conversation = await open_conversation(chain.assistant_target, config)
@@ -350,6 +389,11 @@ async def test_spoken_replies_are_real_audio_or_declared_unavailable(chain: Runn
             assistant_pb2.ConverseRequest(config=assistant_pb2.SessionConfig(passage=PASSAGE)),
             assistant_pb2.ConverseRequest(text=assistant_pb2.TextTurn(text="   ")),
             "text turn",
+        ),
+        (
+            assistant_pb2.ConverseRequest(config=assistant_pb2.SessionConfig(passage=PASSAGE)),
+            assistant_pb2.ConverseRequest(config=assistant_pb2.SessionConfig(passage=PASSAGE)),
+            "second SessionConfig",
         ),
     ],
 )

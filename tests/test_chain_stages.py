@@ -401,3 +401,60 @@ async def test_an_asr_stage_that_runs_out_of_time_fails_its_turn_only() -> None:
     reports = [event.report for event in events if isinstance(event, ReportEvent)]
     assert [report.turn for report in reports] == [1, 2]
     assert all(0.1 * 1e9 <= report.total_ns < 2 * 1e9 for report in reports)
+
+
+# -- what the asr.v1 and response.v1 comments promise ----------------------------------------------
+
+
+async def test_stage_servers_echo_the_request_id_and_refuse_misuse_as_documented() -> None:
+    """asr.v1: x-request-id echoed in the initial metadata, a second config is INVALID_ARGUMENT on the stream,
+    a sample rate other than 16 kHz an in-band INVALID_ARGUMENT. response.v1: x-request-id echoed in the
+    trailing metadata, OUTCOME_UNSPECIFIED and out-of-range scores INVALID_ARGUMENT."""
+    from response.v1 import response_pb2, response_pb2_grpc
+    from services.response_service import response_server
+
+    asr = asr_server(AsrStub())
+    response = response_server(ReplyMaker(ResponderConfig(speech=False)))
+    await asr.start()
+    await response.start()
+    metadata = (("x-trace-id", "session/7"), ("x-request-id", "session/7"))
+    try:
+        async with grpc.aio.insecure_channel(asr.target) as channel:
+            stub = asr_pb2_grpc.RecognizerStub(channel)
+            config = asr_pb2.StreamingRecognizeRequest(config=asr_pb2.RecognitionConfig(encoding=asr_pb2.LINEAR16))
+            text = asr_pb2.StreamingRecognizeRequest(text="Who was Rollo?")
+            call = stub.StreamingRecognize(iter([config, text]), metadata=metadata)
+            assert ("x-request-id", "session/7") in tuple(await call.initial_metadata())
+            assert [message.transcript async for message in call] == ["Who was Rollo?"]
+            with pytest.raises(grpc.aio.AioRpcError) as twice:
+                _ = [message async for message in stub.StreamingRecognize(iter([config, config, text]))]
+            assert twice.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            eight_khz = asr_pb2.StreamingRecognizeRequest(
+                config=asr_pb2.RecognitionConfig(encoding=asr_pb2.LINEAR16, sample_rate_hertz=8000)
+            )
+            (failed,) = [message async for message in stub.StreamingRecognize(iter([eight_khz, text]))]
+            assert failed.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "16000" in failed.error.message
+            assert not failed.is_final and not failed.transcript
+        async with grpc.aio.insecure_channel(response.target) as channel:
+            responder = response_pb2_grpc.ResponderStub(channel)
+            answered = response_pb2.RespondRequest(outcome=response_pb2.ANSWERED, question="Who?", answer="Rollo")
+            answered.score = 0.9
+            call = responder.Respond(answered, metadata=metadata, timeout=10)
+            reply = await call
+            assert reply.text == "Rollo." and reply.kind == response_pb2.REPLY_ANSWER and reply.processing_ns > 0
+            assert ("x-request-id", "session/7") in tuple(await call.trailing_metadata())
+            default_threshold = response_pb2.RespondRequest(
+                outcome=response_pb2.ANSWERED, question="Who?", answer="Rollo", score=0.29
+            )
+            assert (await responder.Respond(default_threshold, timeout=10)).kind == response_pb2.REPLY_LOW_CONFIDENCE
+            for bad in (
+                response_pb2.RespondRequest(question="Who?"),
+                response_pb2.RespondRequest(outcome=response_pb2.ANSWERED, question="Who?", answer="Rollo", score=1.5),
+                response_pb2.RespondRequest(outcome=response_pb2.ANSWERED, question="Who?"),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await responder.Respond(bad, timeout=10)
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        await response.stop()
+        await asr.stop()

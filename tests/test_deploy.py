@@ -51,11 +51,15 @@ def composed() -> dict[str, dict[str, Any]]:
 
 
 def test_both_profiles_validate_and_wire_the_stack(composed: dict[str, dict[str, Any]]) -> None:
-    for profile, replica, balancer in (("cpu", "qa", "nginx"), ("gpu", "qa-gpu", "nginx-gpu")):
+    for profile, replica, balancer, front in (
+        ("cpu", "qa", "nginx", "assistant"),
+        ("gpu", "qa-gpu", "nginx-gpu", "assistant-gpu"),
+    ):
         services = composed[profile]["services"]
-        assert {"redis", "prometheus", "grafana", replica, balancer} <= set(services)
+        assert {"redis", "prometheus", "grafana", replica, balancer, front} <= set(services)
         assert profile in services[replica]["profiles"] and profile in services[balancer]["profiles"]
-        assert services[balancer]["depends_on"] == {replica: {"condition": "service_healthy"}}
+        healthy = {"condition": "service_healthy"}
+        assert services[balancer]["depends_on"] == {replica: healthy, front: healthy}
         assert services[replica]["depends_on"] == {"redis": {"condition": "service_healthy"}}
         assert services["grafana"]["depends_on"] == {"prometheus": {"condition": "service_healthy"}}
         assert "ports" not in services[replica]  # replicas scale: only nginx publishes a port
@@ -97,6 +101,41 @@ def test_images_build_their_engine_run_unprivileged_and_probe_grpc_health() -> N
     assert base and re.fullmatch(r"nvcr\.io/nvidia/tensorrt:\d\d\.\d\d-py3", base.group(1))  # pinned release
     assert re.search(r"carries TensorRT \d+\.\d+", gpu)  # says which TensorRT the pinned image carries
     assert "ARG ENGINE_BACKEND=torch" in gpu  # PyTorch CUDA engine by default
+
+
+def test_the_assistant_front_asks_every_replica_and_is_balanced_probed_and_scraped(
+    composed: dict[str, dict[str, Any]],
+) -> None:
+    from pipeline.pipeline_cli import config_from_args as pipeline_config
+
+    prometheus = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.yml").read_text(encoding="utf-8"))
+    (job,) = [job for job in prometheus["scrape_configs"] if job["job_name"] == "assistant"]
+    (discovery,) = job["dns_sd_configs"]
+    for profile, front, replica in (("cpu", "assistant", "qa"), ("gpu", "assistant-gpu", "qa-gpu")):
+        services = composed[profile]["services"]
+        service = services[front]
+        assert profile in service["profiles"]
+        assert service["depends_on"] == {replica: {"condition": "service_healthy"}}
+        command = service["command"]
+        assert command[0] == "qa-pipeline"
+        config, _ = pipeline_config(command[1:])  # the real qa-pipeline parser understands every flag
+        assert config.qa_target == "dns:///qa:50051" and config.host == "0.0.0.0"  # round_robin over replicas
+        assert (config.assistant_port, config.dashboard_port) == (50061, 8080)
+        assert config.budgets.of("qa") == 10_000_000
+        probe = " ".join(service["healthcheck"]["test"])
+        assert "assistant.v1.Assistant" in probe and "127.0.0.1:50061" in probe
+        (dashboard,) = service["ports"]  # "HOST_IP:PORT:TARGET" (compose v1) or a mapping (compose v2)
+        if isinstance(dashboard, str):
+            host_ip, _, target = dashboard.split(":")
+            dashboard = {"host_ip": host_ip, "target": int(target.removesuffix("/tcp"))}
+        assert dashboard["target"] == 8080 and dashboard["host_ip"] == "127.0.0.1"
+        # nginx fronts assistant.v1 with the repo's template; Prometheus scrapes the front's /metrics
+        balancer = services["nginx" if profile == "cpu" else "nginx-gpu"]
+        assert balancer["environment"]["ASSISTANT_UPSTREAM"] == "assistant:50061"
+        assert any("assistant-grpc.conf.template" in str(volume) for volume in balancer["volumes"])
+        assert discovery["names"] == ["assistant"] and discovery["port"] == dashboard["target"]
+        if profile == "gpu":
+            assert "assistant" in service["networks"]["default"]["aliases"]
 
 
 def test_compose_probes_health_and_drains_before_it_kills(composed: dict[str, dict[str, Any]]) -> None:
