@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from assistant.v1 import assistant_pb2, assistant_pb2_grpc
 from pipeline.launcher import ChainConfig, RunningChain, start_chain
+from qa.v1 import qa_pb2
 from qacore.latency import MS, QA_SERVER_STAGES, parse_budgets
 from response.v1 import response_pb2
 from services.asr_stub import AsrStubConfig
@@ -317,6 +318,16 @@ async def test_pcm16_audio_options_and_request_ids_as_the_contract_says(chain: R
         await call.done_writing()
 
 
+async def test_answer_offsets_are_code_points_of_a_non_ascii_passage(chain: RunningChain) -> None:
+    passage = "Zoë’s café 🎉 — the Normans’ leader was Rollo, a Norse chieftain who settled in Normandy."
+    channel, conversation = await open_conversation(chain.assistant_target, session_config(passage=passage))
+    async with channel:
+        turn = await conversation.turn(text_turn("Who was the leader of the Normans?"), 1)
+        (answer,) = turn.of("answer")
+        assert "Rollo" in answer.text and passage[answer.start : answer.end] == answer.text
+        await conversation.call.done_writing()
+
+
 async def test_a_qa_call_that_cannot_make_its_budget_is_reported_not_dropped(chain: RunningChain) -> None:
     config = session_config(budgets_ms={"qa": 0.001})  # 1 us: the QA call's deadline passes first
     channel, conversation = await open_conversation(chain.assistant_target, config)
@@ -394,6 +405,33 @@ async def test_spoken_replies_are_real_audio_or_declared_unavailable(chain: Runn
             assistant_pb2.ConverseRequest(config=assistant_pb2.SessionConfig(passage=PASSAGE)),
             assistant_pb2.ConverseRequest(config=assistant_pb2.SessionConfig(passage=PASSAGE)),
             "second SessionConfig",
+        ),
+        (assistant_pb2.ConverseRequest(config=assistant_pb2.SessionConfig(passage="x" * 1_000_001)), None, "1,000,000"),
+        (
+            assistant_pb2.ConverseRequest(
+                config=assistant_pb2.SessionConfig(passage=PASSAGE, qa_options=qa_pb2.AnswerOptions(n_best_size=0))
+            ),
+            None,
+            "n_best_size",
+        ),
+        (
+            assistant_pb2.ConverseRequest(
+                config=assistant_pb2.SessionConfig(
+                    passage=PASSAGE, qa_options=qa_pb2.AnswerOptions(max_answer_length=513)
+                )
+            ),
+            None,
+            "max_answer_length",
+        ),
+        (
+            assistant_pb2.ConverseRequest(config=assistant_pb2.SessionConfig(passage=PASSAGE)),
+            assistant_pb2.ConverseRequest(text=assistant_pb2.TextTurn(text="x" * 4097)),
+            "4096",
+        ),
+        (
+            assistant_pb2.ConverseRequest(config=assistant_pb2.SessionConfig(passage=PASSAGE)),
+            assistant_pb2.ConverseRequest(audio=assistant_pb2.AudioChunk(content=bytes(1024 * 1024 + 2))),
+            "1 MiB",
         ),
     ],
 )
