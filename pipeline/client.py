@@ -45,6 +45,9 @@ AUTHORIZATION_HEADER = "authorization"
 SERVICE_NAME = "qa.v1.QuestionAnswering"
 HEALTH_SERVICE_NAME = "grpc.health.v1.Health"
 GRPC_MAX_ATTEMPTS = 5  # gRPC caps a retry policy's maxAttempts at 5
+# Floor of the backoff in the service config: with a ~1 ms backoff gRPC core (grpc/grpc#41036, seen with
+# grpcio 1.85) intermittently never sends the retry and the call hangs until its deadline. 10 ms never did.
+GRPC_MIN_BACKOFF_S = 0.01
 # Unary methods safe to retry: answers are reads, PutPassage is idempotent (content ids). Streams never are.
 RETRIED_METHODS = (
     {"service": SERVICE_NAME, "method": "Answer"},
@@ -97,8 +100,8 @@ class RetryPolicy:
                     "name": list(RETRIED_METHODS),
                     "retryPolicy": {
                         "maxAttempts": self.grpc_attempts,
-                        "initialBackoff": f"{max(self.initial_backoff_s, 0.001):.3f}s",
-                        "maxBackoff": f"{max(self.max_backoff_s, self.initial_backoff_s, 0.001):.3f}s",
+                        "initialBackoff": f"{max(self.initial_backoff_s, GRPC_MIN_BACKOFF_S):.3f}s",
+                        "maxBackoff": f"{max(self.max_backoff_s, self.initial_backoff_s, GRPC_MIN_BACKOFF_S):.3f}s",
                         "backoffMultiplier": self.multiplier,
                         "retryableStatusCodes": sorted(code.name for code in self.retry_codes),
                     },

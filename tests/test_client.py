@@ -194,6 +194,8 @@ def test_the_service_config_asks_grpc_for_round_robin_retries_and_throttling() -
     assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
     assert config["retryThrottling"]["maxTokens"] > 0
     assert "methodConfig" not in json.loads(RetryPolicy(max_attempts=1).service_config())
+    tiny = json.loads(RetryPolicy(initial_backoff_s=0.001, max_backoff_s=0.001).service_config())
+    assert tiny["methodConfig"][0]["retryPolicy"]["initialBackoff"] == "0.010s"  # grpc/grpc#41036: ~1 ms hangs
     with pytest.raises(ValueError, match="both"):
         ClientConfig(tls_root_cert=Path("ca.pem"), tls_client_cert=Path("c.pem"))
     assert "secret" not in repr(ClientConfig(token="secret"))  # tokens are never printed

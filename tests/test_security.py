@@ -7,6 +7,7 @@ token and key material.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import shutil
@@ -14,6 +15,7 @@ import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import pytest
@@ -34,6 +36,17 @@ ON_THE_SHARED_SERVER = pytest.mark.asyncio(loop_scope="module")  # tests using t
 PASSAGE = "The Normans gave their name to Normandy, a region in France. Their leader was Rollo."
 TOKENS = ("alpha-7f3c2d9e8b1a4c6f", "bravo-0a9b8c7d6e5f4a3b")
 NO_RETRY = RetryPolicy(max_attempts=1)
+T = TypeVar("T")
+
+
+async def held_until(gate: asyncio.Event, message: T) -> AsyncIterator[T]:
+    """A stream's one request, sent only once `gate` is set.
+
+    A refused stream must have nothing in flight when the server aborts it: a client write racing the
+    abort can end the call in INTERNAL instead of the server's status (grpc/grpc#36066).
+    """
+    await gate.wait()
+    yield message
 
 
 @dataclass
@@ -124,15 +137,20 @@ async def test_no_token_or_a_wrong_token_is_unauthenticated_on_every_rpc_but_hea
                 with pytest.raises(QAClientError) as failure:
                     await call
                 assert failure.value.code == grpc.StatusCode.UNAUTHENTICATED, name
+            answered = asyncio.Event()  # the stream's question waits for the server's answer (its refusal)
             with pytest.raises(QAClientError) as stream_failure:
-                async for _ in client.answer_stream([Question("Who led them?", PASSAGE)], timeout_s=10):
+                questions = held_until(answered, Question("Who led them?", PASSAGE))
+                async for _ in client.answer_stream(questions, timeout_s=10):
                     pass
+            answered.set()
             assert stream_failure.value.code == grpc.StatusCode.UNAUTHENTICATED
             reflection = reflection_pb2_grpc.ServerReflectionStub(client.channel)
             request = reflection_pb2.ServerReflectionRequest(list_services="")
+            answered = asyncio.Event()
             with pytest.raises(grpc.aio.AioRpcError) as reflection_failure:
-                async for _ in reflection.ServerReflectionInfo(iter([request]), timeout=10):
+                async for _ in reflection.ServerReflectionInfo(held_until(answered, request), timeout=10):
                     pass
+            answered.set()
             assert reflection_failure.value.code() == grpc.StatusCode.UNAUTHENTICATED
             # Health checks are exempt, so load balancers and orchestrators can probe without a token.
             health = health_pb2_grpc.HealthStub(client.channel)
