@@ -14,6 +14,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from qacore.cli_args import OneLineParser
+
 # subcommand -> (module, one-line description)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("benchmarks.serve_bench", "load-test the gRPC service: closed/open loop, unary/stream, batching on/off"),
@@ -25,7 +27,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qa-bench", description="Benchmarks of the question-answering stack.")
+    parser = OneLineParser(prog="qa-bench", description="Benchmarks of the question-answering stack.")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     commands = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
     chosen = next((arg for arg in argv if arg in SUBCOMMANDS), None)

@@ -17,7 +17,6 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
 
 from builder.build_config import (
     BACKENDS,
@@ -26,19 +25,13 @@ from builder.build_config import (
     DEFAULT_SEQUENCE_LENGTHS,
     BuildConfig,
 )
+from qacore.cli_args import OneLineParser
 from qacore.default_engine import DEFAULT_PRECISION, PRECISIONS, DefaultEngineSpec
 from qacore.errors import InvalidInputError, QAError
 
 PROG = "qa-build"
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (the usage text is in --help)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
 def positive_int(text: str) -> int:

@@ -16,10 +16,11 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn, TextIO
+from typing import TextIO
 
 from qacore.answerer import AnswerResult, QuestionAnswerer
 from qacore.bundle import featurizer_config_of, open_bundle
+from qacore.cli_args import OneLineParser
 from qacore.decoding import DecoderConfig
 from qacore.default_engine import DEFAULT_PRECISION, PRECISIONS, DefaultEngineSpec, resolve_default_engine
 from qacore.engine import EngineMeta
@@ -61,13 +62,6 @@ class AssistantConfig:
     json_output: bool
     interactive: bool
     precision: str = DEFAULT_PRECISION  # of the default engine (no -e)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (the usage text is in --help), exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,6 +32,7 @@ from typing import Any, TextIO
 import grpc
 
 from assistant.v1 import assistant_pb2, assistant_pb2_grpc
+from qacore.cli_args import OneLineParser
 from qacore.errors import InvalidInputError, QAError
 from qacore.files import read_bytes, read_utf8
 from qacore.latency import MS, StageSpan, TurnReport, parse_budgets
@@ -118,7 +119,7 @@ def report_from_pb(turn: int, trace_id: str, message: assistant_pb2.LatencyRepor
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="qa-assistant converse",
         description="Talk to the conversational chain (ASR stub -> QA -> response) and see where each turn's "
         "time went.",
@@ -230,7 +231,7 @@ def format_turn(outcome: TurnOutcome, colour: bool) -> str:
     answer = outcome.answer
     if answer is not None:
         found = "(no answer in the passage)" if answer.abstained else f"{answer.text!r}"
-        detail = "" if answer.abstained else f"  (score {answer.score:.3f}, characters {answer.start}-{answer.end})"
+        detail = "" if answer.abstained else f"  (score {answer.score:.3f}, code points {answer.start}-{answer.end})"
         lines.append(f"  Answer:    {found}{detail}")
     if outcome.reply is not None:
         audio = response_pb2.AudioStatus.Name(outcome.reply.audio_status)

@@ -27,6 +27,7 @@ from pathlib import Path
 from pipeline.chain import ChainSettings
 from pipeline.client import ClientConfig
 from pipeline.launcher import DEFAULT_ASSISTANT_PORT, DEFAULT_DASHBOARD_PORT, ChainConfig, start_chain
+from qacore.cli_args import OneLineParser
 from qacore.errors import QAError
 from qacore.latency import parse_budgets
 from services.asr_stub import AsrStubConfig
@@ -39,7 +40,7 @@ EXIT_USAGE = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="qa-pipeline",
         description="Run the conversational chain: ASR stub -> QA -> response behind assistant.v1, with a "
         "latency dashboard.",

@@ -6,7 +6,7 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -140,7 +140,7 @@ class Engine(ABC):
     def close(self) -> None:  # noqa: B027 - backends without resources keep the default
         """Release memory and threads held by the engine."""
 
-    def __enter__(self) -> Engine:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

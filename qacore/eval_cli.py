@@ -22,10 +22,11 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from qacore.cli_args import OneLineParser
 from qacore.default_engine import DEFAULT_PRECISION, PRECISIONS
 from qacore.errors import EngineError, InvalidInputError, QAError
 from qacore.factory import max_engine_threads
@@ -49,13 +50,6 @@ log = logging.getLogger(__name__)
 EXIT_BAD_INPUT = 2
 EXIT_ENGINE = 3
 MISSING_LISTED = 10  # missing-prediction warnings printed one by one before a count of the rest
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is a single line on stderr (exit status 2)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _count(minimum: int) -> Callable[[str], int]:
@@ -82,7 +76,7 @@ def _finite_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(
+    parser = OneLineParser(
         prog="qa-eval",
         description="Score SQuAD v1.1/v2.0 predictions exactly as the official scripts do, or run an engine "
         "over a SQuAD dataset and score it.",

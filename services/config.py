@@ -20,8 +20,9 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
+from qacore.cli_args import OneLineParser
 from qacore.default_engine import DEFAULT_PRECISION, PRECISIONS
 from qacore.latency import LANGUAGE_MODEL_BUDGET_NS
 
@@ -276,15 +277,8 @@ def environment_variables() -> tuple[str, ...]:
     return tuple(declared.env for declared in declared_settings())
 
 
-class OneLineErrorParser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line (`qa-serve: error: ...`, exit 2), not the whole usage."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(
+    parser = OneLineParser(
         prog="qa-serve",
         description="Serve extractive question answering over gRPC (qa.v1.QuestionAnswering). "
         f"Each flag may also be set as an environment variable {ENV_PREFIX}<FLAG_NAME>.",

@@ -20,7 +20,7 @@ from qacore.factory import EngineOptions, load_engine
 from qacore.features import Featurizer
 from services.batcher import Batcher, BatcherConfig, BatchObserver
 from services.config import EngineSpec
-from services.errors import InvalidRequestError, NotServingError, UnknownModelError
+from services.errors import UnknownModelError
 
 log = logging.getLogger(__name__)
 
@@ -130,21 +130,9 @@ class ModelRegistry:
         return next(iter(self._models), None)
 
     def lookup(self, model_id: str) -> ModelRuntime:
-        """The model a request names ("" = default); NOT_FOUND if unknown (for model-info calls)."""
+        """The model a request names ("" = default); NOT_FOUND if unknown (`QAService.model_for` adds readiness)."""
         key = model_id or self.default_id
         model = self._models.get(key) if key is not None else None
         if model is None:
             raise UnknownModelError(f"unknown model {model_id!r}; loaded: {', '.join(self._models) or 'none'}")
-        return model
-
-    def for_request(self, model_id: str) -> ModelRuntime:
-        """The model to answer with: INVALID_ARGUMENT if unknown, UNAVAILABLE if not (yet, or any longer) ready."""
-        if not self._models:
-            raise NotServingError("server is starting: no model is loaded yet")
-        try:
-            model = self.lookup(model_id)
-        except UnknownModelError as exc:
-            raise InvalidRequestError(str(exc)) from None
-        if not model.ready:
-            raise NotServingError(f"model {model.model_id} is not ready")
         return model

@@ -22,6 +22,7 @@ import logging
 import sys
 from pathlib import Path
 
+from qacore.cli_args import OneLineParser
 from qacore.errors import QAError
 from training.config import TrainConfig
 from training.runs import RunPaths
@@ -39,9 +40,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="qa-train", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+    parser = OneLineParser(prog="qa-train", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     _add_run_arguments(commands.add_parser("finetune", help="train the student on gold spans"))
     distill = commands.add_parser("distill", help="train the student on gold spans and teacher logits")
