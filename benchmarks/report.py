@@ -1,9 +1,10 @@
-"""Helpers every benchmark shares: percentile summaries and a description of the machine."""
+"""Helpers every benchmark shares: percentile summaries, Markdown table cells and a description of the machine."""
 
 from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -29,6 +30,16 @@ def percentile_summary(values: np.ndarray) -> dict[str, float]:
         "max": round(float(values.max()), 4),
         "n": int(values.size),
     }
+
+
+def table_head(header: str) -> list[str]:
+    """The first lines of a Markdown table: `header` ("| a | b |") and the separator row under it."""
+    return [header, "|" + "---|" * (header.count("|") - 1)]
+
+
+def errors_cell(codes: Mapping[str, int]) -> str:
+    """A table cell of the calls that did not end OK ("UNAVAILABLE 3, DEADLINE_EXCEEDED 1"), or "-"."""
+    return ", ".join(f"{code} {count}" for code, count in codes.items() if code != "OK") or "-"
 
 
 def machine_description() -> str:

@@ -35,7 +35,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from benchmarks.report import machine_description
+from benchmarks.report import errors_cell, machine_description, table_head
 from benchmarks.serve_bench import (
     DEFAULT_SQUAD,
     ServeBenchConfig,
@@ -277,16 +277,15 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         "| setup | answers/s (median of rounds) | each round | vs baseline | p50 ms | p99 ms | answers per server | "
         "errors | load avg |"
     )
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    lines = table_head(header)
     for row in rows:
         client = row["client_ms"]
-        errors = {code: n for code, n in row["codes"].items() if code != "OK"}
         ratio = row["throughput_rps"] / baseline if baseline else float("nan")
         lines.append(
             f"| {row['setup']} | {row['throughput_rps']:.1f} | {' / '.join(f'{v:.1f}' for v in row['rounds_rps'])} | "
             f"{ratio:.2f}x | {client.get('p50', float('nan')):.1f} | "
             f"{client.get('p99', float('nan')):.1f} | {' / '.join(str(n) for n in row['answers_per_server'])} | "
-            f"{', '.join(f'{c} {n}' for c, n in errors.items()) or '-'} | {row['load_avg_1m']} |"
+            f"{errors_cell(row['codes'])} | {row['load_avg_1m']} |"
         )
     return "\n".join(lines)
 

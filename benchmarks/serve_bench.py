@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.report import machine_description, percentile_summary
+from benchmarks.report import errors_cell, machine_description, percentile_summary, table_head
 from pipeline.client import (
     Answer,
     AnswerFailure,
@@ -459,17 +459,16 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         f"| batcher | {kind} | answers/s | p50 ms | p90 ms | p95 ms | p99 ms | "
         "server queue p50 | infer p50 | total p50 | mean batch | errors | load avg |"
     )
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    lines = table_head(header)
     for row in rows:
         client, server = row["client_ms"], row["server_ms"]
-        errors = {code: n for code, n in row["codes"].items() if code != "OK"}
         lines.append(
             f"| {row['batching']} | {row[kind]:g} | {row['throughput_rps']:.1f} | "
             f"{client.get('p50', float('nan')):.1f} | {client.get('p90', float('nan')):.1f} | "
             f"{client.get('p95', float('nan')):.1f} | {client.get('p99', float('nan')):.1f} | "
             f"{server['queue'].get('p50', float('nan')):.1f} | {server['infer'].get('p50', float('nan')):.1f} | "
             f"{server['total'].get('p50', float('nan')):.1f} | {row['mean_batch_windows'] or '-'} | "
-            f"{', '.join(f'{c} {n}' for c, n in errors.items()) or '-'} | {row['load_avg_1m']} |"
+            f"{errors_cell(row['codes'])} | {row['load_avg_1m']} |"
         )
     return "\n".join(lines)
 

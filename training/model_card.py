@@ -161,6 +161,14 @@ def render_abstention_section(
             f"{_pct(row['v2']['f1'])}{v2_scope} | {_pct(row['v2']['exact'])} | {_pct(row['v2']['HasAns_f1'])} | "
             f"{_pct(row['v2']['NoAns_f1'])} | {row['command']} |"
         )
+    lines += [
+        "",
+        "`E` = `qa-build -m models/minilm-l6-squad -o E`; `E8` = the same with `--int8 --squad-json "
+        "../shared/data/squad/train-v1.1.json.gz --calib-num 100` (byte-identical to the default INT8 engine built "
+        "from the shipped `calibration.json`); every `qa-eval` with `--batch-size 16`, the datasets from "
+        "`../shared/data/squad/`. The full v1.1 dev set was not run on the CPU engines (not enough CPU time in the "
+        "session): its full-set figure is the training-time one.",
+    ]
     if comparison:
         lines += [
             "",

@@ -21,7 +21,20 @@ def _row_warps(block: int) -> int:
 
 
 @triton.jit
-def _layernorm_store(x, cols, mask, n, eps, gamma_ptr, beta_ptr, out_row_ptr):
+def embedding_sum(ids_ptr, seg_ptr, word_ptr, pos_ptr, type_ptr, row, seq, n, cols, mask):
+    """Word + position + token-type embedding of token `row` (position `row % seq`), in float32."""
+    token = tl.load(ids_ptr + row).to(tl.int64)
+    segment = tl.load(seg_ptr + row).to(tl.int64)
+    position = row % seq
+    x = tl.load(word_ptr + token * n + cols, mask=mask, other=0.0).to(tl.float32)
+    x += tl.load(pos_ptr + position * n + cols, mask=mask, other=0.0).to(tl.float32)
+    x += tl.load(type_ptr + segment * n + cols, mask=mask, other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
+def layernorm_store(x, cols, mask, n, eps, gamma_ptr, beta_ptr, out_row_ptr):
+    """LayerNorm of the float32 row `x` (n valid columns), stored in the output's dtype."""
     mean = tl.sum(x, axis=0) / n
     centred = tl.where(mask, x - mean, 0.0)
     var = tl.sum(centred * centred, axis=0) / n
@@ -39,7 +52,7 @@ def _residual_layernorm_kernel(y_ptr, bias_ptr, res_ptr, gamma_ptr, beta_ptr, ou
     y = tl.load(y_ptr + row * n + cols, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     r = tl.load(res_ptr + row * n + cols, mask=mask, other=0.0).to(tl.float32)
-    _layernorm_store(y + b + r, cols, mask, n, eps, gamma_ptr, beta_ptr, out_ptr + row * n)
+    layernorm_store(y + b + r, cols, mask, n, eps, gamma_ptr, beta_ptr, out_ptr + row * n)
 
 
 @triton.jit
@@ -60,13 +73,8 @@ def _embed_layernorm_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
-    token = tl.load(ids_ptr + row).to(tl.int64)
-    segment = tl.load(seg_ptr + row).to(tl.int64)
-    position = row % seq
-    x = tl.load(word_ptr + token * n + cols, mask=mask, other=0.0).to(tl.float32)
-    x += tl.load(pos_ptr + position * n + cols, mask=mask, other=0.0).to(tl.float32)
-    x += tl.load(type_ptr + segment * n + cols, mask=mask, other=0.0).to(tl.float32)
-    _layernorm_store(x, cols, mask, n, eps, gamma_ptr, beta_ptr, out_ptr + row * n)
+    x = embedding_sum(ids_ptr, seg_ptr, word_ptr, pos_ptr, type_ptr, row, seq, n, cols, mask)
+    layernorm_store(x, cols, mask, n, eps, gamma_ptr, beta_ptr, out_ptr + row * n)
 
 
 @triton.jit

@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from qacore.backends.torch_kernels import embedding_sum, layernorm_store
+
 ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "none": 3}
 MASKED_SCORE = tl.constexpr(-1.0e30)  # a padded key: exp() gives 0 unless every key of the row is padding
 OUT_OF_RANGE_SCORE = tl.constexpr(-3.0e38)  # a key past the sequence: never weighs anything
@@ -94,18 +96,8 @@ def _embed_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
-    token = tl.load(ids_ptr + row).to(tl.int64)
-    segment = tl.load(seg_ptr + row).to(tl.int64)
-    position = row % seq
-    x = tl.load(word_ptr + token * n + cols, mask=mask, other=0.0).to(tl.float32)
-    x += tl.load(pos_ptr + position * n + cols, mask=mask, other=0.0).to(tl.float32)
-    x += tl.load(type_ptr + segment * n + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / n
-    centred = tl.where(mask, x - mean, 0.0)
-    var = tl.sum(centred * centred, axis=0) / n
-    gamma = tl.load(gamma_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    beta = tl.load(beta_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * n + cols, centred * tl.rsqrt(var + eps) * gamma + beta, mask=mask)
+    x = embedding_sum(ids_ptr, seg_ptr, word_ptr, pos_ptr, type_ptr, row, seq, n, cols, mask)
+    layernorm_store(x, cols, mask, n, eps, gamma_ptr, beta_ptr, out_ptr + row * n)  # x0 is float32
     # Slot 0 describes x0 as already normalized: sum 0 and sum of squares n give mean 0, var 1, so the
     # consumers' LayerNorm (with unit gamma, zero beta) passes it through. Later slots collect atomics.
     pair = tl.arange(0, 2)
