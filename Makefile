@@ -64,4 +64,4 @@ format: dev
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) build qa assistant *.egg-info
+	rm -rf $(VENV) build qa assistant asr response *.egg-info

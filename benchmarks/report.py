@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import numpy as np
 
 from qacore.latency import QA_SERVER_STAGES
+
+Number = TypeVar("Number", int, float)
 
 # The QA stages an answer computed in process goes through: the server's stages without the batcher's queue.
 IN_PROCESS_STAGES = tuple(name for name in QA_SERVER_STAGES.names if name != "queue")
@@ -30,6 +34,14 @@ def percentile_summary(values: np.ndarray) -> dict[str, float]:
         "max": round(float(values.max()), 4),
         "n": int(values.size),
     }
+
+
+def number_list(text: str, kind: Callable[[str], Number] = int) -> tuple[Number, ...]:
+    """An argparse type: "1,2,4" as a tuple of `kind`; anything else is a one-line usage error."""
+    try:
+        return tuple(kind(part) for part in text.split(",") if part)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def table_head(header: str) -> list[str]:

@@ -35,7 +35,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from benchmarks.report import errors_cell, machine_description, table_head
+from benchmarks.report import errors_cell, machine_description, number_list, table_head
 from benchmarks.serve_bench import (
     DEFAULT_SQUAD,
     ServeBenchConfig,
@@ -291,10 +291,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _numbers(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(part) for part in text.split(",") if part)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    values = number_list(text)
     if not values or min(values) < 1 or max(values) > 8:
         raise argparse.ArgumentTypeError(f"expected integers in [1, 8], got {text!r}")
     return values

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.report import errors_cell, machine_description, percentile_summary, table_head
+from benchmarks.report import errors_cell, machine_description, number_list, percentile_summary, table_head
 from pipeline.client import (
     Answer,
     AnswerFailure,
@@ -487,13 +487,6 @@ def report(
     }
 
 
-def _numbers(text: str, kind: type = int) -> tuple[Any, ...]:
-    try:
-        return tuple(kind(part) for part in text.split(",") if part)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ServeBenchConfig()
     add = parser.add_argument
@@ -507,8 +500,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.mode,
         help="closed loop (concurrency) or open loop (rate)",
     )
-    add("--concurrency", type=_numbers, default=defaults.concurrency, help="closed loop levels, e.g. 1,8,32,128")
-    add("--rate", type=lambda t: _numbers(t, float), default=defaults.rates, help="open loop requests/s, e.g. 10,50")
+    add("--concurrency", type=number_list, default=defaults.concurrency, help="closed loop levels, e.g. 1,8,32,128")
+    add("--rate", type=lambda t: number_list(t, float), default=defaults.rates, help="open loop requests/s, e.g. 10,50")
     add("--arrivals", choices=("constant", "poisson"), default=defaults.arrivals, help="open loop arrival process")
     add("--api", choices=("unary", "stream"), default=defaults.api, help="unary Answer calls or AnswerStream")
     add("--streams", type=int, default=defaults.streams, help="open loop over streams: number of streams")

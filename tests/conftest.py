@@ -52,6 +52,15 @@ def ort_fp32_engine_dir(shipped_model_dir: Path, tmp_path_factory: pytest.TempPa
 
 
 @pytest.fixture(scope="session")
+def torch_fp32_engine_dir(shipped_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped model as a PyTorch fp32 engine (runs on CPU too, without CUDA graphs)."""
+    from builder.build import BuildConfig, build_engine
+
+    out = tmp_path_factory.mktemp("torch-fp32") / "engine"
+    return build_engine(BuildConfig(checkpoint=shipped_model_dir, output=out, backend="torch"))
+
+
+@pytest.fixture(scope="session")
 def engine_dir(ort_fp32_engine_dir: Path) -> Path:
     """The engine tests answer with unless they need a particular one: the CPU fp32 engine."""
     return ort_fp32_engine_dir

@@ -52,9 +52,17 @@ def build(onnx: Path, out: Path, cache: Path, profiles: tuple[ProfileShape, ...]
     return details
 
 
+@pytest.fixture(scope="module")
+def first_plan(fp16_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    """One plan of PROFILES built with an empty cache, shared by the tests below (a build takes seconds):
+    its output folder, its cache folder and the build details."""
+    root = tmp_path_factory.mktemp("plan")
+    return root / "a", root / "cache", build(fp16_onnx, root / "a", root / "cache")
+
+
 @needs_builder
-def test_fp16_plan_has_the_engine_inputs_outputs_and_one_profile_per_pair(fp16_onnx: Path, tmp_path: Path) -> None:
-    details = build(fp16_onnx, tmp_path / "a", tmp_path / "cache")
+def test_fp16_plan_has_the_engine_inputs_outputs_and_one_profile_per_pair(first_plan: tuple[Path, Path, dict]) -> None:
+    out, _, details = first_plan
     tensors = {t["name"]: t for t in details["tensors"]}
     for name in ("input_ids", "segment_ids", "input_mask"):
         assert tensors[name]["is_input"] and tensors[name]["dtype"] == "INT32" and tensors[name]["shape"] == (-1, -1)
@@ -64,7 +72,7 @@ def test_fp16_plan_has_the_engine_inputs_outputs_and_one_profile_per_pair(fp16_o
         ([1, 1], [1, 128], [1, 128]),
         ([1, 1], [8, 384], [8, 384]),
     ]
-    plan = (tmp_path / "a" / PLAN_FILE).read_bytes()
+    plan = (out / PLAN_FILE).read_bytes()
     assert len(plan) == details["plan_bytes"] and plan_library(plan) == details["library"] == "tensorrt_rtx"
     # fp16 weights: the 22.6M-parameter model takes about 45 MB, not the 90 MB of float32.
     assert 40e6 < len(plan) < 80e6
@@ -74,13 +82,14 @@ def test_fp16_plan_has_the_engine_inputs_outputs_and_one_profile_per_pair(fp16_o
 
 
 @needs_builder
-def test_plan_cache_is_keyed_by_onnx_and_profiles(fp16_onnx: Path, tmp_path: Path) -> None:
-    cache = tmp_path / "cache"
-    first = build(fp16_onnx, tmp_path / "a", cache)
+def test_plan_cache_is_keyed_by_onnx_and_profiles(
+    fp16_onnx: Path, first_plan: tuple[Path, Path, dict], tmp_path: Path
+) -> None:
+    first_out, cache, first = first_plan
     began = time.perf_counter()
     again = build(fp16_onnx, tmp_path / "b", cache)
     assert again["cached"] and again["cache_key"] == first["cache_key"] and time.perf_counter() - began < 2
-    assert (tmp_path / "a" / PLAN_FILE).read_bytes() == (tmp_path / "b" / PLAN_FILE).read_bytes()
+    assert (first_out / PLAN_FILE).read_bytes() == (tmp_path / "b" / PLAN_FILE).read_bytes()
     other = build(fp16_onnx, tmp_path / "c", cache, (ProfileShape(1, 128),))
     assert not other["cached"] and other["cache_key"] != first["cache_key"]
 

@@ -33,18 +33,6 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 @pytest.fixture(scope="module")
-def ort_engine_dir(shipped_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("ort") / "engine"
-    return build_engine(BuildConfig(checkpoint=shipped_model_dir, output=out, backend="onnxruntime"))
-
-
-@pytest.fixture(scope="module")
-def torch_engine_dir(shipped_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("torch32") / "engine"
-    return build_engine(BuildConfig(checkpoint=shipped_model_dir, output=out, backend="torch"))
-
-
-@pytest.fixture(scope="module")
 def real_batches(shipped_model_dir: Path, squad_dir: Path) -> list[EngineInputs]:
     """Windows of real SQuAD dev questions, in batches of 1, 3 and 8 rows padded to their longest."""
     dataset = read_dataset(squad_dir / "dev-v1.1.json.gz")
@@ -77,9 +65,9 @@ def assert_logits_close(engine: Engine, reference: Engine, batches: list[EngineI
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "training-network"])
 def test_cpu_fp32_engine_matches_onnxruntime(
-    torch_engine_dir: Path, ort_engine_dir: Path, real_batches: list[EngineInputs], fused: bool
+    torch_fp32_engine_dir: Path, ort_fp32_engine_dir: Path, real_batches: list[EngineInputs], fused: bool
 ) -> None:
-    with cpu_engine(torch_engine_dir, fused) as engine, load_engine(ort_engine_dir) as ort:
+    with cpu_engine(torch_fp32_engine_dir, fused) as engine, load_engine(ort_fp32_engine_dir) as ort:
         assert_logits_close(engine, ort, real_batches, atol=2e-3)
 
 
@@ -111,9 +99,9 @@ def test_buckets_pad_at_most_to_the_next_power_of_two_and_multiple_of_64() -> No
     assert sequence_buckets((100,)) == (64, 100)
 
 
-def test_engine_refuses_what_it_cannot_run(torch_engine_dir: Path) -> None:
-    meta = EngineMeta.read(torch_engine_dir)
-    weights = load_weights(torch_engine_dir / meta.engine_file)
+def test_engine_refuses_what_it_cannot_run(torch_fp32_engine_dir: Path) -> None:
+    meta = EngineMeta.read(torch_fp32_engine_dir)
+    weights = load_weights(torch_fp32_engine_dir / meta.engine_file)
     with pytest.raises(EngineError, match="fp32 only"):
         TorchCudaEngine(meta, weights, TorchEngineConfig(device="cpu", cuda_graphs=False, precision="fp16"))
     with pytest.raises(EngineError, match="CUDA graphs need a CUDA device"):
@@ -122,7 +110,7 @@ def test_engine_refuses_what_it_cannot_run(torch_engine_dir: Path) -> None:
         TorchCudaEngine(
             meta, {k: v for k, v in weights.items() if "layer.0." not in k}, TorchEngineConfig("cpu", cuda_graphs=False)
         )
-    engine = cpu_engine(torch_engine_dir)
+    engine = cpu_engine(torch_fp32_engine_dir)
     too_long = np.ones((1, meta.max_seq_length + 1), np.int32)
     with pytest.raises(EngineError, match="exceeds"):
         engine.infer(EngineInputs(too_long, too_long, too_long))
@@ -143,11 +131,11 @@ def fp16_engine_dir(shipped_model_dir: Path, tmp_path_factory: pytest.TempPathFa
 @pytest.mark.gpu
 @needs_cuda
 def test_gpu_fp16_graphs_match_onnxruntime(
-    fp16_engine_dir: Path, ort_engine_dir: Path, real_batches: list[EngineInputs]
+    fp16_engine_dir: Path, ort_fp32_engine_dir: Path, real_batches: list[EngineInputs]
 ) -> None:
     with (
         load_engine(fp16_engine_dir, EngineOptions(use_cuda_graphs=True)) as engine,
-        load_engine(ort_engine_dir) as ort,
+        load_engine(ort_fp32_engine_dir) as ort,
     ):
         assert isinstance(engine, TorchCudaEngine) and engine.precision == "fp16"
         assert_logits_close(engine, ort, real_batches, atol=0.05)
@@ -176,7 +164,7 @@ def test_gpu_padding_to_buckets_does_not_change_a_row(fp16_engine_dir: Path, rea
 @pytest.mark.gpu
 @pytest.mark.slow
 @needs_cuda
-def test_gpu_squad_f1_equals_onnxruntime_f1(fp16_engine_dir: Path, ort_engine_dir: Path, squad_dir: Path) -> None:
+def test_gpu_squad_f1_equals_onnxruntime_f1(fp16_engine_dir: Path, ort_fp32_engine_dir: Path, squad_dir: Path) -> None:
     """SQuAD v1.1 dev F1 through the fp16 CUDA-graph engine equals the CPU engine's within 0.1.
 
     QA_F1_LIMIT=N scores the first N questions only (quick local runs); the claim needs the full set.
@@ -192,7 +180,7 @@ def test_gpu_squad_f1_equals_onnxruntime_f1(fp16_engine_dir: Path, ort_engine_di
     scores, seconds = {}, {}
     for name, engine_dir, options in (
         ("torch", fp16_engine_dir, EngineOptions(use_cuda_graphs=True)),
-        ("onnxruntime", ort_engine_dir, EngineOptions()),
+        ("onnxruntime", ort_fp32_engine_dir, EngineOptions()),
     ):
         engine = load_engine(engine_dir, options)
         with QuestionAnswerer(engine, featurizer_for_engine(engine, engine_dir, None)) as answerer:

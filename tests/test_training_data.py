@@ -145,12 +145,12 @@ def test_cpu_training_steps_reduce_the_loss(shipped_model_dir: Path, featurizer:
     from qacore.backends.torch_network import BertForQA
     from training.finetune import TRAIN_LOG, StudentQA, train
 
-    arrays, _ = train_windows(train_subset.head(16).articles, featurizer)
+    arrays, _ = train_windows(train_subset.head(4).articles, featurizer)  # one small batch: seconds, not a minute
     checkpoint = load_checkpoint(shipped_model_dir, init_qa_head_seed=0)
     net = BertForQA(checkpoint.config, dropout=0.0)
     net.load_weights(checkpoint.weights)
     config = TrainConfig(
-        name="cpu-test", epochs=6, batch_size=16, learning_rate=1e-4, warmup_ratio=0.0, dropout=0.0,
+        name="cpu-test", epochs=6, batch_size=4, learning_rate=1e-4, warmup_ratio=0.0, dropout=0.0,
         bf16=False, group_by_length=False, log_every=1,
     )  # fmt: skip
     summary = train(StudentQA(net), config, arrays, None, tmp_path, torch.device("cpu"), save_checkpoints=False)
