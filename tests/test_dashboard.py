@@ -7,13 +7,13 @@ import asyncio
 import json
 import math
 import random
-from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from waiting import wait_until
 
 from pipeline.board import TURN, BoardConfig, LatencyBoard, board_stage_names, percentile
 from pipeline.dashboard import DashboardConfig, start_dashboard
@@ -46,13 +46,6 @@ def metric_values(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], fl
         for sample in family.samples:
             values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return values
-
-
-async def wait_until(predicate: Callable[[], bool], what: str) -> None:
-    async with asyncio.timeout(WAIT_S):
-        while not predicate():
-            await asyncio.sleep(0.01)
-    assert predicate(), what
 
 
 def test_percentile_matches_numpy() -> None:
@@ -202,7 +195,7 @@ async def test_events_push_snapshots_and_drop_gone_clients() -> None:
                 assert response.headers["Content-Type"].startswith("text/event-stream")
                 first = await read_event(response)
                 assert first["turns"]["total"] == 0
-                await wait_until(lambda: server.clients == 1, "stream registered")
+                await wait_until(lambda: server.clients == 1, WAIT_S, "stream registered")
                 for index in range(5):
                     board.record(synthetic_turn(index, 2.0, 3.0, 1.0))
                 seen = first
@@ -210,7 +203,7 @@ async def test_events_push_snapshots_and_drop_gone_clients() -> None:
                     while seen["turns"]["total"] < 5:  # pushes are throttled: several turns per event
                         seen = await read_event(response)
                 assert seen["recent"][-1]["turn"] == 4
-            await wait_until(lambda: server.clients == 0, "closed stream dropped")
+            await wait_until(lambda: server.clients == 0, WAIT_S, "closed stream dropped")
             board.record(synthetic_turn(9, 2.0, 3.0, 1.0))  # a push with no clients is fine
     finally:
         await server.stop()
@@ -223,7 +216,7 @@ async def test_event_stream_limit_and_stalled_clients() -> None:
     try:
         async with aiohttp.ClientSession() as http, http.get(server.url + "api/events") as response:
             await read_event(response)
-            await wait_until(lambda: server.clients == 1, "stream registered")
+            await wait_until(lambda: server.clients == 1, WAIT_S, "stream registered")
             async with http.get(server.url + "api/events") as second:
                 assert second.status == 503
             # This client stops reading; large snapshots fill the socket, then its queue: dropped.
@@ -233,7 +226,7 @@ async def test_event_stream_limit_and_stalled_clients() -> None:
                     await asyncio.sleep(0.005)
                 if server.clients == 0:
                     break
-            await wait_until(lambda: server.clients == 0, "stalled stream dropped")
+            await wait_until(lambda: server.clients == 0, WAIT_S, "stalled stream dropped")
     finally:
         await server.stop()
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
+from waiting import wait_until
 
 from qa.v1 import qa_pb2, qa_pb2_grpc
 from qacore.answerer import QuestionAnswerer
@@ -37,12 +38,6 @@ BIG_PASSAGE = " ".join(
 STREAM_LIMIT = 4  # questions the flooding stream may have in flight
 ROUNDS = 5
 SMALL_PER_PHASE = 8
-
-
-async def wait_until(condition: Callable[[], bool], timeout_s: float = 60) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not condition():
-            await asyncio.sleep(0.002)
 
 
 @pytest.fixture(scope="module")

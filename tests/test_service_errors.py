@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
+from waiting import wait_until
 
 from pipeline.client import (
     Answer,
@@ -58,13 +59,6 @@ def batcher_of(server: QAServer) -> Batcher:
 
 async def wait_idle(batcher: Batcher) -> None:
     await wait_until(lambda: batcher.depth == 0 and batcher.busy_contexts == 0, 10)
-
-
-async def wait_until(condition: Callable[[], bool], timeout_s: float = 30) -> None:
-    """Poll an observable condition until it holds; fail after `timeout_s`."""
-    async with asyncio.timeout(timeout_s):
-        while not condition():
-            await asyncio.sleep(0.001)
 
 
 async def status_of_call(client: QAClient, question: Question) -> tuple[grpc.StatusCode, str]:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from waiting import wait_until
 
 from pipeline.client import ClientConfig, QAClient, QAClientError, RetryPolicy
 from services.config import EngineSpec, ServerConfig
@@ -19,13 +19,6 @@ from services.server import QAServer, model_health_name
 PASSAGE = "The Normans gave their name to Normandy, a region in France. Their leader was Rollo."
 SERVICE = "qa.v1.QuestionAnswering"
 NO_RETRY = ClientConfig(retry=RetryPolicy(max_attempts=1))
-
-
-async def wait_until(condition: Callable[[], bool], timeout_s: float = 30) -> None:
-    """Poll an observable condition until it holds; fail after `timeout_s`."""
-    async with asyncio.timeout(timeout_s):
-        while not condition():
-            await asyncio.sleep(0.002)
 
 
 def config_for(engine_dir: Path, **changes: object) -> ServerConfig:

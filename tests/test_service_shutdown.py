@@ -7,11 +7,11 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
 import pytest
+from waiting import wait_until
 
 from pipeline.client import Answer, ClientConfig, QAClient, QAClientError, Question, RetryPolicy
 from services.config import EngineSpec, ServerConfig
@@ -71,13 +71,6 @@ class ServerProcess:
     def kill(self) -> None:
         if self.process.returncode is None:
             self.process.kill()
-
-
-async def wait_until(condition: Callable[[], bool], timeout_s: float) -> None:
-    """Poll an observable condition until it holds; fail after `timeout_s`."""
-    async with asyncio.timeout(timeout_s):
-        while not condition():
-            await asyncio.sleep(0.005)
 
 
 @pytest.mark.slow
