@@ -7,6 +7,7 @@ WORKDIR /app
 COPY pyproject.toml setup.py README.md ./
 COPY scripts ./scripts
 COPY proto ./proto
+COPY realtime_qa/__init__.py ./realtime_qa/__init__.py
 COPY qacore ./qacore
 COPY builder ./builder
 COPY services ./services

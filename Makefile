@@ -61,6 +61,7 @@ lint: dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
+	$(BIN)/python -c 'import sys, realtime_qa; from importlinter.cli import lint_imports; sys.exit(lint_imports())'
 
 format: dev
 	$(BIN)/ruff format .

@@ -14,15 +14,30 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from qacore.cli_args import OneLineParser
+from realtime_qa.qacore.cli_args import OneLineParser
 
 # subcommand -> (module, one-line description)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("benchmarks.serve_bench", "load-test the gRPC service: closed/open loop, unary/stream, batching on/off"),
-    "cpu": ("benchmarks.cpu_latency", "one question on the example passage: CPU engines vs transformers + PyTorch"),
-    "engine": ("benchmarks.engine_bench", "engine latency and throughput per batch size and sequence length (GPU)"),
-    "pipeline": ("benchmarks.pipeline_bench", "the conversational chain per stage, one process and split, vs QA alone"),
-    "scale": ("benchmarks.scale_bench", "answers/s through nginx for 1-3 replicas and qa-serve --workers 1, 2"),
+    "serve": (
+        "realtime_qa.benchmarks.serve_bench",
+        "load-test the gRPC service: closed/open loop, unary/stream, batching on/off",
+    ),
+    "cpu": (
+        "realtime_qa.benchmarks.cpu_latency",
+        "one question on the example passage: CPU engines vs transformers + PyTorch",
+    ),
+    "engine": (
+        "realtime_qa.benchmarks.engine_bench",
+        "engine latency and throughput per batch size and sequence length (GPU)",
+    ),
+    "pipeline": (
+        "realtime_qa.benchmarks.pipeline_bench",
+        "the conversational chain per stage, one process and split, vs QA alone",
+    ),
+    "scale": (
+        "realtime_qa.benchmarks.scale_bench",
+        "answers/s through nginx for 1-3 replicas and qa-serve --workers 1, 2",
+    ),
 }
 
 

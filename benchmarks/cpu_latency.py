@@ -24,14 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from benchmarks.report import IN_PROCESS_STAGES, machine_description, percentile_summary
-from qacore.answerer import AnswerResult, QuestionAnswerer
-from qacore.decoding import decode
-from qacore.engine import EngineOutputs
-from qacore.errors import QAError
-from qacore.features import EngineInputs
-from qacore.latency import LatencyTracker
+from realtime_qa.benchmarks.report import IN_PROCESS_STAGES, machine_description, percentile_summary
+from realtime_qa.qacore.answerer import AnswerResult, QuestionAnswerer
+from realtime_qa.qacore.decoding import decode
+from realtime_qa.qacore.engine import EngineOutputs
+from realtime_qa.qacore.errors import QAError
+from realtime_qa.qacore.features import EngineInputs
+from realtime_qa.qacore.latency import LatencyTracker
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SQUAD = REPO.parent / "shared" / "data" / "squad" / "dev-v1.1.json.gz"
@@ -113,9 +112,9 @@ ENGINES = {"onnxruntime-int8 (default)": "int8", "onnxruntime-fp32 (previous def
 
 def build_cpu_engines(config: CpuBenchConfig, scratch: Path) -> dict[str, Path]:
     """The default engines of `config.model_dir`, built as `qa-build --default --precision P` builds them."""
-    from builder.build import build_engine
-    from builder.defaults import default_build_config
-    from qacore.default_engine import DefaultEngineSpec
+    from realtime_qa.builder.build import build_engine
+    from realtime_qa.builder.defaults import default_build_config
+    from realtime_qa.qacore.default_engine import DefaultEngineSpec
 
     engines = {}
     for name, precision in ENGINES.items():
@@ -127,7 +126,7 @@ def build_cpu_engines(config: CpuBenchConfig, scratch: Path) -> dict[str, Path]:
 
 def open_as_assistant(engine_dir: Path, config: CpuBenchConfig) -> QuestionAnswerer:
     """The answerer `qa-assistant -e DIR -p PASSAGE -q QUESTION --threads N` opens."""
-    from pipeline.assistant_cli import open_answerer, parse_config
+    from realtime_qa.pipeline.assistant_cli import open_answerer, parse_config
 
     argv = ["-e", str(engine_dir), "-p", config.passage, "-q", config.question, "--threads", str(config.threads)]
     return open_answerer(parse_config(argv))
@@ -210,7 +209,7 @@ def print_table(report: dict[str, object]) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from pipeline.assistant_cli import DEMO_PASSAGE, DEMO_QUESTIONS
+    from realtime_qa.pipeline.assistant_cli import DEMO_PASSAGE, DEMO_QUESTIONS
 
     parser.add_argument("--model-dir", type=Path, default=REPO / "models" / "minilm-l6-squad")
     parser.add_argument("--question", default=DEMO_QUESTIONS[0])

@@ -36,11 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from benchmarks.report import IN_PROCESS_STAGES
-from qacore.config import ModelConfig
-from qacore.engine import Engine, EngineMeta, EngineOutputs
-from qacore.features import EngineInputs
+from realtime_qa.benchmarks.report import IN_PROCESS_STAGES
+from realtime_qa.qacore.config import ModelConfig
+from realtime_qa.qacore.engine import Engine, EngineMeta, EngineOutputs
+from realtime_qa.qacore.features import EngineInputs
 
 log = logging.getLogger(__name__)
 
@@ -169,9 +168,8 @@ class BenchModel:
 def load_bench_model(name: str, config: BenchConfig) -> BenchModel:
     """The named model: real weights for "shipped", seeded random weights for the BERT shapes."""
     import torch
+    from realtime_qa.builder.checkpoint import canonical_names, load_checkpoint
     from transformers import BertConfig, BertForQuestionAnswering
-
-    from builder.checkpoint import canonical_names, load_checkpoint
 
     if name == "shipped":
         checkpoint = load_checkpoint(config.shipped_model, init_qa_head_seed=0)
@@ -208,7 +206,7 @@ def bench_meta(model: BenchModel, config: BenchConfig) -> EngineMeta:
 
 
 def make_engine(model: BenchModel, config: BenchConfig, variant: str) -> Any:
-    from qacore.backends.torch_cuda import TorchCudaEngine, TorchEngineConfig
+    from realtime_qa.qacore.backends.torch_cuda import TorchCudaEngine, TorchEngineConfig
 
     engine_config = TorchEngineConfig(
         device="cuda:0",
@@ -309,7 +307,7 @@ BLOCK_SWEEP = (
 
 def block_sweep(model: BenchModel, config: BenchConfig, batch: int, seq: int, rng: np.random.Generator) -> list[Any]:
     """The layer variant at one shape with each tile-size set of BLOCK_SWEEP (a fresh engine each)."""
-    from qacore.backends import torch_layer_kernels
+    from realtime_qa.qacore.backends import torch_layer_kernels
 
     inputs = random_inputs(batch, seq, model.config.vocab_size, rng)
     stream = __import__("torch").cuda.Stream()
@@ -390,10 +388,10 @@ class LogitsOnly(Engine):
 
 def bench_e2e(model: BenchModel, config: BenchConfig) -> list[E2ETiming]:
     """One question at a time through QuestionAnswerer: tokenize + infer + decode, per engine."""
-    from qacore.answerer import QuestionAnswerer
-    from qacore.features import Featurizer
-    from qacore.squad import read_dataset
-    from qacore.tokenization import load_tokenizer
+    from realtime_qa.qacore.answerer import QuestionAnswerer
+    from realtime_qa.qacore.features import Featurizer
+    from realtime_qa.qacore.squad import read_dataset
+    from realtime_qa.qacore.tokenization import load_tokenizer
 
     assert config.e2e_squad is not None
     dataset = read_dataset(config.e2e_squad)

@@ -5,7 +5,7 @@ client sends 1.5 KB requests (about one question with an inline SQuAD passage) o
 channel, in the same closed loop as the service benchmark. What the service adds is its latency above
 this row's, at the same concurrency, in the same run. No protobuf: requests and replies are raw bytes.
 
-    python -m benchmarks.grpc_echo serve            # prints "listening on 127.0.0.1:PORT"
+    python -m realtime_qa.benchmarks.grpc_echo serve            # prints "listening on 127.0.0.1:PORT"
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from benchmarks.report import percentile_summary
+from realtime_qa.benchmarks.report import percentile_summary
 
 SERVICE = "echo.v1.Echo"
 METHOD = f"/{SERVICE}/Call"
@@ -105,7 +104,7 @@ async def closed_loop(target: str, concurrency: int, duration_s: float, warmup_s
 async def measure(concurrency: Sequence[int], duration_s: float, warmup_s: float) -> list[dict[str, Any]]:
     """Start an echo server process, run every concurrency level against it, stop it."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "benchmarks.grpc_echo", "serve", cwd=REPO, stderr=asyncio.subprocess.PIPE
+        sys.executable, "-m", "realtime_qa.benchmarks.grpc_echo", "serve", cwd=REPO, stderr=asyncio.subprocess.PIPE
     )
     try:
         assert process.stderr is not None
@@ -142,7 +141,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.grpc_echo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m realtime_qa.benchmarks.grpc_echo", description=__doc__.splitlines()[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     serve_parser = sub.add_parser("serve", help="run the echo server")
     serve_parser.add_argument("--host", default="127.0.0.1")
@@ -158,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         levels = [int(level) for level in args.concurrency.split(",") if level]
     except ValueError:
-        print(f"python -m benchmarks.grpc_echo: bad --concurrency {args.concurrency!r}", file=sys.stderr)
+        print(f"python -m realtime_qa.benchmarks.grpc_echo: bad --concurrency {args.concurrency!r}", file=sys.stderr)
         return 2
     print(markdown_table(asyncio.run(measure(levels, args.duration_s, args.warmup_s))))
     return 0

@@ -32,10 +32,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from benchmarks.report import machine_description, percentile_summary
-from pipeline.board import BoardConfig, LatencyBoard, board_stage_names
-from qacore.latency import LANGUAGE_MODEL_BUDGET_NS, QA_SERVER_STAGES, Budgets, TurnRecorder, TurnReport, parse_budgets
+from realtime_qa.benchmarks.report import machine_description, percentile_summary
+from realtime_qa.pipeline.board import BoardConfig, LatencyBoard, board_stage_names
+from realtime_qa.qacore.latency import (
+    LANGUAGE_MODEL_BUDGET_NS,
+    QA_SERVER_STAGES,
+    Budgets,
+    TurnRecorder,
+    TurnReport,
+    parse_budgets,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SQUAD = REPO.parent / "shared" / "data" / "squad" / "dev-v1.1.json.gz"
@@ -69,7 +75,7 @@ Script = list[tuple[str, list[str]]]  # (passage, its questions): one session ea
 
 
 def load_script(path: Path, paragraphs: int, questions: int) -> Script:
-    from qacore.squad import read_dataset
+    from realtime_qa.qacore.squad import read_dataset
 
     script: Script = []
     for article in read_dataset(path).articles:
@@ -117,7 +123,7 @@ async def converse(
     """
     import grpc
 
-    from assistant.v1 import assistant_pb2, assistant_pb2_grpc
+    from realtime_qa.assistant.v1 import assistant_pb2, assistant_pb2_grpc
 
     reported: asyncio.Queue[None] = asyncio.Queue()
     sent_ns: list[int] = []
@@ -165,8 +171,8 @@ def baseline_call(client: Any, collector: ReportCollector, budgets: Budgets) -> 
 async def measure(config: PipelineBenchConfig, mode: str, engine: Path, script: Script) -> dict[str, Any]:
     """The chain in `mode`, each turn preceded by its baseline: the same question straight to the chain's
     own QA server (a `QAServer`, as `qa-serve` runs it), so both see the same engine at the same moment."""
-    from pipeline.client import QAClient
-    from pipeline.launcher import ChainConfig, start_chain
+    from realtime_qa.pipeline.client import QAClient
+    from realtime_qa.pipeline.launcher import ChainConfig, start_chain
 
     turns = len(script) * config.questions * config.rounds
     chain_reports = ReportCollector(config.budgets, window=turns)
@@ -311,7 +317,7 @@ async def run(config: PipelineBenchConfig, engine: Path, script: Script) -> dict
 def report(
     config: PipelineBenchConfig, engine: Path, script: Script, modes: dict[str, Any], argv: Sequence[str]
 ) -> dict[str, Any]:
-    from qacore.engine import EngineMeta
+    from realtime_qa.qacore.engine import EngineMeta
 
     try:
         meta = EngineMeta.read(engine)
@@ -422,7 +428,7 @@ def run_from_args(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print(f"qa-bench pipeline: not an engine directory (no meta.json): {config.engine}", file=sys.stderr)
         return 2
     if config.engine is None:
-        from qacore.default_engine import resolve_default_engine
+        from realtime_qa.qacore.default_engine import resolve_default_engine
 
         engine = resolve_default_engine()
     else:

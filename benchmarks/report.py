@@ -9,8 +9,7 @@ from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 import numpy as np
-
-from qacore.latency import QA_SERVER_STAGES
+from realtime_qa.qacore.latency import QA_SERVER_STAGES
 
 Number = TypeVar("Number", int, float)
 

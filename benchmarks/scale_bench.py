@@ -35,8 +35,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from benchmarks.report import errors_cell, machine_description, number_list, table_head
-from benchmarks.serve_bench import (
+from realtime_qa.benchmarks.report import errors_cell, machine_description, number_list, table_head
+from realtime_qa.benchmarks.serve_bench import (
     DEFAULT_SQUAD,
     ServeBenchConfig,
     StartedServer,
@@ -45,7 +45,7 @@ from benchmarks.serve_bench import (
     sender,
     summarize,
 )
-from pipeline.client import ClientConfig, QAClient, QAClientError, Question, RetryPolicy
+from realtime_qa.pipeline.client import ClientConfig, QAClient, QAClientError, Question, RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ async def run(config: ScaleBenchConfig) -> list[dict[str, Any]]:
     pairs = load_questions(config.squad, config.questions)
     engine = config.engine
     if engine is None:
-        from builder.defaults import ensure_default_engine
+        from realtime_qa.builder.defaults import ensure_default_engine
 
         engine = await asyncio.to_thread(ensure_default_engine)
     common = ["--engine", str(engine), "--max-batch-size", "1", "--intra-op-threads", str(config.intra_op_threads)]

@@ -38,9 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from benchmarks.report import errors_cell, machine_description, number_list, percentile_summary, table_head
-from pipeline.client import (
+from realtime_qa.benchmarks.report import errors_cell, machine_description, number_list, percentile_summary, table_head
+from realtime_qa.pipeline.client import (
     Answer,
     AnswerFailure,
     ClientConfig,
@@ -50,7 +49,7 @@ from pipeline.client import (
     Question,
     RetryPolicy,
 )
-from qacore.latency import STAGES, StageTimings
+from realtime_qa.qacore.latency import STAGES, StageTimings
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +117,7 @@ class Samples:
 
 
 def load_questions(path: Path, limit: int) -> list[tuple[str, str]]:
-    from qacore.squad import read_dataset
+    from realtime_qa.qacore.squad import read_dataset
 
     dataset = read_dataset(path)
     pairs = [(question.question, paragraph.context) for paragraph, question in dataset.questions(limit=limit)]
@@ -141,7 +140,7 @@ class StartedServer:
     @classmethod
     async def start(cls, args: Sequence[str], timeout_s: float = 600.0) -> StartedServer:
         script = Path(sys.executable).parent / "qa-serve"
-        base = [str(script)] if script.is_file() else [sys.executable, "-m", "services.cli"]
+        base = [str(script)] if script.is_file() else [sys.executable, "-m", "realtime_qa.services.cli"]
         command = [*base, "--port", "0", "--metrics-port", "0", *args]
         process = await asyncio.create_subprocess_exec(
             *command, cwd=REPO, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
@@ -413,8 +412,8 @@ def measure_cpu_offload(engine_dir: Path, pairs: list[tuple[str, str]]) -> dict[
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from qacore.answerer import QuestionAnswerer
-    from qacore.decoding import decode
+    from realtime_qa.qacore.answerer import QuestionAnswerer
+    from realtime_qa.qacore.decoding import decode
 
     with QuestionAnswerer.from_engine_dir(engine_dir) as answerer:
         featurizer = answerer.featurizer
@@ -550,13 +549,13 @@ def run_from_args(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return 2
     offload = None
     if config.target is None:  # measured first: it is quick, and the engine is local
-        from builder.defaults import ensure_default_engine
+        from realtime_qa.builder.defaults import ensure_default_engine
 
         pairs = load_questions(config.squad, min(config.questions, 500))
         offload = measure_cpu_offload(config.engine or ensure_default_engine(), pairs)
     echo_rows = None
     if args.echo_floor:  # the transport floor, same run, same levels (benchmarks.grpc_echo)
-        from benchmarks import grpc_echo
+        from realtime_qa.benchmarks import grpc_echo
 
         echo_rows = asyncio.run(grpc_echo.measure(config.concurrency, config.duration_s, config.warmup_s))
     rows = asyncio.run(run(config))

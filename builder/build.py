@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from builder.build_config import (
+from realtime_qa.builder.build_config import (
     BACKENDS,
     DEFAULT_BATCH_SIZES,
     DEFAULT_CALIB_NUM,
@@ -28,11 +28,11 @@ from builder.build_config import (
     BackendBuild,
     BuildConfig,
 )
-from builder.checkpoint import load_checkpoint
-from builder.engine_dir import stage_engine_dir, write_engine_dir
-from builder.model_weights import Checkpoint
-from builder.onnx_graph import GraphOptions, save_graph
-from qacore.errors import InvalidInputError
+from realtime_qa.builder.checkpoint import load_checkpoint
+from realtime_qa.builder.engine_dir import stage_engine_dir, write_engine_dir
+from realtime_qa.builder.model_weights import Checkpoint
+from realtime_qa.builder.onnx_graph import GraphOptions, save_graph
+from realtime_qa.qacore.errors import InvalidInputError
 
 __all__ = [
     "BACKENDS",
@@ -81,16 +81,16 @@ def build_from_onnx(checkpoint: Checkpoint, staging: Path, scratch: Path, config
     fp16_graph = config.backend == "tensorrt" and config.fp16 and not config.int8
     save_graph(checkpoint, onnx_path, GraphOptions(fp16=fp16_graph))
     if config.backend == "onnxruntime":
-        from builder.onnxruntime_build import build_onnxruntime_engine
+        from realtime_qa.builder.onnxruntime_build import build_onnxruntime_engine
 
         return build_onnxruntime_engine(onnx_path, staging, config, checkpoint)
     if config.int8:
         # TensorRT builds INT8 from explicit quantization: a QDQ graph calibrated like the CPU one,
         # with symmetric activations (zero point 0) as TensorRT requires.
-        from builder.onnxruntime_build import quantize_qdq_for_tensorrt
+        from realtime_qa.builder.onnxruntime_build import quantize_qdq_for_tensorrt
 
         onnx_path = quantize_qdq_for_tensorrt(onnx_path, scratch, config, checkpoint)
-    from builder.tensorrt_build import build_tensorrt_engine
+    from realtime_qa.builder.tensorrt_build import build_tensorrt_engine
 
     return build_tensorrt_engine(onnx_path, staging, config)
 

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qacore.errors import InvalidInputError
+from realtime_qa.qacore.errors import InvalidInputError
 
 BACKENDS = ("onnxruntime", "tensorrt", "torch")
 DEFAULT_BATCH_SIZES = (1, 8, 32)

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
-
-from qacore.features import EngineInputs, Featurizer, featurizer_config_for
-from qacore.squad import read_dataset
-from qacore.tokenization import load_tokenizer
+from realtime_qa.qacore.features import EngineInputs, Featurizer, featurizer_config_for
+from realtime_qa.qacore.squad import read_dataset
+from realtime_qa.qacore.tokenization import load_tokenizer
 
 
 def calibration_batches(

@@ -24,11 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from builder.model_weights import QA_HEAD, Checkpoint, expected_shapes
-from qacore.config import ModelConfig
-from qacore.errors import CheckpointError
-from qacore.tokenization import TOKENIZER_JSON, VOCAB_TXT
+from realtime_qa.builder.model_weights import QA_HEAD, Checkpoint, expected_shapes
+from realtime_qa.qacore.config import ModelConfig
+from realtime_qa.qacore.errors import CheckpointError
+from realtime_qa.qacore.tokenization import TOKENIZER_JSON, VOCAB_TXT
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +74,7 @@ def load_checkpoint(
     files = locate_checkpoint(Path(path), config_dir)
     log.info("reading %s checkpoint %s", files.kind, path)
     if files.kind == "onnx":
-        from builder.onnx_graph import read_onnx_weights
+        from realtime_qa.builder.onnx_graph import read_onnx_weights
 
         embedded_config, raw = read_onnx_weights(files.weight_files[0])
         config = ModelConfig.from_file(files.config_file) if files.config_file else embedded_config
@@ -177,7 +176,7 @@ def checkpoint_step(index_file: Path) -> int:
 
 
 def tensorflow_files(prefix: Path, config_dir: Path | None) -> CheckpointFiles:
-    from builder.tf_checkpoint import data_files
+    from realtime_qa.builder.tf_checkpoint import data_files
 
     model_dir = prefix.parent
     index = prefix.parent / (prefix.name + ".index")
@@ -315,7 +314,7 @@ def read_pytorch(files: CheckpointFiles) -> dict[str, np.ndarray]:
 
 
 def read_tensorflow(files: CheckpointFiles) -> dict[str, np.ndarray]:
-    from builder.tf_checkpoint import read_tf_checkpoint
+    from realtime_qa.builder.tf_checkpoint import read_tf_checkpoint
 
     assert files.tf_prefix is not None
     return read_tf_checkpoint(files.tf_prefix)

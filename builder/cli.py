@@ -18,16 +18,16 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from builder.build_config import (
+from realtime_qa.builder.build_config import (
     BACKENDS,
     DEFAULT_BATCH_SIZES,
     DEFAULT_CALIB_NUM,
     DEFAULT_SEQUENCE_LENGTHS,
     BuildConfig,
 )
-from qacore.cli_args import OneLineParser
-from qacore.default_engine import DEFAULT_PRECISION, PRECISIONS, DefaultEngineSpec
-from qacore.errors import InvalidInputError, QAError
+from realtime_qa.qacore.cli_args import OneLineParser
+from realtime_qa.qacore.default_engine import DEFAULT_PRECISION, PRECISIONS, DefaultEngineSpec
+from realtime_qa.qacore.errors import InvalidInputError, QAError
 
 PROG = "qa-build"
 EXIT_FAILED = 1
@@ -133,7 +133,7 @@ DEFAULT_ONLY = ("--precision", "--default-model-dir", "--cache-root")
 
 
 def build_default(args: argparse.Namespace, argv: Sequence[str]) -> Path:
-    from builder.defaults import ensure_default_engine
+    from realtime_qa.builder.defaults import ensure_default_engine
 
     allowed = {"--default", "--force", "--verbose", *DEFAULT_ONLY}
     others = [arg for arg in argv if arg.startswith("-") and arg.split("=")[0] not in allowed]
@@ -157,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             given = [option for option in DEFAULT_ONLY if any(arg.split("=")[0] == option for arg in argv)]
             if given:
                 raise InvalidInputError(f"{given[0]} applies with --default only (use --int8 for an INT8 build)")
-            from builder.build import build_engine
+            from realtime_qa.builder.build import build_engine
 
             engine_dir = build_engine(config_from_args(args))
     except InvalidInputError as exc:
@@ -166,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except QAError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    from qacore.engine import EngineMeta
+    from realtime_qa.qacore.engine import EngineMeta
 
     meta = EngineMeta.read(engine_dir)
     seconds = (time.perf_counter_ns() - started) / 1e9

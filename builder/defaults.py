@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from builder.build import BuildConfig, build_engine
-from qacore.default_engine import CALIBRATION_FILE, DefaultEngineSpec, default_engine_dir, is_current
-from qacore.errors import EngineError, InvalidInputError
+from realtime_qa.builder.build import BuildConfig, build_engine
+from realtime_qa.qacore.default_engine import CALIBRATION_FILE, DefaultEngineSpec, default_engine_dir, is_current
+from realtime_qa.qacore.errors import EngineError, InvalidInputError
 
 log = logging.getLogger(__name__)
 

@@ -15,14 +15,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from builder.model_weights import Checkpoint
-from qacore.engine import EngineMeta
-from qacore.errors import EngineError
-from qacore.files import sha256_file
-from qacore.tokenization import TOKENIZER_JSON, VOCAB_TXT, load_tokenizer, vocab_sha256
+from realtime_qa.builder.model_weights import Checkpoint
+from realtime_qa.qacore.engine import EngineMeta
+from realtime_qa.qacore.errors import EngineError
+from realtime_qa.qacore.files import sha256_file
+from realtime_qa.qacore.tokenization import TOKENIZER_JSON, VOCAB_TXT, load_tokenizer, vocab_sha256
 
 if TYPE_CHECKING:
-    from builder.build_config import BackendBuild, BuildConfig
+    from realtime_qa.builder.build_config import BackendBuild, BuildConfig
 
 log = logging.getLogger(__name__)
 

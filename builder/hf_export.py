@@ -7,9 +7,8 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-
-from qacore.config import ModelConfig
-from qacore.tokenization import TOKENIZER_JSON, VOCAB_TXT
+from realtime_qa.qacore.config import ModelConfig
+from realtime_qa.qacore.tokenization import TOKENIZER_JSON, VOCAB_TXT
 
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 15 * 1024 * 1024  # under the 16 MiB a device call can bring back per file

@@ -10,8 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from qacore.config import ModelConfig
+from realtime_qa.qacore.config import ModelConfig
 
 QA_HEAD = ("qa_outputs.weight", "qa_outputs.bias")
 

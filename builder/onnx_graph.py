@@ -28,10 +28,9 @@ from typing import Any
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-
-from builder.model_weights import Checkpoint, expected_shapes
-from qacore.config import ModelConfig
-from qacore.errors import CheckpointError
+from realtime_qa.builder.model_weights import Checkpoint, expected_shapes
+from realtime_qa.qacore.config import ModelConfig
+from realtime_qa.qacore.errors import CheckpointError
 
 INPUT_NAMES = ("input_ids", "segment_ids", "input_mask")
 OUTPUT_NAMES = ("start_logits", "end_logits")

@@ -22,11 +22,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from builder.build_config import BackendBuild, BuildConfig
-from builder.model_weights import Checkpoint
-from builder.onnx_graph import GRAPH_FORMAT
-from qacore.config import ModelConfig
-from qacore.errors import InvalidInputError
+from realtime_qa.builder.build_config import BackendBuild, BuildConfig
+from realtime_qa.builder.model_weights import Checkpoint
+from realtime_qa.builder.onnx_graph import GRAPH_FORMAT
+from realtime_qa.qacore.config import ModelConfig
+from realtime_qa.qacore.errors import InvalidInputError
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def quantize_qdq_for_tensorrt(onnx_path: Path, scratch: Path, config: BuildConfi
 
 
 def calibration_reader(config: BuildConfig, checkpoint: Checkpoint) -> Any:
-    from builder.calibration import SquadCalibrationReader, calibration_batches
+    from realtime_qa.builder.calibration import SquadCalibrationReader, calibration_batches
 
     assert config.squad_json is not None
     batches = list(

@@ -28,11 +28,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from qacore.backends.tensorrt import plan_library
-from qacore.errors import EngineError
+from realtime_qa.qacore.backends.tensorrt import plan_library
+from realtime_qa.qacore.errors import EngineError
 
 if TYPE_CHECKING:
-    from builder.build_config import BackendBuild, BuildConfig
+    from realtime_qa.builder.build_config import BackendBuild, BuildConfig
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,7 @@ def build_tensorrt_engine(onnx_path: Path, out_dir: Path, config: BuildConfig) -
 
 
 def build_tensorrt_plan(onnx_path: Path, out_dir: Path, options: TensorRTBuildOptions) -> BackendBuild:
-    from builder.build_config import BackendBuild
+    from realtime_qa.builder.build_config import BackendBuild
 
     trt = import_tensorrt()
     onnx_sha = sha256_file(onnx_path)

@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-
-from qacore.errors import CheckpointError
+from realtime_qa.qacore.errors import CheckpointError
 
 TABLE_MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48  # two block handles padded to 40 bytes, then the 8-byte magic

@@ -18,16 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from qacore.answerer import AnswerResult, QuestionAnswerer
-from qacore.bundle import featurizer_config_of, open_bundle
-from qacore.cli_args import OneLineParser
-from qacore.decoding import DecoderConfig
-from qacore.default_engine import DEFAULT_PRECISION, PRECISIONS, DefaultEngineSpec, resolve_default_engine
-from qacore.engine import EngineMeta
-from qacore.errors import InvalidInputError, QAError
-from qacore.factory import EngineOptions, max_engine_threads
-from qacore.features import MAX_PASSAGE_CHARS
-from qacore.files import read_utf8
+from realtime_qa.qacore.answerer import AnswerResult, QuestionAnswerer
+from realtime_qa.qacore.bundle import featurizer_config_of, open_bundle
+from realtime_qa.qacore.cli_args import OneLineParser
+from realtime_qa.qacore.decoding import DecoderConfig
+from realtime_qa.qacore.default_engine import DEFAULT_PRECISION, PRECISIONS, DefaultEngineSpec, resolve_default_engine
+from realtime_qa.qacore.engine import EngineMeta
+from realtime_qa.qacore.errors import InvalidInputError, QAError
+from realtime_qa.qacore.factory import EngineOptions, max_engine_threads
+from realtime_qa.qacore.features import MAX_PASSAGE_CHARS
+from realtime_qa.qacore.files import read_utf8
 
 EXIT_BAD_INPUT = 2
 EXIT_ENGINE = 3
@@ -253,8 +253,8 @@ def answer_squad(answerer: QuestionAnswerer, config: AssistantConfig) -> int:
 
     Predictions go to -o in the official format, or to stdout as one JSON object without -o.
     """
-    from qacore.squad import read_dataset, write_predictions
-    from qacore.squad_answering import answer_dataset
+    from realtime_qa.qacore.squad import read_dataset, write_predictions
+    from realtime_qa.qacore.squad_answering import answer_dataset
 
     assert config.squad_json is not None
     dataset = read_dataset(config.squad_json)
@@ -274,7 +274,7 @@ def answer_squad(answerer: QuestionAnswerer, config: AssistantConfig) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else list(argv)
     if arguments[:1] == ["converse"]:  # talk to the conversational chain (pipeline/converse_cli.py)
-        from pipeline.converse_cli import main as converse_main
+        from realtime_qa.pipeline.converse_cli import main as converse_main
 
         return converse_main(arguments[1:])
     try:

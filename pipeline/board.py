@@ -28,9 +28,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-from qacore.latency import CHAIN_STAGES, MS, QA_SERVER_STAGES, SEPARATOR, Budgets, TurnReport, remote_stage_names
-from services.metrics import LATENCY_BUCKETS_S
+from realtime_qa.qacore.latency import (
+    CHAIN_STAGES,
+    MS,
+    QA_SERVER_STAGES,
+    SEPARATOR,
+    Budgets,
+    TurnReport,
+    remote_stage_names,
+)
+from realtime_qa.services.metrics import LATENCY_BUCKETS_S
 
 TURN = "turn"  # the end-to-end row: a turn's total time against the turn budget
 OUTCOMES = ("within_budget", "over_budget", "error")

@@ -34,11 +34,10 @@ from typing import Any, cast
 import grpc
 from aiostream import pipe, stream
 from aiostream.core import Stream
-
-from pipeline.client import AnswerOptions
-from pipeline.stages import QARequest, QAResult, StageError, Stages, TraceIds
-from qacore.latency import MS, STAGES, Budgets, TurnRecorder, TurnReport
-from services.asr_stub import (
+from realtime_qa.pipeline.client import AnswerOptions
+from realtime_qa.pipeline.stages import QARequest, QAResult, StageError, Stages, TraceIds
+from realtime_qa.qacore.latency import MS, STAGES, Budgets, TurnRecorder, TurnReport
+from realtime_qa.services.asr_stub import (
     AudioEncoding,
     AudioFrame,
     EndFrame,
@@ -47,7 +46,7 @@ from services.asr_stub import (
     TextFrame,
     UtteranceFrame,
 )
-from services.response_service import Outcome, Reply, ReplyRequest
+from realtime_qa.services.response_service import Outcome, Reply, ReplyRequest
 
 log = logging.getLogger(__name__)
 

@@ -35,10 +35,10 @@ from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from realtime_qa.qacore.decoding import Span
+from realtime_qa.qacore.latency import StageTimings
 
-from qa.v1 import qa_pb2, qa_pb2_grpc
-from qacore.decoding import Span
-from qacore.latency import StageTimings
+from realtime_qa.qa.v1 import qa_pb2, qa_pb2_grpc
 
 REQUEST_ID_HEADER = "x-request-id"
 AUTHORIZATION_HEADER = "authorization"

@@ -30,14 +30,14 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import grpc
+from realtime_qa.qacore.cli_args import OneLineParser
+from realtime_qa.qacore.errors import InvalidInputError, QAError
+from realtime_qa.qacore.files import read_bytes, read_utf8
+from realtime_qa.qacore.latency import MS, StageSpan, TurnReport, parse_budgets
+from realtime_qa.services.stage_server import TRACE_ID_HEADER
 
-from assistant.v1 import assistant_pb2, assistant_pb2_grpc
-from qacore.cli_args import OneLineParser
-from qacore.errors import InvalidInputError, QAError
-from qacore.files import read_bytes, read_utf8
-from qacore.latency import MS, StageSpan, TurnReport, parse_budgets
-from response.v1 import response_pb2
-from services.stage_server import TRACE_ID_HEADER
+from realtime_qa.assistant.v1 import assistant_pb2, assistant_pb2_grpc
+from realtime_qa.response.v1 import response_pb2
 
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
@@ -318,7 +318,7 @@ async def chain_target(args: argparse.Namespace) -> AsyncIterator[str]:
     if args.target:
         yield args.target
         return
-    from pipeline.launcher import ChainConfig, start_chain
+    from realtime_qa.pipeline.launcher import ChainConfig, start_chain
 
     config = ChainConfig(engine_dir=args.engine, assistant_port=0, dashboard_port=None)
     async with start_chain(config) as chain:

@@ -35,8 +35,7 @@ from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-from pipeline.board import LatencyBoard
+from realtime_qa.pipeline.board import LatencyBoard
 
 log = logging.getLogger(__name__)
 

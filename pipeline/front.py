@@ -13,9 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import grpc
-
-from assistant.v1 import assistant_pb2, assistant_pb2_grpc
-from pipeline.chain import (
+from realtime_qa.pipeline.chain import (
     AnswerEvent,
     Chain,
     ChainEvent,
@@ -31,14 +29,16 @@ from pipeline.chain import (
     UserInput,
     UserText,
 )
-from pipeline.client import AnswerOptions
-from qa.v1 import qa_pb2
-from qacore.latency import MS, Budgets, TurnReport
-from services.asr_stub import AudioEncoding
-from services.interceptors import InvalidMessage
-from services.logctx import escape_log_text, request_context
-from services.response_service import AUDIO_TO_PB, KIND_TO_PB
-from services.stage_server import MAX_TRACE_ID_CHARS, TRACE_ID_HEADER, StageBinding, StageServer
+from realtime_qa.pipeline.client import AnswerOptions
+from realtime_qa.qacore.latency import MS, Budgets, TurnReport
+from realtime_qa.services.asr_stub import AudioEncoding
+from realtime_qa.services.interceptors import InvalidMessage
+from realtime_qa.services.logctx import escape_log_text, request_context
+from realtime_qa.services.response_service import AUDIO_TO_PB, KIND_TO_PB
+from realtime_qa.services.stage_server import MAX_TRACE_ID_CHARS, TRACE_ID_HEADER, StageBinding, StageServer
+
+from realtime_qa.assistant.v1 import assistant_pb2, assistant_pb2_grpc
+from realtime_qa.qa.v1 import qa_pb2
 
 log = logging.getLogger(__name__)
 

@@ -14,14 +14,14 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import grpc
+from realtime_qa.pipeline.client import ClientConfig, QAClient, QAClientError, RetryPolicy, open_channel, status_code_of
+from realtime_qa.pipeline.stages import QARequest, QAResult, StageError, TraceIds
+from realtime_qa.services.asr_stub import Recognition, RecognitionSettings, UtteranceFrame, frame_to_pb, settings_to_pb
+from realtime_qa.services.response_service import Reply, ReplyRequest, reply_from_pb, request_to_pb
+from realtime_qa.services.stage_server import MAX_MESSAGE_BYTES, TRACE_ID_HEADER
 
-from asr.v1 import asr_pb2, asr_pb2_grpc
-from pipeline.client import ClientConfig, QAClient, QAClientError, RetryPolicy, open_channel, status_code_of
-from pipeline.stages import QARequest, QAResult, StageError, TraceIds
-from response.v1 import response_pb2_grpc
-from services.asr_stub import Recognition, RecognitionSettings, UtteranceFrame, frame_to_pb, settings_to_pb
-from services.response_service import Reply, ReplyRequest, reply_from_pb, request_to_pb
-from services.stage_server import MAX_MESSAGE_BYTES, TRACE_ID_HEADER
+from realtime_qa.asr.v1 import asr_pb2, asr_pb2_grpc
+from realtime_qa.response.v1 import response_pb2_grpc
 
 CHANNEL_OPTIONS = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -34,16 +34,15 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-
-from pipeline.chain import Chain, ChainSettings
-from pipeline.client import ClientConfig
-from pipeline.front import AssistantService, ReportSink, assistant_server
-from pipeline.stages import Stages
-from qacore.latency import Budgets
-from services.asr_stub import AsrStub, AsrStubConfig
-from services.auth import ServerSecurity
-from services.response_service import ReplyMaker, ResponderConfig
-from services.stage_server import StageServer
+from realtime_qa.pipeline.chain import Chain, ChainSettings
+from realtime_qa.pipeline.client import ClientConfig
+from realtime_qa.pipeline.front import AssistantService, ReportSink, assistant_server
+from realtime_qa.pipeline.stages import Stages
+from realtime_qa.qacore.latency import Budgets
+from realtime_qa.services.asr_stub import AsrStub, AsrStubConfig
+from realtime_qa.services.auth import ServerSecurity
+from realtime_qa.services.response_service import ReplyMaker, ResponderConfig
+from realtime_qa.services.stage_server import StageServer
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +124,7 @@ class StageProcess:
         self.process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "pipeline.stage_process",
+            "realtime_qa.pipeline.stage_process",
             self.stage,
             *self.args,
             stdin=asyncio.subprocess.PIPE,  # closed when this process dies: the child then stops too
@@ -161,7 +160,7 @@ class StageProcess:
 
 
 def default_board(config: ChainConfig) -> Any:
-    from pipeline.board import BoardConfig, LatencyBoard
+    from realtime_qa.pipeline.board import BoardConfig, LatencyBoard
 
     return LatencyBoard(BoardConfig(budgets=config.budgets))
 
@@ -195,7 +194,7 @@ async def start_chain(
         if hasattr(board, "set_info"):
             board.set_info(dict(running.info))
         if config.dashboard_port is not None:
-            from pipeline.dashboard import start_dashboard
+            from realtime_qa.pipeline.dashboard import start_dashboard
 
             dashboard = await start_dashboard(board, config.dashboard_host, config.dashboard_port)  # type: ignore[arg-type]
             stack.push_async_callback(dashboard.stop)
@@ -206,11 +205,11 @@ async def start_chain(
 
 
 async def _start_stages(config: ChainConfig, stack: contextlib.AsyncExitStack) -> tuple[Stages, RunningChain]:
-    from pipeline.grpc_stages import GrpcQuestionAnswering, GrpcRecognizer, GrpcResponder
+    from realtime_qa.pipeline.grpc_stages import GrpcQuestionAnswering, GrpcRecognizer, GrpcResponder
 
     qa_target = config.qa_target
     if not config.split:
-        from pipeline.local_stages import LocalQuestionAnswering, LocalRecognizer, LocalResponder
+        from realtime_qa.pipeline.local_stages import LocalQuestionAnswering, LocalRecognizer, LocalResponder
 
         qa: Any
         if qa_target is None:
@@ -259,8 +258,8 @@ async def _start_stages(config: ChainConfig, stack: contextlib.AsyncExitStack) -
 
 
 async def _start_qa_server(config: ChainConfig) -> Any:
-    from services.config import BatcherConfig, EngineSpec, ServerConfig
-    from services.server import QAServer
+    from realtime_qa.services.config import BatcherConfig, EngineSpec, ServerConfig
+    from realtime_qa.services.server import QAServer
 
     engines = (EngineSpec(config.engine_dir),) if config.engine_dir else ()
     batcher = BatcherConfig() if config.qa_max_batch_size is None else BatcherConfig(config.qa_max_batch_size)
@@ -275,7 +274,7 @@ async def _start_qa_server(config: ChainConfig) -> Any:
 
 async def _describe_qa(running: RunningChain, security: ClientConfig | None) -> None:
     """Engine and model of the QA stage, for the dashboard (best effort)."""
-    from pipeline.client import QAClient
+    from realtime_qa.pipeline.client import QAClient
 
     try:
         async with QAClient(running.qa_target, security) as client:

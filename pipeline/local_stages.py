@@ -11,14 +11,13 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
-
-from pipeline.stages import QARequest, QAResult, StageError, TraceIds
-from services.asr_stub import AsrStub, Recognition, RecognitionError, RecognitionSettings, UtteranceFrame
-from services.convert import QuestionRequest
-from services.errors import status_of
-from services.logctx import request_context
-from services.response_service import InvalidReplyRequestError, Reply, ReplyMaker, ReplyRequest
-from services.server import QAServer
+from realtime_qa.pipeline.stages import QARequest, QAResult, StageError, TraceIds
+from realtime_qa.services.asr_stub import AsrStub, Recognition, RecognitionError, RecognitionSettings, UtteranceFrame
+from realtime_qa.services.convert import QuestionRequest
+from realtime_qa.services.errors import status_of
+from realtime_qa.services.logctx import request_context
+from realtime_qa.services.response_service import InvalidReplyRequestError, Reply, ReplyMaker, ReplyRequest
+from realtime_qa.services.server import QAServer
 
 
 class LocalRecognizer:

@@ -24,16 +24,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.chain import ChainSettings
-from pipeline.client import ClientConfig
-from pipeline.launcher import DEFAULT_ASSISTANT_PORT, DEFAULT_DASHBOARD_PORT, ChainConfig, start_chain
-from qacore.cli_args import OneLineParser
-from qacore.errors import QAError
-from qacore.latency import parse_budgets
-from services.asr_stub import AsrStubConfig
-from services.auth import AuthInterceptor, ServerSecurity, read_tokens
-from services.logctx import configure_logging
-from services.response_service import ResponderConfig
+from realtime_qa.pipeline.chain import ChainSettings
+from realtime_qa.pipeline.client import ClientConfig
+from realtime_qa.pipeline.launcher import DEFAULT_ASSISTANT_PORT, DEFAULT_DASHBOARD_PORT, ChainConfig, start_chain
+from realtime_qa.qacore.cli_args import OneLineParser
+from realtime_qa.qacore.errors import QAError
+from realtime_qa.qacore.latency import parse_budgets
+from realtime_qa.services.asr_stub import AsrStubConfig
+from realtime_qa.services.auth import AuthInterceptor, ServerSecurity, read_tokens
+from realtime_qa.services.logctx import configure_logging
+from realtime_qa.services.response_service import ResponderConfig
 
 log = logging.getLogger("qa-pipeline")
 EXIT_USAGE = 2

@@ -1,8 +1,8 @@
 """One stage of the chain in its own process (`qa-pipeline --split` starts one per stage).
 
-    python -m pipeline.stage_process asr --port 0 [--chunk-latency-ms 5] [--final-latency-ms 30]
-    python -m pipeline.stage_process response --port 0 [--no-speech]
-    python -m pipeline.stage_process qa --port 0 [--engine DIR]
+    python -m realtime_qa.pipeline.stage_process asr --port 0 [--chunk-latency-ms 5] [--final-latency-ms 30]
+    python -m realtime_qa.pipeline.stage_process response --port 0 [--no-speech]
+    python -m realtime_qa.pipeline.stage_process qa --port 0 [--engine DIR]
 
 Every stage takes the security flags of `qa-serve` (--tls-cert, --tls-key, --tls-client-ca,
 --auth-token-file): its server then demands TLS, client certificates and bearer tokens the same way
@@ -25,16 +25,18 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from services.asr_stub import AsrStub, AsrStubConfig, asr_server
-from services.auth import AuthInterceptor, ServerSecurity
-from services.logctx import configure_logging
-from services.response_service import ReplyMaker, ResponderConfig, response_server
+from realtime_qa.services.asr_stub import AsrStub, AsrStubConfig, asr_server
+from realtime_qa.services.auth import AuthInterceptor, ServerSecurity
+from realtime_qa.services.logctx import configure_logging
+from realtime_qa.services.response_service import ReplyMaker, ResponderConfig, response_server
 
 STAGES = ("asr", "response", "qa")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.stage_process", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m realtime_qa.pipeline.stage_process", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("stage", choices=STAGES)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
@@ -75,8 +77,8 @@ def _announce(stage: str, target: str, audio_available: bool = False) -> None:
 async def run(args: argparse.Namespace) -> int:
     security = ServerSecurity.from_args(args)
     if args.stage == "qa":
-        from services.config import EngineSpec, ServerConfig
-        from services.server import QAServer
+        from realtime_qa.services.config import EngineSpec, ServerConfig
+        from realtime_qa.services.server import QAServer
 
         engines = (EngineSpec(args.engine),) if args.engine else ()
         config = ServerConfig(

@@ -16,14 +16,13 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import grpc
-
-from pipeline.client import AnswerOptions
-from qacore.decoding import Span
-from qacore.latency import StageTimings
-from services.asr_stub import Recognition, RecognitionSettings, UtteranceFrame
-from services.logctx import REQUEST_ID_HEADER
-from services.response_service import Reply, ReplyRequest
-from services.stage_server import TRACE_ID_HEADER
+from realtime_qa.pipeline.client import AnswerOptions
+from realtime_qa.qacore.decoding import Span
+from realtime_qa.qacore.latency import StageTimings
+from realtime_qa.services.asr_stub import Recognition, RecognitionSettings, UtteranceFrame
+from realtime_qa.services.logctx import REQUEST_ID_HEADER
+from realtime_qa.services.response_service import Reply, ReplyRequest
+from realtime_qa.services.stage_server import TRACE_ID_HEADER
 
 
 class StageError(Exception):

@@ -13,14 +13,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-
-from qacore.batching import LogitsTable, pad_batch, plan_batches, scatter_rows
-from qacore.bundle import EngineBundle, featurizer_for_engine, open_bundle
-from qacore.decoding import DecoderConfig, Prediction, decode, decode_spans, span_masks, uses_device_spans
-from qacore.engine import Engine, EngineSpans
-from qacore.factory import EngineOptions
-from qacore.features import EncodedPassage, Features, Featurizer, FeaturizerConfig
-from qacore.latency import LatencyTracker, StageTimings
+from realtime_qa.qacore.batching import LogitsTable, pad_batch, plan_batches, scatter_rows
+from realtime_qa.qacore.bundle import EngineBundle, featurizer_for_engine, open_bundle
+from realtime_qa.qacore.decoding import DecoderConfig, Prediction, decode, decode_spans, span_masks, uses_device_spans
+from realtime_qa.qacore.engine import Engine, EngineSpans
+from realtime_qa.qacore.factory import EngineOptions
+from realtime_qa.qacore.features import EncodedPassage, Features, Featurizer, FeaturizerConfig
+from realtime_qa.qacore.latency import LatencyTracker, StageTimings
 
 __all__ = ["AnswerResult", "QuestionAnswerer", "featurizer_for_engine"]
 

@@ -17,8 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
-from qacore.features import EngineInputs, Window, pad_windows
+from realtime_qa.qacore.features import EngineInputs, Window, pad_windows
 
 
 def length_bucket(seq_len: int, bucket_tokens: int) -> int:

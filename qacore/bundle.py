@@ -13,12 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from qacore.decoding import DecoderConfig
-from qacore.engine import Engine, EngineMeta
-from qacore.errors import EngineError, InvalidInputError
-from qacore.factory import EngineOptions, load_engine
-from qacore.features import Featurizer, FeaturizerConfig, featurizer_config_for
-from qacore.tokenization import load_tokenizer, vocab_sha256
+from realtime_qa.qacore.decoding import DecoderConfig
+from realtime_qa.qacore.engine import Engine, EngineMeta
+from realtime_qa.qacore.errors import EngineError, InvalidInputError
+from realtime_qa.qacore.factory import EngineOptions, load_engine
+from realtime_qa.qacore.features import Featurizer, FeaturizerConfig, featurizer_config_for
+from realtime_qa.qacore.tokenization import load_tokenizer, vocab_sha256
 
 
 @dataclass(eq=False)

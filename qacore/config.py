@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from qacore.errors import CheckpointError
+from realtime_qa.qacore.errors import CheckpointError
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from qacore.engine import Engine, EngineSpans
-from qacore.errors import EngineFaultError, InvalidInputError
-from qacore.features import Features, Window
+from realtime_qa.qacore.engine import Engine, EngineSpans
+from realtime_qa.qacore.errors import EngineFaultError, InvalidInputError
+from realtime_qa.qacore.features import Features, Window
 
 MAX_N_BEST = 100
 MAX_ANSWER_TOKENS = 512

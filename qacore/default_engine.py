@@ -1,6 +1,6 @@
 """The one resolver of the default engine: the shipped model as a CPU ONNX Runtime engine, from the cache.
 
-The shipped model is package data (`realtime_qa_models/minilm-l6-squad`, the repository's
+The shipped model is package data (`realtime_qa.models`, folder `minilm-l6-squad`, the repository's
 `models/minilm-l6-squad`), found through `importlib.resources`, so an editable and a regular
 `pip install` find the same files. Its engine lives in the engine cache under a name that carries
 the model directory's fingerprint and the precision (`minilm-l6-squad-<sha256[:12]>-onnxruntime-int8`):
@@ -8,7 +8,7 @@ any change to the model's files (weights, tokenizer, config, calibration) gives 
 than a stale one.
 
 Building belongs to `builder`, which nothing at request time imports: when the engine is missing,
-`resolve_default_engine` runs `python -m builder.cli --default` in a child process (once; later
+`resolve_default_engine` runs `python -m realtime_qa.builder.cli --default` in a child process (once; later
 starts find it in the cache) and reports a failure as one `EngineError` line.
 """
 
@@ -24,13 +24,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from qacore.engine import EngineMeta
-from qacore.errors import EngineError, InvalidInputError
-from qacore.files import sha256_file
+from realtime_qa.qacore.engine import EngineMeta
+from realtime_qa.qacore.errors import EngineError, InvalidInputError
+from realtime_qa.qacore.files import sha256_file
 
 log = logging.getLogger(__name__)
 
-MODEL_PACKAGE = "realtime_qa_models"
+MODEL_PACKAGE = "realtime_qa.models"
 DEFAULT_MODEL_NAME = "minilm-l6-squad"
 CACHE_ENV = "QA_ENGINE_CACHE"
 DEFAULT_CACHE_ROOT = Path("~/.cache/realtime-qa/engines")
@@ -132,7 +132,7 @@ def find_default_engine(spec: DefaultEngineSpec | None = None) -> Path | None:
 
 def build_command(spec: DefaultEngineSpec) -> list[str]:
     """The child process that builds the default engine (the builder is never imported here)."""
-    command = [sys.executable, "-m", "builder.cli", "--default", "--precision", spec.precision]
+    command = [sys.executable, "-m", "realtime_qa.builder.cli", "--default", "--precision", spec.precision]
     if spec.model_dir is not None:
         command += ["--default-model-dir", str(spec.model_dir)]
     if spec.cache_root is not None:

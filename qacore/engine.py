@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
-
-from qacore.config import ModelConfig
-from qacore.errors import EngineError, EngineFaultError
-from qacore.features import EngineInputs
+from realtime_qa.qacore.config import ModelConfig
+from realtime_qa.qacore.errors import EngineError, EngineFaultError
+from realtime_qa.qacore.features import EngineInputs
 
 META_FILE = "meta.json"
 META_FORMAT = 1

@@ -25,12 +25,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-
-from qacore.cli_args import OneLineParser
-from qacore.default_engine import DEFAULT_PRECISION, PRECISIONS
-from qacore.errors import EngineError, InvalidInputError, QAError
-from qacore.factory import max_engine_threads
-from qacore.squad import (
+from realtime_qa.qacore.cli_args import OneLineParser
+from realtime_qa.qacore.default_engine import DEFAULT_PRECISION, PRECISIONS
+from realtime_qa.qacore.errors import EngineError, InvalidInputError, QAError
+from realtime_qa.qacore.factory import max_engine_threads
+from realtime_qa.qacore.squad import (
     ARTICLE_HALVES,
     METRIC_VERSIONS,
     SquadDataset,
@@ -40,10 +39,10 @@ from qacore.squad import (
     write_na_probs,
     write_predictions,
 )
-from qacore.squad_metric import DEFAULT_NA_PROB_THRESH, SquadScores, evaluate
+from realtime_qa.qacore.squad_metric import DEFAULT_NA_PROB_THRESH, SquadScores, evaluate
 
 if TYPE_CHECKING:
-    from qacore.squad_answering import EngineRun
+    from realtime_qa.qacore.squad_answering import EngineRun
 
 log = logging.getLogger(__name__)
 
@@ -231,10 +230,10 @@ def run_engine_mode(args: argparse.Namespace) -> SquadScores:
             f"no questions to answer in {args.squad_json}" + (" (--limit 0)" if args.limit == 0 else "")
         )
     # Heavy imports (engine runtimes) only here, so scoring mode stays light.
-    from qacore.answerer import QuestionAnswerer
-    from qacore.bundle import open_bundle
-    from qacore.factory import EngineOptions
-    from qacore.squad_answering import answer_dataset
+    from realtime_qa.qacore.answerer import QuestionAnswerer
+    from realtime_qa.qacore.bundle import open_bundle
+    from realtime_qa.qacore.factory import EngineOptions
+    from realtime_qa.qacore.squad_answering import answer_dataset
 
     engine_dir = args.engine if args.engine is not None else _default_engine_dir(args.precision)
     with open_bundle(engine_dir, EngineOptions(intra_op_threads=args.threads)) as bundle:
@@ -255,7 +254,7 @@ def run_engine_mode(args: argparse.Namespace) -> SquadScores:
 
 def _default_engine_dir(precision: str | None) -> Path:
     """The default engine (built in a child `qa-build --default` process on first use)."""
-    from qacore.default_engine import DefaultEngineSpec, resolve_default_engine
+    from realtime_qa.qacore.default_engine import DefaultEngineSpec, resolve_default_engine
 
     try:
         return resolve_default_engine(DefaultEngineSpec(precision=precision or DEFAULT_PRECISION))

@@ -13,17 +13,17 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from qacore.engine import Engine, EngineMeta
-from qacore.errors import CheckpointError, EngineError
-from qacore.files import sha256_file
+from realtime_qa.qacore.engine import Engine, EngineMeta
+from realtime_qa.qacore.errors import CheckpointError, EngineError
+from realtime_qa.qacore.files import sha256_file
 
 log = logging.getLogger(__name__)
 
 # backend name in meta.json -> module defining `open_engine(engine_dir, meta, options) -> Engine`
 BACKEND_MODULES = {
-    "onnxruntime": "qacore.backends.onnxruntime",
-    "tensorrt": "qacore.backends.tensorrt",
-    "torch": "qacore.backends.torch_cuda",
+    "onnxruntime": "realtime_qa.qacore.backends.onnxruntime",
+    "tensorrt": "realtime_qa.qacore.backends.tensorrt",
+    "torch": "realtime_qa.qacore.backends.torch_cuda",
 }
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 

@@ -11,9 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from realtime_qa.qacore.errors import InvalidInputError
 from tokenizers import Tokenizer
-
-from qacore.errors import InvalidInputError
 
 # A documented bound on what one request may ask of the engines, in Unicode code points (what Python's
 # len() counts; a JavaScript string's length counts UTF-16 units). 100,000 words of English are about

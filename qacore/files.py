@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from qacore.errors import InvalidInputError
+from realtime_qa.qacore.errors import InvalidInputError
 
 UTF8_MAX_BYTES_PER_CODE_POINT = 4
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qacore.errors import InvalidInputError
-from qacore.files import read_bytes
+from realtime_qa.qacore.errors import InvalidInputError
+from realtime_qa.qacore.files import read_bytes
 
 # The two scoring rules the official scripts define; `version` fields such as "v2.0" map onto them.
 METRIC_VERSIONS = ("1.1", "2.0")

@@ -7,10 +7,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from qacore.answerer import QuestionAnswerer
-from qacore.errors import InvalidInputError
-from qacore.features import EncodedPassage
-from qacore.squad import SquadDataset
+from realtime_qa.qacore.answerer import QuestionAnswerer
+from realtime_qa.qacore.errors import InvalidInputError
+from realtime_qa.qacore.features import EncodedPassage
+from realtime_qa.qacore.squad import SquadDataset
 
 log = logging.getLogger(__name__)
 

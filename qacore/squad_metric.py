@@ -28,8 +28,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from qacore.errors import InvalidInputError
-from qacore.squad import METRIC_VERSIONS, SquadDataset
+from realtime_qa.qacore.errors import InvalidInputError
+from realtime_qa.qacore.squad import METRIC_VERSIONS, SquadDataset
 
 _PUNCTUATION = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from realtime_qa.qacore.errors import CheckpointError, InvalidInputError
+from realtime_qa.qacore.files import read_utf8
 from tokenizers import Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import WordPiece
-
-from qacore.errors import CheckpointError, InvalidInputError
-from qacore.files import read_utf8
 
 TOKENIZER_JSON = "tokenizer.json"
 VOCAB_TXT = "vocab.txt"

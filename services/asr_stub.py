@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from realtime_qa.services.interceptors import InvalidMessage
+from realtime_qa.services.logctx import request_context
+from realtime_qa.services.stage_server import StageBinding, StageServer, trace_id_of
 
-from asr.v1 import asr_pb2, asr_pb2_grpc
-from services.interceptors import InvalidMessage
-from services.logctx import request_context
-from services.stage_server import StageBinding, StageServer, trace_id_of
+from realtime_qa.asr.v1 import asr_pb2, asr_pb2_grpc
 
 log = logging.getLogger(__name__)
 

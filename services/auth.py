@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-
-from services.interceptors import HEALTH_PREFIX, _BehaviorInterceptor
+from realtime_qa.services.interceptors import HEALTH_PREFIX, _BehaviorInterceptor
 
 log = logging.getLogger(__name__)
 

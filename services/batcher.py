@@ -44,19 +44,18 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-
-from qacore.batching import LogitsTable, length_bucket, pad_batch, real_tokens, scatter_rows
-from qacore.engine import Engine
-from qacore.features import Featurizer, Window
-from services.config import BatcherConfig
-from services.errors import (
+from realtime_qa.qacore.batching import LogitsTable, length_bucket, pad_batch, real_tokens, scatter_rows
+from realtime_qa.qacore.engine import Engine
+from realtime_qa.qacore.features import Featurizer, Window
+from realtime_qa.services.config import BatcherConfig
+from realtime_qa.services.errors import (
     BatchFailedError,
     DeadlineExpiredError,
     InvalidRequestError,
     NotServingError,
     QueueFullError,
 )
-from services.logctx import current_request_id
+from realtime_qa.services.logctx import current_request_id
 
 log = logging.getLogger(__name__)
 

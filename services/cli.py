@@ -9,10 +9,10 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from qacore.errors import EngineError, QAError
-from services.config import ServerConfig, config_from_args
-from services.logctx import configure_logging
-from services.server import QAServer
+from realtime_qa.qacore.errors import EngineError, QAError
+from realtime_qa.services.config import ServerConfig, config_from_args
+from realtime_qa.services.logctx import configure_logging
+from realtime_qa.services.server import QAServer
 
 log = logging.getLogger("qa-serve")
 
@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = config_from_args(argv)
     configure_logging(config.log_level)
     if config.workers > 1:  # N processes on one port, metrics merged (services/workers.py)
-        from services.workers import run_workers
+        from realtime_qa.services.workers import run_workers
 
         return run_workers(config)
     try:

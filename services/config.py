@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qacore.cli_args import OneLineParser
-from qacore.default_engine import DEFAULT_PRECISION, PRECISIONS
-from qacore.latency import LANGUAGE_MODEL_BUDGET_NS
+from realtime_qa.qacore.cli_args import OneLineParser
+from realtime_qa.qacore.default_engine import DEFAULT_PRECISION, PRECISIONS
+from realtime_qa.qacore.latency import LANGUAGE_MODEL_BUDGET_NS
 
 ENV_PREFIX = "QA_SERVE_"
 DEFAULT_PORT = 50051

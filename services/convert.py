@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import grpc
+from realtime_qa.qacore.decoding import DecoderConfig, Prediction, Span
+from realtime_qa.qacore.latency import StageTimings
+from realtime_qa.services.errors import InvalidRequestError
+from realtime_qa.services.logctx import MAX_REQUEST_ID_CHARS
+from realtime_qa.services.models import ModelRuntime
 
-from qa.v1 import qa_pb2
-from qacore.decoding import DecoderConfig, Prediction, Span
-from qacore.latency import StageTimings
-from services.errors import InvalidRequestError
-from services.logctx import MAX_REQUEST_ID_CHARS
-from services.models import ModelRuntime
+from realtime_qa.qa.v1 import qa_pb2
 
 MAX_TIMEOUT_MS = 600_000
 MAX_MODEL_ID_CHARS = 128  # ids longer than this are INVALID_ARGUMENT (never echoed whole in details or logs)

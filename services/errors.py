@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import grpc
-
-from qacore.errors import CheckpointError, EngineError, InvalidInputError
+from realtime_qa.qacore.errors import CheckpointError, EngineError, InvalidInputError
 
 
 class ServiceError(Exception):

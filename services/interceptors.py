@@ -31,9 +31,8 @@ from typing import Any, Protocol
 
 import grpc
 from google.protobuf.message import DecodeError
-
-from services.errors import InvalidRequestError, NotServingError, is_expected, status_of
-from services.logctx import REQUEST_ID_HEADER, escape_log_text, new_request_id, request_context
+from realtime_qa.services.errors import InvalidRequestError, NotServingError, is_expected, status_of
+from realtime_qa.services.logctx import REQUEST_ID_HEADER, escape_log_text, new_request_id, request_context
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-
-from qacore.latency import QA_SERVER_STAGES, StageTimings
+from realtime_qa.qacore.latency import QA_SERVER_STAGES, StageTimings
 
 log = logging.getLogger(__name__)
 

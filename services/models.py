@@ -13,14 +13,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qacore.bundle import open_bundle
-from qacore.decoding import DecoderConfig
-from qacore.engine import Engine, EngineMeta
-from qacore.factory import EngineOptions, load_engine
-from qacore.features import Featurizer
-from services.batcher import Batcher, BatcherConfig, BatchObserver
-from services.config import EngineSpec
-from services.errors import UnknownModelError
+from realtime_qa.qacore.bundle import open_bundle
+from realtime_qa.qacore.decoding import DecoderConfig
+from realtime_qa.qacore.engine import Engine, EngineMeta
+from realtime_qa.qacore.factory import EngineOptions, load_engine
+from realtime_qa.qacore.features import Featurizer
+from realtime_qa.services.batcher import Batcher, BatcherConfig, BatchObserver
+from realtime_qa.services.config import EngineSpec
+from realtime_qa.services.errors import UnknownModelError
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-
-from qacore.features import EncodedPassage
-from services.errors import NotServingError, UnknownPassageError
+from realtime_qa.qacore.features import EncodedPassage
+from realtime_qa.services.errors import NotServingError, UnknownPassageError
 
 log = logging.getLogger(__name__)
 

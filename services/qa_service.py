@@ -19,15 +19,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import grpc
-
-from qa.v1 import qa_pb2, qa_pb2_grpc
-from qacore.decoding import DecoderConfig, Prediction, decode
-from qacore.features import EncodedPassage, Features, window_spans
-from qacore.latency import LatencyTracker
-from services.auth import caller_scope
-from services.batcher import WindowLogits
-from services.config import ServerConfig
-from services.convert import (
+from realtime_qa.qacore.decoding import DecoderConfig, Prediction, decode
+from realtime_qa.qacore.features import EncodedPassage, Features, window_spans
+from realtime_qa.qacore.latency import LatencyTracker
+from realtime_qa.services.auth import caller_scope
+from realtime_qa.services.batcher import WindowLogits
+from realtime_qa.services.config import ServerConfig
+from realtime_qa.services.convert import (
     QuestionRequest,
     ServedAnswer,
     answer_to_pb,
@@ -36,12 +34,14 @@ from services.convert import (
     model_info_to_pb,
     request_from_pb,
 )
-from services.errors import InvalidRequestError, NotServingError, is_expected, status_of
-from services.interceptors import CallTracker, InvalidMessage
-from services.logctx import MAX_REQUEST_ID_CHARS, current_request_id, escape_log_text, request_context
-from services.metrics import ServiceMetrics
-from services.models import ModelRegistry, ModelRuntime
-from services.passages import PassageStore
+from realtime_qa.services.errors import InvalidRequestError, NotServingError, is_expected, status_of
+from realtime_qa.services.interceptors import CallTracker, InvalidMessage
+from realtime_qa.services.logctx import MAX_REQUEST_ID_CHARS, current_request_id, escape_log_text, request_context
+from realtime_qa.services.metrics import ServiceMetrics
+from realtime_qa.services.models import ModelRegistry, ModelRuntime
+from realtime_qa.services.passages import PassageStore
+
+from realtime_qa.qa.v1 import qa_pb2, qa_pb2_grpc
 
 log = logging.getLogger(__name__)
 

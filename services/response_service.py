@@ -18,10 +18,10 @@ import time
 from dataclasses import dataclass
 
 import grpc
+from realtime_qa.services.logctx import request_context
+from realtime_qa.services.stage_server import StageBinding, StageServer, trace_id_of
 
-from response.v1 import response_pb2, response_pb2_grpc
-from services.logctx import request_context
-from services.stage_server import StageBinding, StageServer, trace_id_of
+from realtime_qa.response.v1 import response_pb2, response_pb2_grpc
 
 log = logging.getLogger(__name__)
 

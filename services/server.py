@@ -20,19 +20,19 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
+from realtime_qa.qacore.default_engine import DEFAULT_PRECISION
+from realtime_qa.qacore.factory import EngineOptions
+from realtime_qa.qacore.files import read_bytes
+from realtime_qa.services.auth import AuthInterceptor, TokenSet, server_credentials
+from realtime_qa.services.batcher import Batcher
+from realtime_qa.services.config import EngineSpec, ServerConfig
+from realtime_qa.services.interceptors import CallTracker, server_interceptors
+from realtime_qa.services.metrics import ServiceMetrics
+from realtime_qa.services.models import ModelRegistry, load_model
+from realtime_qa.services.passages import open_passage_store
+from realtime_qa.services.qa_service import SERVICE_NAME, QuestionAnsweringService
 
-from qa.v1 import qa_pb2_grpc
-from qacore.default_engine import DEFAULT_PRECISION
-from qacore.factory import EngineOptions
-from qacore.files import read_bytes
-from services.auth import AuthInterceptor, TokenSet, server_credentials
-from services.batcher import Batcher
-from services.config import EngineSpec, ServerConfig
-from services.interceptors import CallTracker, server_interceptors
-from services.metrics import ServiceMetrics
-from services.models import ModelRegistry, load_model
-from services.passages import open_passage_store
-from services.qa_service import SERVICE_NAME, QuestionAnsweringService
+from realtime_qa.qa.v1 import qa_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def model_health_name(model_id: str) -> str:
 def default_engine_specs(precision: str = DEFAULT_PRECISION) -> tuple[EngineSpec, ...]:
     """The shipped model's CPU engine (INT8 unless `precision` says fp32), built on first use by a child
     `qa-build --default` (then cached)."""
-    from qacore.default_engine import DefaultEngineSpec, resolve_default_engine
+    from realtime_qa.qacore.default_engine import DefaultEngineSpec, resolve_default_engine
 
     return (EngineSpec(resolve_default_engine(DefaultEngineSpec(precision=precision))),)
 

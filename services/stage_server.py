@@ -16,9 +16,8 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
-from services.interceptors import CallTracker, server_interceptors
-from services.logctx import NO_REQUEST, REQUEST_ID_HEADER
+from realtime_qa.services.interceptors import CallTracker, server_interceptors
+from realtime_qa.services.logctx import NO_REQUEST, REQUEST_ID_HEADER
 
 log = logging.getLogger(__name__)
 

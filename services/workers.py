@@ -33,8 +33,8 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
-from services.config import ServerConfig
-from services.server import MULTIPROC_ENV
+from realtime_qa.services.config import ServerConfig
+from realtime_qa.services.server import MULTIPROC_ENV
 
 log = logging.getLogger("qa-serve")
 
@@ -65,8 +65,8 @@ def _worker_main(config: ServerConfig) -> None:
     """A worker process (spawned: PROMETHEUS_MULTIPROC_DIR is set before prometheus_client is imported)."""
     import asyncio
 
-    from services.cli import serve
-    from services.logctx import configure_logging
+    from realtime_qa.services.cli import serve
+    from realtime_qa.services.logctx import configure_logging
 
     configure_logging(config.log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into one SIGTERM per worker
@@ -91,7 +91,7 @@ def serve_merged_metrics(host: str, port: int, directory: Path) -> tuple[Any, in
 
 def run_workers(config: ServerConfig) -> int:
     """Run `config.workers` worker processes until SIGTERM/SIGINT; returns the exit code."""
-    from services.server import default_engine_specs
+    from realtime_qa.services.server import default_engine_specs
 
     if not config.engines:  # resolve (and build, once) the default engine before the workers race for it
         config = dataclasses.replace(config, engines=default_engine_specs(config.precision))

@@ -45,7 +45,7 @@ def squad_dir() -> Path:
 @pytest.fixture(scope="session")
 def ort_fp32_engine_dir(shipped_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shipped model as an ONNX Runtime fp32 (fused) engine, as `qa-build` makes it by default."""
-    from builder.build import BuildConfig, build_engine
+    from realtime_qa.builder.build import BuildConfig, build_engine
 
     out = tmp_path_factory.mktemp("ort-fp32") / "engine"
     return build_engine(BuildConfig(checkpoint=shipped_model_dir, output=out, backend="onnxruntime"))
@@ -54,7 +54,7 @@ def ort_fp32_engine_dir(shipped_model_dir: Path, tmp_path_factory: pytest.TempPa
 @pytest.fixture(scope="session")
 def torch_fp32_engine_dir(shipped_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shipped model as a PyTorch fp32 engine (runs on CPU too, without CUDA graphs)."""
-    from builder.build import BuildConfig, build_engine
+    from realtime_qa.builder.build import BuildConfig, build_engine
 
     out = tmp_path_factory.mktemp("torch-fp32") / "engine"
     return build_engine(BuildConfig(checkpoint=shipped_model_dir, output=out, backend="torch"))
@@ -79,7 +79,7 @@ def ort_int8_engine_dir(
     shipped_model_dir: Path, squad_dir: Path, int8_calibration_cache: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Path:
     """The shipped model as an ONNX Runtime INT8 engine calibrated on SQuAD training questions."""
-    from builder.build import BuildConfig, build_engine
+    from realtime_qa.builder.build import BuildConfig, build_engine
 
     out = tmp_path_factory.mktemp("ort-int8") / "engine"
     config = BuildConfig(

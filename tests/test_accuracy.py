@@ -13,8 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-from qacore.eval_cli import main as qa_eval
+from realtime_qa.qacore.eval_cli import main as qa_eval
 
 SLICE_QUESTIONS = 150  # half the former 300, for a fast suite; the floors below still fail a regression
 FP32_SLICE_F1_FLOOR = 83.0

@@ -8,9 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from pipeline.assistant_cli import DEMO_PASSAGE, main
-from qacore.engine import EngineMeta
+from realtime_qa.pipeline.assistant_cli import DEMO_PASSAGE, main
+from realtime_qa.qacore.engine import EngineMeta
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -61,8 +60,8 @@ def test_interactive_prompt_until_quit(
 def test_squad_file_writes_predictions(
     engine_dir: Path, squad_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from qacore.squad import read_dataset
-    from qacore.squad_metric import evaluate_v1
+    from realtime_qa.qacore.squad import read_dataset
+    from realtime_qa.qacore.squad_metric import evaluate_v1
 
     dataset = read_dataset(squad_dir / "dev-v1.1.json.gz").head(60)
     small = tmp_path / "dev-head.json"

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from qacore.answerer import QuestionAnswerer
-from qacore.engine import Engine, EngineOutputs
-from qacore.errors import EngineError
-from qacore.features import EngineInputs, Window
-from services.batcher import Batcher, BatcherConfig
-from services.errors import (
+from realtime_qa.qacore.answerer import QuestionAnswerer
+from realtime_qa.qacore.engine import Engine, EngineOutputs
+from realtime_qa.qacore.errors import EngineError
+from realtime_qa.qacore.features import EngineInputs, Window
+from realtime_qa.services.batcher import Batcher, BatcherConfig
+from realtime_qa.services.errors import (
     BatchFailedError,
     DeadlineExpiredError,
     InvalidRequestError,
@@ -236,7 +235,7 @@ class SlowEngine(Engine):
 
 
 async def test_two_engine_contexts_run_batches_in_parallel(answerer: QuestionAnswerer, engine_dir: Path) -> None:
-    from qacore.factory import EngineOptions, load_engine
+    from realtime_qa.qacore.factory import EngineOptions, load_engine
 
     second = load_engine(engine_dir, EngineOptions(intra_op_threads=1))
     tracker = {"running": 0, "most": 0}
@@ -298,7 +297,7 @@ async def test_a_request_over_the_window_limit_is_invalid(answerer: QuestionAnsw
 
 def test_batching_plan_groups_by_length_and_scatters_back_in_order() -> None:
     """The one batching path (qacore.batching), without an engine."""
-    from qacore.batching import LogitsTable, length_bucket, plan_batches, scatter_rows
+    from realtime_qa.qacore.batching import LogitsTable, length_bucket, plan_batches, scatter_rows
 
     assert plan_batches([30, 10, 20, 10], 2) == [[1, 3], [2, 0]]
     assert (length_bucket(64, 64), length_bucket(65, 64)) == (1, 2)

@@ -9,19 +9,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from builder.build import BuildConfig, build_engine
-from pipeline.assistant_cli import main as qa_assistant
-from pipeline.assistant_cli import open_answerer, parse_config
-from qacore.answerer import QuestionAnswerer
-from qacore.bundle import open_bundle
-from qacore.engine import EngineMeta
-from qacore.errors import EngineError, EngineFaultError
-from qacore.eval_cli import main as qa_eval
-from qacore.factory import EngineOptions
-from qacore.files import sha256_file
-from services.config import BatcherConfig, EngineSpec
-from services.models import ModelRuntime, load_model
+from realtime_qa.builder.build import BuildConfig, build_engine
+from realtime_qa.pipeline.assistant_cli import main as qa_assistant
+from realtime_qa.pipeline.assistant_cli import open_answerer, parse_config
+from realtime_qa.qacore.answerer import QuestionAnswerer
+from realtime_qa.qacore.bundle import open_bundle
+from realtime_qa.qacore.engine import EngineMeta
+from realtime_qa.qacore.errors import EngineError, EngineFaultError
+from realtime_qa.qacore.eval_cli import main as qa_eval
+from realtime_qa.qacore.factory import EngineOptions
+from realtime_qa.qacore.files import sha256_file
+from realtime_qa.services.config import BatcherConfig, EngineSpec
+from realtime_qa.services.models import ModelRuntime, load_model
 
 TF_TINY = Path(__file__).parent / "data" / "tf_bert_tiny"
 PASSAGE = "Ada Lovelace wrote the first program for the Analytical Engine in 1843."
@@ -129,8 +128,8 @@ async def _load_and_close(engine_dir: Path) -> ModelRuntime:
 
 
 def test_a_non_finite_model_null_threshold_is_refused(tmp_path: Path) -> None:
-    from builder.checkpoint import load_checkpoint
-    from qacore.errors import CheckpointError
+    from realtime_qa.builder.checkpoint import load_checkpoint
+    from realtime_qa.qacore.errors import CheckpointError
 
     model = tmp_path / "model"
     shutil.copytree(TF_TINY, model)

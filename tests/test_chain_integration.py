@@ -21,14 +21,14 @@ import grpc
 import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from realtime_qa.pipeline.launcher import ChainConfig, RunningChain, start_chain
+from realtime_qa.qacore.latency import MS, QA_SERVER_STAGES, parse_budgets
+from realtime_qa.services.asr_stub import AsrStubConfig
+from realtime_qa.services.response_service import ResponderConfig
 
-from assistant.v1 import assistant_pb2, assistant_pb2_grpc
-from pipeline.launcher import ChainConfig, RunningChain, start_chain
-from qa.v1 import qa_pb2
-from qacore.latency import MS, QA_SERVER_STAGES, parse_budgets
-from response.v1 import response_pb2
-from services.asr_stub import AsrStubConfig
-from services.response_service import ResponderConfig
+from realtime_qa.assistant.v1 import assistant_pb2, assistant_pb2_grpc
+from realtime_qa.qa.v1 import qa_pb2
+from realtime_qa.response.v1 import response_pb2
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -10,8 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from pipeline.converse_cli import main as converse_main
+from realtime_qa.pipeline.converse_cli import main as converse_main
 
 READY_TIMEOUT_S = 300.0
 

@@ -12,15 +12,15 @@ from typing import Any
 import grpc
 import pytest
 from deploy_support import make_ca
+from realtime_qa.pipeline.client import ClientConfig, open_channel
+from realtime_qa.pipeline.launcher import ChainConfig, start_chain
+from realtime_qa.pipeline.pipeline_cli import config_from_args
+from realtime_qa.qacore.latency import parse_budgets
+from realtime_qa.services.config import EngineSpec, ServerConfig
+from realtime_qa.services.server import QAServer
 
-from asr.v1 import asr_pb2, asr_pb2_grpc
-from assistant.v1 import assistant_pb2, assistant_pb2_grpc
-from pipeline.client import ClientConfig, open_channel
-from pipeline.launcher import ChainConfig, start_chain
-from pipeline.pipeline_cli import config_from_args
-from qacore.latency import parse_budgets
-from services.config import EngineSpec, ServerConfig
-from services.server import QAServer
+from realtime_qa.asr.v1 import asr_pb2, asr_pb2_grpc
+from realtime_qa.assistant.v1 import assistant_pb2, assistant_pb2_grpc
 
 PASSAGE = "The Normans gave their name to Normandy, a region in France. Their leader was Rollo."
 QUESTION = "Who was the leader of the Normans?"

@@ -12,10 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-
-from asr.v1 import asr_pb2, asr_pb2_grpc
-from assistant.v1 import assistant_pb2, assistant_pb2_grpc
-from pipeline.chain import (
+from realtime_qa.pipeline.chain import (
     AnswerEvent,
     Chain,
     ChainSettings,
@@ -28,12 +25,12 @@ from pipeline.chain import (
     UserInput,
     UserText,
 )
-from pipeline.front import AssistantService, assistant_server
-from pipeline.grpc_stages import GrpcQuestionAnswering, GrpcResponder
-from pipeline.local_stages import LocalQuestionAnswering, LocalRecognizer, LocalResponder
-from pipeline.stages import QARequest, QAResult, StageError, Stages, TraceIds
-from qacore.latency import TurnReport, parse_budgets
-from services.asr_stub import (
+from realtime_qa.pipeline.front import AssistantService, assistant_server
+from realtime_qa.pipeline.grpc_stages import GrpcQuestionAnswering, GrpcResponder
+from realtime_qa.pipeline.local_stages import LocalQuestionAnswering, LocalRecognizer, LocalResponder
+from realtime_qa.pipeline.stages import QARequest, QAResult, StageError, Stages, TraceIds
+from realtime_qa.qacore.latency import TurnReport, parse_budgets
+from realtime_qa.services.asr_stub import (
     AsrStub,
     AsrStubConfig,
     AudioEncoding,
@@ -46,8 +43,8 @@ from services.asr_stub import (
     UtteranceFrame,
     asr_server,
 )
-from services.config import EngineSpec, ServerConfig
-from services.response_service import (
+from realtime_qa.services.config import EngineSpec, ServerConfig
+from realtime_qa.services.response_service import (
     AudioStatus,
     Outcome,
     ReplyKind,
@@ -55,7 +52,10 @@ from services.response_service import (
     ReplyRequest,
     ResponderConfig,
 )
-from services.server import QAServer
+from realtime_qa.services.server import QAServer
+
+from realtime_qa.asr.v1 import asr_pb2, asr_pb2_grpc
+from realtime_qa.assistant.v1 import assistant_pb2, assistant_pb2_grpc
 
 
 def wav_bytes(seconds: float, rate: int = 16_000, channels: int = 1, width: int = 2) -> bytes:
@@ -423,8 +423,9 @@ async def test_stage_servers_echo_the_request_id_and_refuse_misuse_as_documented
     """asr.v1: x-request-id echoed in the initial metadata, a second config is INVALID_ARGUMENT on the stream,
     a sample rate other than 16 kHz an in-band INVALID_ARGUMENT. response.v1: x-request-id echoed in the
     trailing metadata, OUTCOME_UNSPECIFIED and out-of-range scores INVALID_ARGUMENT."""
-    from response.v1 import response_pb2, response_pb2_grpc
-    from services.response_service import response_server
+    from realtime_qa.services.response_service import response_server
+
+    from realtime_qa.response.v1 import response_pb2, response_pb2_grpc
 
     asr = asr_server(AsrStub())
     response = response_server(ReplyMaker(ResponderConfig(speech=False)))

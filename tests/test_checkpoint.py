@@ -10,11 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from realtime_qa.builder.checkpoint import Checkpoint, checkpoint_sha256, expected_shapes, load_checkpoint
+from realtime_qa.builder.onnx_graph import save_graph
+from realtime_qa.qacore.errors import CheckpointError
 from safetensors.numpy import save_file
-
-from builder.checkpoint import Checkpoint, checkpoint_sha256, expected_shapes, load_checkpoint
-from builder.onnx_graph import save_graph
-from qacore.errors import CheckpointError
 
 TF_TINY = Path(__file__).parent / "data" / "tf_bert_tiny"
 

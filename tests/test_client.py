@@ -10,8 +10,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-
-from pipeline.client import (
+from realtime_qa.pipeline.client import (
     Answer,
     AnswerFailure,
     AnswerOptions,
@@ -24,11 +23,12 @@ from pipeline.client import (
     result_from_pb,
     status_code_of,
 )
-from qa.v1 import qa_pb2
-from qacore.decoding import Span
-from qacore.latency import StageTimings
-from services.config import EngineSpec, ServerConfig
-from services.server import QAServer
+from realtime_qa.qacore.decoding import Span
+from realtime_qa.qacore.latency import StageTimings
+from realtime_qa.services.config import EngineSpec, ServerConfig
+from realtime_qa.services.server import QAServer
+
+from realtime_qa.qa.v1 import qa_pb2
 
 PASSAGE = "The Normans gave their name to Normandy, a region in France. Their leader was Rollo."
 

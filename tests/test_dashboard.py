@@ -13,11 +13,10 @@ import aiohttp
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from realtime_qa.pipeline.board import TURN, BoardConfig, LatencyBoard, board_stage_names, percentile
+from realtime_qa.pipeline.dashboard import DashboardConfig, start_dashboard
+from realtime_qa.qacore.latency import MS, Budgets, StageSpan, TurnRecorder, TurnReport
 from waiting import wait_until
-
-from pipeline.board import TURN, BoardConfig, LatencyBoard, board_stage_names, percentile
-from pipeline.dashboard import DashboardConfig, start_dashboard
-from qacore.latency import MS, Budgets, StageSpan, TurnRecorder, TurnReport
 
 WAIT_S = 10.0  # every wait on observable state gives up after this long
 

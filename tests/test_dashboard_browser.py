@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from pipeline.board import LatencyBoard
+from realtime_qa.pipeline.board import LatencyBoard
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -176,12 +175,12 @@ async def chain_under_load() -> AsyncIterator[tuple[str, LatencyBoard]]:
     its shipped calibration, built once and cached like `qa-pipeline` does; espeak-ng replies when
     installed) with its dashboard on port 0, driven by one assistant.v1 session asking question after question."""
     import grpc
+    from realtime_qa.pipeline.assistant_cli import DEMO_PASSAGE
+    from realtime_qa.pipeline.converse_cli import Session, Turn
+    from realtime_qa.pipeline.launcher import ChainConfig, start_chain
+    from realtime_qa.services.asr_stub import AsrStubConfig
 
-    from assistant.v1 import assistant_pb2, assistant_pb2_grpc
-    from pipeline.assistant_cli import DEMO_PASSAGE
-    from pipeline.converse_cli import Session, Turn
-    from pipeline.launcher import ChainConfig, start_chain
-    from services.asr_stub import AsrStubConfig
+    from realtime_qa.assistant.v1 import assistant_pb2, assistant_pb2_grpc
 
     config = ChainConfig(
         engine_dir=None,  # the product default, cached across runs (a SQuAD-calibrated build took ~25 s a run)

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from qacore.decoding import DecoderConfig, decode
-from qacore.errors import InvalidInputError
-from qacore.features import Features, Featurizer, FeaturizerConfig
-from qacore.tokenization import load_tokenizer
+from realtime_qa.qacore.decoding import DecoderConfig, decode
+from realtime_qa.qacore.errors import InvalidInputError
+from realtime_qa.qacore.features import Features, Featurizer, FeaturizerConfig
+from realtime_qa.qacore.tokenization import load_tokenizer
 
 PASSAGE = "Super Bowl 50 was played at Levi's Stadium in Santa Clara, California, on February 7, 2016."
 
@@ -122,7 +121,7 @@ def test_an_answer_is_found_even_when_the_top_end_precedes_the_top_start(featuri
 
 
 def test_non_finite_logits_are_an_engine_fault_not_an_abstention(featurizer: Featurizer) -> None:
-    from qacore.errors import EngineFaultError
+    from realtime_qa.qacore.errors import EngineFaultError
 
     features = featurizer.featurize("Who won?", PASSAGE)
     start, end = logits_for(features, {"Levi's Stadium": 2.0})

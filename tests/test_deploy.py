@@ -14,8 +14,7 @@ from typing import Any
 
 import pytest
 from deploy_support import load_nginx_renderer
-
-from services.config import ENV_PREFIX, config_from_args, environment_variables
+from realtime_qa.services.config import ENV_PREFIX, config_from_args, environment_variables
 
 yaml = pytest.importorskip("yaml")
 
@@ -106,7 +105,7 @@ def test_images_build_their_engine_run_unprivileged_and_probe_grpc_health() -> N
 def test_the_assistant_front_asks_every_replica_and_is_balanced_probed_and_scraped(
     composed: dict[str, dict[str, Any]],
 ) -> None:
-    from pipeline.pipeline_cli import config_from_args as pipeline_config
+    from realtime_qa.pipeline.pipeline_cli import config_from_args as pipeline_config
 
     prometheus = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.yml").read_text(encoding="utf-8"))
     (job,) = [job for job in prometheus["scrape_configs"] if job["job_name"] == "assistant"]

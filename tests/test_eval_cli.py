@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from qacore.eval_cli import main
-from qacore.squad import read_dataset, read_na_probs, read_predictions
-from qacore.squad_metric import evaluate
+from realtime_qa.qacore.eval_cli import main
+from realtime_qa.qacore.squad import read_dataset, read_na_probs, read_predictions
+from realtime_qa.qacore.squad_metric import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 SQUAD_DIR = REPO.parent / "shared" / "data" / "squad"
@@ -24,7 +23,7 @@ DEV = {"v1.1": SQUAD_DIR / "dev-v1.1.json.gz", "v2.0": SQUAD_DIR / "dev-v2.0.jso
 def qa_eval(*args: str | Path) -> subprocess.CompletedProcess[str]:
     """The real console entry, in a fresh interpreter."""
     return subprocess.run(
-        [sys.executable, "-m", "qacore.eval_cli", *map(str, args)],
+        [sys.executable, "-m", "realtime_qa.qacore.eval_cli", *map(str, args)],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from realtime_qa.qacore.answerer import QuestionAnswerer
+from realtime_qa.services.batcher import Batcher
+from realtime_qa.services.config import BatcherConfig, EngineSpec, ServerConfig
+from realtime_qa.services.server import QAServer
 from waiting import wait_until
 
-from qa.v1 import qa_pb2, qa_pb2_grpc
-from qacore.answerer import QuestionAnswerer
-from services.batcher import Batcher
-from services.config import BatcherConfig, EngineSpec, ServerConfig
-from services.server import QAServer
+from realtime_qa.qa.v1 import qa_pb2, qa_pb2_grpc
 
 SMALL_PASSAGE = "The Normans gave their name to Normandy, a region in France. Their leader was Rollo."
 SMALL_QUESTION = "Who was the leader of the Normans?"

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from qacore.errors import InvalidInputError
-from qacore.features import (
+from realtime_qa.qacore.errors import InvalidInputError
+from realtime_qa.qacore.features import (
     MAX_PASSAGE_CHARS,
     Featurizer,
     FeaturizerConfig,
@@ -19,9 +18,9 @@ from qacore.features import (
     max_context_windows,
     window_spans,
 )
-from qacore.squad import Question, SquadDataset, read_dataset
-from qacore.squad_metric import normalize_answer
-from qacore.tokenization import load_tokenizer
+from realtime_qa.qacore.squad import Question, SquadDataset, read_dataset
+from realtime_qa.qacore.squad_metric import normalize_answer
+from realtime_qa.qacore.tokenization import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-
-from pipeline.assistant_cli import DEMO_QUESTIONS
+from realtime_qa.pipeline.assistant_cli import DEMO_QUESTIONS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,8 +69,8 @@ def installed_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_the_installed_package_uses_its_own_files(installed_venv: Path, tmp_path: Path) -> None:
     code = (
-        "import qacore, services, builder\n"
-        "from qacore.default_engine import shipped_model_dir\n"
+        "import realtime_qa.qacore as qacore, realtime_qa.services as services, realtime_qa.builder as builder\n"
+        "from realtime_qa.qacore.default_engine import shipped_model_dir\n"
         "print(qacore.__file__); print(services.__file__); print(builder.__file__); print(shipped_model_dir())\n"
     )
     done = subprocess.run(
@@ -85,7 +84,39 @@ def test_the_installed_package_uses_its_own_files(installed_venv: Path, tmp_path
     assert done.returncode == 0, done.stderr
     paths = done.stdout.split()
     assert all(path.startswith(str(installed_venv)) and "site-packages" in path for path in paths), paths
-    assert paths[-1].endswith("realtime_qa_models/minilm-l6-squad")
+    assert paths[-1].endswith("realtime_qa/models/minilm-l6-squad")
+
+
+FOLDERS = ("qacore", "services", "pipeline", "builder", "training", "benchmarks", "models", "qa", "assistant", "asr")
+
+
+def test_the_installed_package_has_one_top_level_name(installed_venv: Path, tmp_path: Path) -> None:
+    """Everything of ours is under `realtime_qa`: a user's own `services` or `qacore` package stays theirs."""
+    for folder in FOLDERS:  # the user's packages of the same names, first on the path
+        (tmp_path / "theirs" / folder).mkdir(parents=True)
+        (tmp_path / "theirs" / folder / "__init__.py").write_text("OWNER = 'user'\n")
+    code = (
+        "import importlib\n"
+        f"print(all(importlib.import_module(name).OWNER == 'user' for name in {FOLDERS!r}))\n"
+        "import realtime_qa.services.server, realtime_qa.pipeline.assistant_cli, realtime_qa.builder.cli\n"
+        "print(realtime_qa.services.server.__file__)\n"
+    )
+    done = subprocess.run(
+        [str(installed_venv / "bin" / "python"), "-c", code],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path / "theirs")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    theirs_win, server_file = done.stdout.split()
+    assert theirs_win == "True"
+    assert server_file.startswith(str(installed_venv))
+    top_level = sorted(installed_venv.glob("lib/python*/site-packages/realtime_qa-*.dist-info/top_level.txt"))
+    if top_level:  # written by setuptools for regular installs
+        assert top_level[0].read_text().split() == ["realtime_qa"]
 
 
 def test_the_installed_cli_answers_the_demo_questions(installed_venv: Path, tmp_path: Path) -> None:

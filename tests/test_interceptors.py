@@ -15,13 +15,13 @@ from typing import Any
 import grpc
 import pytest
 from prometheus_client import CollectorRegistry, Counter
+from realtime_qa.services.config import EngineSpec, ServerConfig
+from realtime_qa.services.errors import InvalidRequestError
+from realtime_qa.services.interceptors import CallTracker, InvalidMessage, server_interceptors
+from realtime_qa.services.logctx import LOG_FORMAT, RequestIdFilter, escape_log_text
+from realtime_qa.services.server import QAServer
 
-from qa.v1 import qa_pb2, qa_pb2_grpc
-from services.config import EngineSpec, ServerConfig
-from services.errors import InvalidRequestError
-from services.interceptors import CallTracker, InvalidMessage, server_interceptors
-from services.logctx import LOG_FORMAT, RequestIdFilter, escape_log_text
-from services.server import QAServer
+from realtime_qa.qa.v1 import qa_pb2, qa_pb2_grpc
 
 Code = grpc.StatusCode
 PASSAGE = "The Normans gave their name to Normandy, a region in France. Their leader was Rollo."

@@ -17,9 +17,8 @@ from typing import Any
 import pytest
 import yaml
 from deploy_support import REPO, Process, free_port, port_open, scrape, spawn, start_replica, wait_for, wait_serving
-
-from pipeline.client import ClientConfig, QAClient, Question, RetryPolicy
-from qacore.latency import STAGES
+from realtime_qa.pipeline.client import ClientConfig, QAClient, Question, RetryPolicy
+from realtime_qa.qacore.latency import STAGES
 
 pytestmark = pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs Debian's prometheus")
 

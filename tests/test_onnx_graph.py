@@ -8,14 +8,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-
-from builder.checkpoint import Checkpoint, expected_shapes, load_checkpoint
-from builder.onnx_graph import GraphOptions, build_graph, save_graph
-from qacore.config import ModelConfig
-from qacore.engine import EngineMeta
-from qacore.features import EngineInputs, Featurizer
-from qacore.squad import read_dataset
-from qacore.tokenization import load_tokenizer
+from realtime_qa.builder.checkpoint import Checkpoint, expected_shapes, load_checkpoint
+from realtime_qa.builder.onnx_graph import GraphOptions, build_graph, save_graph
+from realtime_qa.qacore.config import ModelConfig
+from realtime_qa.qacore.engine import EngineMeta
+from realtime_qa.qacore.features import EngineInputs, Featurizer
+from realtime_qa.qacore.squad import read_dataset
+from realtime_qa.qacore.tokenization import load_tokenizer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -8,16 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from builder.build import BuildConfig, build_engine
-from qacore.backends.onnxruntime import OrtEngine
-from qacore.decoding import decode
-from qacore.engine import EngineMeta, EngineOutputs
-from qacore.errors import EngineError
-from qacore.factory import EngineOptions, load_engine
-from qacore.features import EngineInputs, Features, Featurizer
-from qacore.squad import read_dataset
-from qacore.tokenization import load_tokenizer
+from realtime_qa.builder.build import BuildConfig, build_engine
+from realtime_qa.qacore.backends.onnxruntime import OrtEngine
+from realtime_qa.qacore.decoding import decode
+from realtime_qa.qacore.engine import EngineMeta, EngineOutputs
+from realtime_qa.qacore.errors import EngineError
+from realtime_qa.qacore.factory import EngineOptions, load_engine
+from realtime_qa.qacore.features import EngineInputs, Features, Featurizer
+from realtime_qa.qacore.squad import read_dataset
+from realtime_qa.qacore.tokenization import load_tokenizer
 
 AGREEMENT_QUESTIONS = 50  # every 200th dev question: spread over the whole set, and quick
 
@@ -65,7 +64,7 @@ def test_engine_meta_describes_the_build(fp32_engine: OrtEngine, shipped_model_d
     import onnxruntime
 
     assert meta.backend_version == onnxruntime.__version__
-    from builder.checkpoint import checkpoint_sha256
+    from realtime_qa.builder.checkpoint import checkpoint_sha256
 
     assert meta.source_sha256 == checkpoint_sha256(shipped_model_dir)
 
@@ -182,7 +181,7 @@ def test_engine_file_that_is_not_onnx(ort_fp32_engine_dir: Path, tmp_path: Path)
     with pytest.raises(EngineError, match="is corrupt: its SHA-256") as error:
         load_engine(engine_dir)  # refused by the hash recorded at build time
     assert "\n" not in str(error.value)
-    from qacore.files import sha256_file
+    from realtime_qa.qacore.files import sha256_file
 
     edit_meta(engine_dir, engine_sha256=sha256_file(engine_dir / "model.onnx"))  # a garbage file that checks out
     with pytest.raises(EngineError, match="ONNX Runtime cannot load") as error:
@@ -197,7 +196,7 @@ def test_backend_that_is_not_installed(
 
     engine_dir = copy_engine(ort_fp32_engine_dir, tmp_path)
     edit_meta(engine_dir, backend="tensorrt")
-    monkeypatch.setitem(sys.modules, "qacore.backends.tensorrt", None)
+    monkeypatch.setitem(sys.modules, "realtime_qa.qacore.backends.tensorrt", None)
     with pytest.raises(EngineError, match="needs the tensorrt backend, which cannot be loaded here"):
         load_engine(engine_dir)
 
@@ -271,7 +270,7 @@ def test_int8_rebuild_reuses_the_calibration_cache(
     stale["key"]["source_sha256"] = "0" * 64
     other_cache = tmp_path / "other.json"
     other_cache.write_text(json.dumps(stale))
-    from qacore.errors import InvalidInputError
+    from realtime_qa.qacore.errors import InvalidInputError
 
     with pytest.raises(InvalidInputError, match="does not match this build and no --squad-json"):
         build_engine(
@@ -287,10 +286,9 @@ def test_tensorrt_int8_graph_is_symmetric_qdq(
     import onnx
     import onnxruntime as ort
     from onnx import numpy_helper
-
-    from builder.checkpoint import load_checkpoint
-    from builder.onnx_graph import save_graph
-    from builder.onnxruntime_build import quantize_qdq_for_tensorrt
+    from realtime_qa.builder.checkpoint import load_checkpoint
+    from realtime_qa.builder.onnx_graph import save_graph
+    from realtime_qa.builder.onnxruntime_build import quantize_qdq_for_tensorrt
 
     config = BuildConfig(
         checkpoint=shipped_model_dir,
@@ -321,7 +319,7 @@ def test_tensorrt_int8_graph_is_symmetric_qdq(
 
 
 def test_calibration_batches_fit_short_engines(shipped_model_dir: Path, squad_dir: Path) -> None:
-    from builder.calibration import SquadCalibrationReader, calibration_batches
+    from realtime_qa.builder.calibration import SquadCalibrationReader, calibration_batches
 
     batches = list(calibration_batches(squad_dir / "dev-v1.1.json.gz", shipped_model_dir, 5, max_seq_length=64))
     assert len(batches) == 5  # one batch per question, holding all its windows

@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-from benchmarks.cli import main
+from realtime_qa.benchmarks.cli import main
 
 pytestmark = pytest.mark.slow
 
@@ -15,7 +14,7 @@ pytestmark = pytest.mark.slow
 def test_pipeline_bench_one_process_smoke(
     engine_dir: Path, squad_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    json_out, md_out = tmp_path / "pipeline.json", tmp_path / "pipeline.md"
+    json_out, md_out = tmp_path / "realtime_qa.pipeline.json", tmp_path / "realtime_qa.pipeline.md"
     argv = [
         "--log-level", "WARNING", "pipeline", "--one-process",
         "--squad", str(squad_dir / "dev-v1.1.json.gz"), "--paragraphs", "2", "--questions", "2", "--rounds", "1",

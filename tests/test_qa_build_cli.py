@@ -12,23 +12,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from builder.checkpoint import load_checkpoint
-from builder.cli import main
-from builder.defaults import ensure_default_engine
-from qacore.default_engine import (
+from realtime_qa.builder.checkpoint import load_checkpoint
+from realtime_qa.builder.cli import main
+from realtime_qa.builder.defaults import ensure_default_engine
+from realtime_qa.qacore.default_engine import (
     DefaultEngineSpec,
     find_default_engine,
     is_current,
     model_fingerprint,
     resolve_default_engine,
 )
-from qacore.default_engine import shipped_model_dir as shipped_model_dir_of_package
-from qacore.engine import EngineMeta
-from qacore.errors import EngineError
-from qacore.factory import load_engine
-from qacore.features import Featurizer
-from qacore.tokenization import load_tokenizer, vocab_sha256
+from realtime_qa.qacore.default_engine import shipped_model_dir as shipped_model_dir_of_package
+from realtime_qa.qacore.engine import EngineMeta
+from realtime_qa.qacore.errors import EngineError
+from realtime_qa.qacore.factory import load_engine
+from realtime_qa.qacore.features import Featurizer
+from realtime_qa.qacore.tokenization import load_tokenizer, vocab_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 TF_TINY = Path(__file__).parent / "data" / "tf_bert_tiny"
@@ -89,7 +88,7 @@ def test_tensorflow_checkpoint_with_nvidia_style_options(tmp_path: Path, capsys:
     assert (meta.model_config.hidden_size, meta.model_id) == (8, "tf_bert_tiny")
     with load_engine(out_dir) as engine:
         ids = np.array([[2, 7, 8, 3, 9, 10, 3, 0]], np.int32)
-        from qacore.features import EngineInputs
+        from realtime_qa.qacore.features import EngineInputs
 
         outputs = engine.infer(
             EngineInputs(ids, np.array([[0, 0, 0, 0, 1, 1, 1, 0]], np.int32), (ids > 0).astype(np.int32))
@@ -188,7 +187,7 @@ def test_console_entry_point_exit_status(tmp_path: Path) -> None:
     """The real process: exit status and stderr a shell script would see."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run(
-        [sys.executable, "-m", "builder.cli", "-m", str(tmp_path), "-o", str(tmp_path / "e"), "--int8"],
+        [sys.executable, "-m", "realtime_qa.builder.cli", "-m", str(tmp_path), "-o", str(tmp_path / "e"), "--int8"],
         capture_output=True,
         text=True,
         env=env,

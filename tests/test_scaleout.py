@@ -28,9 +28,16 @@ from deploy_support import (
     wait_for,
     wait_serving,
 )
-
-from benchmarks.serve_bench import DEFAULT_SQUAD, ServeBenchConfig, closed_loop, load_questions, sender
-from pipeline.client import Answer, AnswerFailure, ClientConfig, QAClient, QAClientError, Question, RetryPolicy
+from realtime_qa.benchmarks.serve_bench import DEFAULT_SQUAD, ServeBenchConfig, closed_loop, load_questions, sender
+from realtime_qa.pipeline.client import (
+    Answer,
+    AnswerFailure,
+    ClientConfig,
+    QAClient,
+    QAClientError,
+    Question,
+    RetryPolicy,
+)
 
 pytestmark = [
     pytest.mark.slow,

@@ -23,10 +23,9 @@ import pytest_asyncio
 from deploy_support import Certificates, make_ca, start_replica, wait_for, wait_serving
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-
-from pipeline.client import ClientConfig, QAClient, QAClientError, Question, RetryPolicy
-from services.config import EngineSpec, ServerConfig
-from services.server import QAServer
+from realtime_qa.pipeline.client import ClientConfig, QAClient, QAClientError, Question, RetryPolicy
+from realtime_qa.services.config import EngineSpec, ServerConfig
+from realtime_qa.services.server import QAServer
 
 pytestmark = pytest.mark.skipif(
     shutil.which("openssl") is None, reason="needs the openssl command for the throwaway CA"
@@ -235,9 +234,10 @@ async def test_sighup_reloads_the_token_file(engine_dir: Path, tmp_path: Path) -
 async def test_the_chain_servers_use_the_same_authentication(secure: SecureServer, tmp_path: Path) -> None:
     """A chain stage server (the response stage; the assistant.v1 front is built the same way by qa-pipeline's
     --tls-*/--auth-token-file flags) with mutual TLS and tokens from `ServerSecurity`."""
-    from response.v1 import response_pb2, response_pb2_grpc
-    from services.auth import AuthInterceptor, ServerSecurity
-    from services.response_service import ReplyMaker, ResponderConfig, response_server
+    from realtime_qa.services.auth import AuthInterceptor, ServerSecurity
+    from realtime_qa.services.response_service import ReplyMaker, ResponderConfig, response_server
+
+    from realtime_qa.response.v1 import response_pb2, response_pb2_grpc
 
     token_file = tmp_path / "tokens"
     token_file.write_text(TOKENS[0] + "\n", encoding="utf-8")
@@ -269,7 +269,7 @@ async def test_the_chain_servers_use_the_same_authentication(secure: SecureServe
 
 
 def test_qa_pipeline_refuses_half_a_tls_setup_in_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    from pipeline.pipeline_cli import config_from_args
+    from realtime_qa.pipeline.pipeline_cli import config_from_args
 
     for argv, message in (
         (["--tls-client-ca", str(tmp_path / "ca.pem")], "needs the server's own --tls-cert"),

@@ -8,13 +8,20 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-
-from pipeline.client import Answer, AnswerFailure, AnswerOptions, ClientConfig, QAClient, Question, RetryPolicy
-from qacore.answerer import QuestionAnswerer
-from qacore.squad import read_dataset
-from services.config import EngineSpec, ServerConfig
-from services.logctx import RequestIdFilter
-from services.server import QAServer
+from realtime_qa.pipeline.client import (
+    Answer,
+    AnswerFailure,
+    AnswerOptions,
+    ClientConfig,
+    QAClient,
+    Question,
+    RetryPolicy,
+)
+from realtime_qa.qacore.answerer import QuestionAnswerer
+from realtime_qa.qacore.squad import read_dataset
+from realtime_qa.services.config import EngineSpec, ServerConfig
+from realtime_qa.services.logctx import RequestIdFilter
+from realtime_qa.services.server import QAServer
 
 PASSAGE = (
     "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, a region in "
@@ -212,7 +219,7 @@ class RecordingHandler(logging.Handler):
 
 async def test_request_id_from_metadata_is_in_every_log_line(server: QAServer) -> None:
     handler = RecordingHandler()
-    logger = logging.getLogger("services")
+    logger = logging.getLogger("realtime_qa.services")
     logger.addHandler(handler)
     level = logger.level
     logger.setLevel(logging.DEBUG)

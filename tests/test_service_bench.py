@@ -6,11 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-
-from benchmarks.cli import main as qa_bench
-from benchmarks.serve_bench import ServeBenchConfig, markdown_table, run
-from services.config import EngineSpec, ServerConfig
-from services.server import QAServer
+from realtime_qa.benchmarks.cli import main as qa_bench
+from realtime_qa.benchmarks.serve_bench import ServeBenchConfig, markdown_table, run
+from realtime_qa.services.config import EngineSpec, ServerConfig
+from realtime_qa.services.server import QAServer
 
 
 async def test_closed_loop_over_unary_calls(engine_dir: Path, squad_dir: Path) -> None:

@@ -9,9 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from services.config import EngineSpec, ServerConfig
-from services.server import QAServer
+from realtime_qa.services.config import EngineSpec, ServerConfig
+from realtime_qa.services.server import QAServer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,7 +50,7 @@ def test_bad_tls_certificates_are_one_line_naming_the_problem(tmp_path: Path) ->
     ]
     for cert_file, key_file, message in cases:
         result = subprocess.run(
-            [sys.executable, "-m", "services.cli", "--port", "0", "--engine", str(tmp_path / "unused"),
+            [sys.executable, "-m", "realtime_qa.services.cli", "--port", "0", "--engine", str(tmp_path / "unused"),
              "--tls-cert", str(cert_file), "--tls-key", str(key_file)],
             capture_output=True, text=True, timeout=120, cwd=REPO,
         )  # fmt: skip

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from services.batcher import BatcherConfig
-from services.config import DEFAULT_PORT, EngineSpec, ServerConfig, config_from_args
+from realtime_qa.services.batcher import BatcherConfig
+from realtime_qa.services.config import DEFAULT_PORT, EngineSpec, ServerConfig, config_from_args
 
 
 def test_no_flags_serve_the_default_model_on_loopback() -> None:
@@ -77,7 +76,7 @@ def test_bad_values_exit_with_one_line(
 def test_every_setting_is_declared_once_and_reaches_flag_and_environment() -> None:
     """The parser and the environment mapping are derived from the dataclass declarations: every
     declared field has a flag and a variable, and setting either one changes that field."""
-    from services.config import build_parser, declared_settings
+    from realtime_qa.services.config import build_parser, declared_settings
 
     help_text = build_parser().format_help()
     for declared in declared_settings():

@@ -9,9 +9,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from waiting import wait_until
-
-from pipeline.client import (
+from realtime_qa.pipeline.client import (
     Answer,
     AnswerFailure,
     AnswerOptions,
@@ -21,12 +19,14 @@ from pipeline.client import (
     Question,
     RetryPolicy,
 )
-from qa.v1 import qa_pb2, qa_pb2_grpc
-from qacore.errors import EngineError, InvalidInputError
-from services.batcher import Batcher, BatcherConfig
-from services.config import EngineSpec, ServerConfig
-from services.errors import BatchFailedError, QueueFullError, status_of
-from services.server import QAServer
+from realtime_qa.qacore.errors import EngineError, InvalidInputError
+from realtime_qa.services.batcher import Batcher, BatcherConfig
+from realtime_qa.services.config import EngineSpec, ServerConfig
+from realtime_qa.services.errors import BatchFailedError, QueueFullError, status_of
+from realtime_qa.services.server import QAServer
+from waiting import wait_until
+
+from realtime_qa.qa.v1 import qa_pb2, qa_pb2_grpc
 
 PASSAGE = (
     "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, a region in "

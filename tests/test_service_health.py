@@ -10,11 +10,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from realtime_qa.pipeline.client import ClientConfig, QAClient, QAClientError, RetryPolicy
+from realtime_qa.services.config import EngineSpec, ServerConfig
+from realtime_qa.services.server import QAServer, model_health_name
 from waiting import wait_until
-
-from pipeline.client import ClientConfig, QAClient, QAClientError, RetryPolicy
-from services.config import EngineSpec, ServerConfig
-from services.server import QAServer, model_health_name
 
 PASSAGE = "The Normans gave their name to Normandy, a region in France. Their leader was Rollo."
 SERVICE = "qa.v1.QuestionAnswering"

@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from deploy_support import Process, free_port, start_redis
-
-from qacore.features import EncodedPassage
-from services.errors import NotServingError, UnknownPassageError
-from services.passages import (
+from realtime_qa.qacore.features import EncodedPassage
+from realtime_qa.services.errors import NotServingError, UnknownPassageError
+from realtime_qa.services.passages import (
     ENCODING_HEADER,
     PassageCache,
     RedisPassageStore,

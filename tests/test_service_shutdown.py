@@ -11,11 +11,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from realtime_qa.pipeline.client import Answer, ClientConfig, QAClient, QAClientError, Question, RetryPolicy
+from realtime_qa.services.config import EngineSpec, ServerConfig
+from realtime_qa.services.server import QAServer
 from waiting import wait_until
-
-from pipeline.client import Answer, ClientConfig, QAClient, QAClientError, Question, RetryPolicy
-from services.config import EngineSpec, ServerConfig
-from services.server import QAServer
 
 REPO = Path(__file__).resolve().parents[1]
 PASSAGE = (

@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from qacore.errors import InvalidInputError
-from qacore.squad import (
+from realtime_qa.qacore.errors import InvalidInputError
+from realtime_qa.qacore.squad import (
     SquadDataset,
     read_dataset,
     read_na_probs,
@@ -18,7 +17,7 @@ from qacore.squad import (
     write_na_probs,
     write_predictions,
 )
-from qacore.squad_metric import (
+from realtime_qa.qacore.squad_metric import (
     evaluate,
     exact_match,
     f1_v1,

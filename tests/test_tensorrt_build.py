@@ -15,21 +15,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from builder.build import BuildConfig, build_engine
-from builder.checkpoint import load_checkpoint
-from builder.onnx_graph import GraphOptions, save_graph
-from builder.tensorrt_build import (
+from realtime_qa.builder.build import BuildConfig, build_engine
+from realtime_qa.builder.checkpoint import load_checkpoint
+from realtime_qa.builder.onnx_graph import GraphOptions, save_graph
+from realtime_qa.builder.tensorrt_build import (
     PLAN_FILE,
     ProfileShape,
     TensorRTBuildOptions,
     build_tensorrt_plan,
     profile_shapes,
 )
-from qacore.backends.tensorrt import ProfileRange, choose_profile, plan_library
-from qacore.engine import EngineMeta
-from qacore.errors import EngineError
-from qacore.factory import load_engine
+from realtime_qa.qacore.backends.tensorrt import ProfileRange, choose_profile, plan_library
+from realtime_qa.qacore.engine import EngineMeta
+from realtime_qa.qacore.errors import EngineError
+from realtime_qa.qacore.factory import load_engine
 
 PROFILES = (ProfileShape(1, 128), ProfileShape(8, 384))
 needs_builder = pytest.mark.skipif(
@@ -158,8 +157,7 @@ def test_cuda_python_buffers_copy_and_replay_a_graph() -> None:
     """The runtime's cuda-python half (pinned memory, async copies, graph capture and replay), on a GPU."""
     pytest.importorskip("cuda.bindings")
     from cuda.bindings import runtime as cudart
-
-    from qacore.backends.tensorrt import CudaBuffers, CudaGraph, check
+    from realtime_qa.qacore.backends.tensorrt import CudaBuffers, CudaGraph, check
 
     if cudart.cudaGetDeviceCount()[0] != cudart.cudaError_t.cudaSuccess:
         pytest.skip("no CUDA device")
@@ -174,7 +172,7 @@ def test_cuda_python_buffers_copy_and_replay_a_graph() -> None:
     rng = np.random.default_rng(0)
     for _ in range(3):
         ids = rng.integers(0, 30000, size=(3, 50), dtype=np.int32)
-        from qacore.features import EngineInputs
+        from realtime_qa.qacore.features import EngineInputs
 
         buffers.stage(EngineInputs(ids, ids, ids))
         target.host[:] = np.nan  # poisoned: every element must be written by the copies

@@ -11,23 +11,23 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from builder.build import BuildConfig, build_engine  # noqa: E402
-from qacore.backends.torch_cuda import (  # noqa: E402
+from realtime_qa.builder.build import BuildConfig, build_engine  # noqa: E402
+from realtime_qa.qacore.backends.torch_cuda import (  # noqa: E402
     TorchCudaEngine,
     TorchEngineConfig,
     batch_buckets,
     load_weights,
     sequence_buckets,
 )
-from qacore.backends.torch_fused import FusedBertForQA  # noqa: E402
-from qacore.backends.torch_network import BertForQA  # noqa: E402
-from qacore.config import ModelConfig  # noqa: E402
-from qacore.engine import Engine, EngineMeta  # noqa: E402
-from qacore.errors import EngineError  # noqa: E402
-from qacore.factory import EngineOptions, load_engine  # noqa: E402
-from qacore.features import EngineInputs, Featurizer  # noqa: E402
-from qacore.squad import read_dataset  # noqa: E402
-from qacore.tokenization import load_tokenizer  # noqa: E402
+from realtime_qa.qacore.backends.torch_fused import FusedBertForQA  # noqa: E402
+from realtime_qa.qacore.backends.torch_network import BertForQA  # noqa: E402
+from realtime_qa.qacore.config import ModelConfig  # noqa: E402
+from realtime_qa.qacore.engine import Engine, EngineMeta  # noqa: E402
+from realtime_qa.qacore.errors import EngineError  # noqa: E402
+from realtime_qa.qacore.factory import EngineOptions, load_engine  # noqa: E402
+from realtime_qa.qacore.features import EngineInputs, Featurizer  # noqa: E402
+from realtime_qa.qacore.squad import read_dataset  # noqa: E402
+from realtime_qa.qacore.tokenization import load_tokenizer  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -169,9 +169,9 @@ def test_gpu_squad_f1_equals_onnxruntime_f1(fp16_engine_dir: Path, ort_fp32_engi
 
     QA_F1_LIMIT=N scores the first N questions only (quick local runs); the claim needs the full set.
     """
-    from qacore.answerer import QuestionAnswerer, featurizer_for_engine
-    from qacore.squad_answering import answer_dataset
-    from qacore.squad_metric import evaluate
+    from realtime_qa.qacore.answerer import QuestionAnswerer, featurizer_for_engine
+    from realtime_qa.qacore.squad_answering import answer_dataset
+    from realtime_qa.qacore.squad_metric import evaluate
 
     dataset = read_dataset(squad_dir / "dev-v1.1.json.gz")
     limit = int(os.environ.get("QA_F1_LIMIT", "0"))

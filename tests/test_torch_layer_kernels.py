@@ -17,12 +17,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from qacore.backends.torch_cuda import TorchCudaEngine, TorchEngineConfig, load_weights  # noqa: E402
-from qacore.backends.torch_spans import NO_SPAN, top_spans_reference  # noqa: E402
-from qacore.engine import EngineMeta  # noqa: E402
-from qacore.features import EngineInputs, Featurizer  # noqa: E402
-from qacore.squad import read_dataset  # noqa: E402
-from qacore.tokenization import load_tokenizer  # noqa: E402
+from realtime_qa.qacore.backends.torch_cuda import TorchCudaEngine, TorchEngineConfig, load_weights  # noqa: E402
+from realtime_qa.qacore.backends.torch_spans import NO_SPAN, top_spans_reference  # noqa: E402
+from realtime_qa.qacore.engine import EngineMeta  # noqa: E402
+from realtime_qa.qacore.features import EngineInputs, Featurizer  # noqa: E402
+from realtime_qa.qacore.squad import read_dataset  # noqa: E402
+from realtime_qa.qacore.tokenization import load_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -46,10 +46,10 @@ def test_layer_fused_kernels_compute_the_fused_module_function_on_any_input() ->
     out = run_interpreted(
         """
         import torch
-        from qacore.config import ModelConfig
-        from qacore.backends.torch_network import BertForQA
-        from qacore.backends.torch_fused import FusedBertForQA
-        from qacore.backends import torch_layer_kernels
+        from realtime_qa.qacore.config import ModelConfig
+        from realtime_qa.qacore.backends.torch_network import BertForQA
+        from realtime_qa.qacore.backends.torch_fused import FusedBertForQA
+        from realtime_qa.qacore.backends import torch_layer_kernels
         config = ModelConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                              intermediate_size=128)
         for seed, (batch, seq) in enumerate(((3, 70), (1, 32))):
@@ -79,7 +79,7 @@ def test_device_span_search_kernel_equals_the_reference() -> None:
     out = run_interpreted(
         """
         import numpy as np, torch
-        from qacore.backends.torch_spans import top_spans, top_spans_reference
+        from realtime_qa.qacore.backends.torch_spans import top_spans, top_spans_reference
         rng = np.random.default_rng(3)
         for batch, seq, band, top_k in ((3, 70, 32, 6), (2, 128, 8, 40), (1, 20, 4, 50)):
             logits = torch.from_numpy(rng.normal(size=(batch, seq, 2)).astype(np.float32))
@@ -179,7 +179,7 @@ def test_cpu_engine_searches_spans_of_its_own_logits(
 
 @pytest.fixture(scope="module")
 def fp16_engine_dir(shipped_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from builder.build import BuildConfig, build_engine
+    from realtime_qa.builder.build import BuildConfig, build_engine
 
     out = tmp_path_factory.mktemp("torch16-layer") / "engine"
     return build_engine(BuildConfig(checkpoint=shipped_model_dir, output=out, backend="torch", fp16=True,
@@ -223,9 +223,9 @@ def test_answers_from_device_spans_equal_answers_from_logits(
     torch_fp32_engine_dir: Path, shipped_model_dir: Path, squad_dir: Path
 ) -> None:
     """The answerer uses an engine's span search when it has one; the answers are those decoded from logits."""
-    from benchmarks.engine_bench import LogitsOnly
-    from qacore.answerer import QuestionAnswerer
-    from qacore.decoding import DecoderConfig, uses_device_spans
+    from realtime_qa.benchmarks.engine_bench import LogitsOnly
+    from realtime_qa.qacore.answerer import QuestionAnswerer
+    from realtime_qa.qacore.decoding import DecoderConfig, uses_device_spans
 
     dataset = read_dataset(squad_dir / "dev-v1.1.json.gz")
     items = [(q.question, p.context) for p, q in dataset.questions(limit=16)]  # enough spans; 40 took 10 s
@@ -247,9 +247,9 @@ def test_answers_from_device_spans_equal_answers_from_logits(
 
 
 def test_decode_spans_refuses_spans_that_do_not_fit_or_are_not_numbers(shipped_model_dir: Path) -> None:
-    from qacore.decoding import decode_spans
-    from qacore.engine import EngineSpans
-    from qacore.errors import EngineFaultError, InvalidInputError
+    from realtime_qa.qacore.decoding import decode_spans
+    from realtime_qa.qacore.engine import EngineSpans
+    from realtime_qa.qacore.errors import EngineFaultError, InvalidInputError
 
     features = Featurizer(load_tokenizer(shipped_model_dir)).featurize("Who wrote it?", "Ada Lovelace wrote it.")
     window = features.windows[0]

@@ -9,14 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from qacore.errors import InvalidInputError
-from qacore.features import Featurizer, FeaturizerConfig
-from qacore.squad import read_dataset
-from qacore.squad_metric import normalize_answer
-from qacore.tokenization import load_tokenizer
-from training.config import TrainConfig
-from training.data import build_eval_set, predict_texts, train_windows
+from realtime_qa.qacore.errors import InvalidInputError
+from realtime_qa.qacore.features import Featurizer, FeaturizerConfig
+from realtime_qa.qacore.squad import read_dataset
+from realtime_qa.qacore.squad_metric import normalize_answer
+from realtime_qa.qacore.tokenization import load_tokenizer
+from realtime_qa.training.config import TrainConfig
+from realtime_qa.training.data import build_eval_set, predict_texts, train_windows
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,8 +86,8 @@ def test_window_arrays_match_the_runtime_batch(featurizer: Featurizer, dev_subse
 
 def test_gold_logits_decode_to_gold_answers(featurizer: Featurizer, dev_subset) -> None:
     """Logits that point at each question's first gold answer score EM 100 through decode and evaluate_v1."""
-    from qacore.features import answer_positions, char_span_to_token_span
-    from qacore.squad_metric import evaluate_v1
+    from realtime_qa.qacore.features import answer_positions, char_span_to_token_span
+    from realtime_qa.qacore.squad_metric import evaluate_v1
 
     eval_set = build_eval_set(dev_subset, featurizer)
     start = np.zeros((len(eval_set.windows), eval_set.windows.width), np.float32)
@@ -111,8 +110,8 @@ def test_gold_logits_decode_to_gold_answers(featurizer: Featurizer, dev_subset) 
 
 def test_teacher_inputs_are_mpnet_pairs_and_logits_align() -> None:
     torch = pytest.importorskip("torch")
-    from qacore.features import SpecialTokens
-    from training.teacher import student_positions, teacher_input_ids
+    from realtime_qa.qacore.features import SpecialTokens
+    from realtime_qa.training.teacher import student_positions, teacher_input_ids
 
     special = SpecialTokens(cls_id=101, sep_id=102, pad_id=0)
     question, passage = [2054, 2003], [1996, 4937, 2938, 1012]
@@ -128,7 +127,7 @@ def test_teacher_inputs_are_mpnet_pairs_and_logits_align() -> None:
 
 def test_distillation_loss_vanishes_only_when_student_matches_teacher() -> None:
     torch = pytest.importorskip("torch")
-    from training.distill import distillation_loss
+    from realtime_qa.training.distill import distillation_loss
 
     generator = torch.Generator().manual_seed(0)
     teacher_start, teacher_end = torch.randn(4, 16, generator=generator), torch.randn(4, 16, generator=generator)
@@ -141,9 +140,9 @@ def test_distillation_loss_vanishes_only_when_student_matches_teacher() -> None:
 @pytest.mark.slow
 def test_cpu_training_steps_reduce_the_loss(shipped_model_dir: Path, featurizer: Featurizer, train_subset, tmp_path):
     torch = pytest.importorskip("torch")
-    from builder.checkpoint import load_checkpoint
-    from qacore.backends.torch_network import BertForQA
-    from training.finetune import TRAIN_LOG, StudentQA, train
+    from realtime_qa.builder.checkpoint import load_checkpoint
+    from realtime_qa.qacore.backends.torch_network import BertForQA
+    from realtime_qa.training.finetune import TRAIN_LOG, StudentQA, train
 
     arrays, _ = train_windows(train_subset.head(4).articles, featurizer)  # one small batch: seconds, not a minute
     checkpoint = load_checkpoint(shipped_model_dir, init_qa_head_seed=0)
@@ -163,7 +162,7 @@ def test_training_config_rejects_unknown_keys(tmp_path: Path) -> None:
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"name": "x", "learning_rat": 1e-4}))
     result = subprocess.run(
-        [sys.executable, "-m", "training.cli", "finetune", "--config", str(path), "--base", "/nonexistent",
+        [sys.executable, "-m", "realtime_qa.training.cli", "finetune", "--config", str(path), "--base", "/nonexistent",
          "--cache-dir", str(tmp_path), "--run-dir", str(tmp_path / "run")],
         capture_output=True, text=True, cwd=REPO, check=False,
     )  # fmt: skip
@@ -177,8 +176,8 @@ def test_checked_in_configs_load() -> None:
 
 
 def test_export_parts_ship_as_the_same_model(shipped_model_dir: Path, tmp_path: Path) -> None:
-    from qacore.errors import CheckpointError
-    from training.runs import pack_export, ship
+    from realtime_qa.qacore.errors import CheckpointError
+    from realtime_qa.training.runs import pack_export, ship
 
     parts = pack_export(shipped_model_dir, tmp_path / "export", part_bytes=8 * 1024 * 1024)
     assert len(parts) > 1 and all(part.stat().st_size <= 8 * 1024 * 1024 for part in parts)
@@ -193,7 +192,7 @@ def test_export_parts_ship_as_the_same_model(shipped_model_dir: Path, tmp_path: 
 
 
 def test_negatives_pair_questions_with_other_articles_and_target_cls(featurizer: Featurizer, train_subset) -> None:
-    from training.negatives import negative_windows, sample_negatives
+    from realtime_qa.training.negatives import negative_windows, sample_negatives
 
     articles = train_subset.articles
     assert len(articles) >= 2
@@ -227,19 +226,19 @@ _PARAGRAPH = (
 
 
 def _question(text: str, answer: str, context: str = _PARAGRAPH, qid: str = "q1"):
-    from qacore.squad import Answer, Question
+    from realtime_qa.qacore.squad import Answer, Question
 
     return Question(qid, text, (Answer(answer, context.index(answer)),))
 
 
 def _article(*paragraphs: tuple[str, tuple]):
-    from qacore.squad import Article, Paragraph
+    from realtime_qa.qacore.squad import Article, Paragraph
 
     return Article("Normans", tuple(Paragraph(context, questions) for context, questions in paragraphs))
 
 
 def test_sentence_spans_cover_each_sentence_once() -> None:
-    from training.negatives import sentence_spans
+    from realtime_qa.training.negatives import sentence_spans
 
     spans = sentence_spans(_PARAGRAPH)
     assert [_PARAGRAPH[s:e] for s, e in spans][
@@ -250,7 +249,7 @@ def test_sentence_spans_cover_each_sentence_once() -> None:
 
 
 def test_sentence_removed_drops_the_answer_sentence_and_keeps_the_rest() -> None:
-    from training.negatives import remove_answer_sentence
+    from realtime_qa.training.negatives import remove_answer_sentence
 
     question = _question("Who swore fealty to King Charles III?", "Rollo")
     rest = remove_answer_sentence(_PARAGRAPH, question)
@@ -265,7 +264,7 @@ def test_sentence_removed_drops_the_answer_sentence_and_keeps_the_rest() -> None
 
 
 def test_find_entities_types_years_numbers_dates_and_names() -> None:
-    from training.negatives import find_entities
+    from realtime_qa.training.negatives import find_entities
 
     text = "When did Rollo meet King Charles III on March 3, 1912 with 1,200 men in Normandy?"
     found = {text[s:e]: kind for s, e, kind in find_entities(text)}
@@ -278,7 +277,7 @@ def test_find_entities_types_years_numbers_dates_and_names() -> None:
 
 
 def test_entity_swap_replaces_an_entity_of_the_paragraph_with_one_of_the_article_it_lacks() -> None:
-    from training.negatives import article_entities, swap_entity
+    from realtime_qa.training.negatives import article_entities, swap_entity
 
     other = "Rollo later fought in Brittany in 925. His son William Longsword ruled after 927."
     entities = article_entities([_PARAGRAPH, other])
@@ -294,7 +293,7 @@ def test_entity_swap_replaces_an_entity_of_the_paragraph_with_one_of_the_article
 
 
 def test_negation_negates_or_flips_to_an_antonym_the_paragraph_lacks() -> None:
-    from training.negatives import negate_question
+    from realtime_qa.training.negatives import negate_question
 
     rng = np.random.default_rng(0)
     drawn = {negate_question("Who was the king of West Francia?", _PARAGRAPH, rng) for _ in range(20)}
@@ -309,7 +308,7 @@ def test_negation_negates_or_flips_to_an_antonym_the_paragraph_lacks() -> None:
 
 
 def test_bm25_picks_the_most_similar_paragraph_without_the_answer() -> None:
-    from training.negatives import Bm25, bm25_distractor
+    from realtime_qa.training.negatives import Bm25, bm25_distractor
 
     question = _question("Who swore fealty to King Charles III?", "Rollo")
     similar = "King Charles III of West Francia received fealty from many lords, in 911 and later."
@@ -326,7 +325,13 @@ def test_bm25_picks_the_most_similar_paragraph_without_the_answer() -> None:
 def test_hard_negatives_on_real_train_data_round_trip_and_target_cls(
     featurizer: Featurizer, train_subset, tmp_path: Path
 ) -> None:
-    from training.negatives import HARD_KINDS, example_windows, hard_negatives, read_examples, write_examples
+    from realtime_qa.training.negatives import (
+        HARD_KINDS,
+        example_windows,
+        hard_negatives,
+        read_examples,
+        write_examples,
+    )
 
     articles = train_subset.articles
     examples, stats = hard_negatives(articles, HARD_KINDS, 0.5, seed=3)
@@ -357,7 +362,7 @@ def test_hard_negatives_on_real_train_data_round_trip_and_target_cls(
 
 
 def _v2_dataset():
-    from qacore.squad import SquadDataset
+    from realtime_qa.qacore.squad import SquadDataset
 
     def article(title: str, questions: list[tuple[str, str | None]]) -> dict:
         context = "Rollo swore fealty in 911 to King Charles."
@@ -391,7 +396,15 @@ def test_article_half_splits_by_article_and_qa_eval_scores_one_half(tmp_path: Pa
     data_file.write_text(json.dumps({"version": "v2.0", "data": dataset.raw_articles}))
     predictions = tmp_path / "pred.json"
     predictions.write_text(json.dumps({"a1": "Rollo", "a2": "", "a3": "x", "a4": "", "b1": "Rollo", "b2": "x"}))
-    command = [sys.executable, "-m", "qacore.eval_cli", str(data_file), str(predictions), "--article-half", "first"]
+    command = [
+        sys.executable,
+        "-m",
+        "realtime_qa.qacore.eval_cli",
+        str(data_file),
+        str(predictions),
+        "--article-half",
+        "first",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, check=True, cwd=REPO)
     scores = json.loads(result.stdout)
     assert scores["total"] == 4 and scores["exact"] == 75.0  # article a only: a3 wrong
@@ -400,7 +413,7 @@ def test_article_half_splits_by_article_and_qa_eval_scores_one_half(tmp_path: Pa
 
 
 def test_threshold_is_tuned_on_the_first_half_and_reported_on_the_second() -> None:
-    from training.calibration import QuestionScore, calibrate, scores_at, tune_threshold
+    from realtime_qa.training.calibration import QuestionScore, calibrate, scores_at, tune_threshold
 
     dataset = _v2_dataset()
     # Unanswerable questions have high null margins except b2; answerable ones low.
@@ -418,7 +431,7 @@ def test_threshold_is_tuned_on_the_first_half_and_reported_on_the_second() -> No
 
 
 def test_returned_confidence_agrees_with_the_decision() -> None:
-    from training.calibration import QuestionScore, returned_confidence
+    from realtime_qa.training.calibration import QuestionScore, returned_confidence
 
     # p_null 0.2, p_span 0.7; margin -1.2 (about ln(0.2 / 0.7)). At threshold -2 the model abstains.
     score = QuestionScore("x", -1.2, 0.7, 0.2)
@@ -429,9 +442,9 @@ def test_returned_confidence_agrees_with_the_decision() -> None:
 
 
 def test_ship_keeps_files_others_add_and_writes_the_threshold(shipped_model_dir: Path, tmp_path: Path) -> None:
-    from builder.checkpoint import read_null_threshold
-    from training.calibration import set_null_threshold
-    from training.runs import pack_export, ship
+    from realtime_qa.builder.checkpoint import read_null_threshold
+    from realtime_qa.training.calibration import set_null_threshold
+    from realtime_qa.training.runs import pack_export, ship
 
     pack_export(shipped_model_dir, tmp_path / "export")
     out = tmp_path / "out"
@@ -456,12 +469,11 @@ def test_self_distillation_targets_are_the_start_model_on_positives_and_cls_on_n
     shipped_model_dir: Path, featurizer: Featurizer, train_subset
 ) -> None:
     import torch
-
-    from builder.checkpoint import load_checkpoint
-    from qacore.backends.torch_network import BertForQA
-    from training.abstain import self_distillation_targets
-    from training.finetune import PAD_LOGIT, StudentQA, window_logits
-    from training.negatives import NegativeExample, example_windows
+    from realtime_qa.builder.checkpoint import load_checkpoint
+    from realtime_qa.qacore.backends.torch_network import BertForQA
+    from realtime_qa.training.abstain import self_distillation_targets
+    from realtime_qa.training.finetune import PAD_LOGIT, StudentQA, window_logits
+    from realtime_qa.training.negatives import NegativeExample, example_windows
 
     positives, _ = train_windows(train_subset.head(3).articles, featurizer)
     paragraph, question = next(train_subset.questions())

@@ -20,17 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from builder.checkpoint import load_checkpoint
-from builder.hf_export import save_hf_model
-from qacore.features import Featurizer
-from qacore.squad import read_dataset
-from qacore.tokenization import load_tokenizer
-from training.calibration import QuestionScore, calibrate, write_scores
-from training.config import TrainConfig
-from training.data import EvalSet, WindowArrays, build_eval_set, predict
-from training.negatives import HARD_KINDS, example_windows, read_examples
-from training.runs import DEV_V2_FILE, EXPORT_DIR, MODEL_DIR, RunPaths, _data, _device, pack_export
+from realtime_qa.builder.checkpoint import load_checkpoint
+from realtime_qa.builder.hf_export import save_hf_model
+from realtime_qa.qacore.features import Featurizer
+from realtime_qa.qacore.squad import read_dataset
+from realtime_qa.qacore.tokenization import load_tokenizer
+from realtime_qa.training.calibration import QuestionScore, calibrate, write_scores
+from realtime_qa.training.config import TrainConfig
+from realtime_qa.training.data import EvalSet, WindowArrays, build_eval_set, predict
+from realtime_qa.training.negatives import HARD_KINDS, example_windows, read_examples
+from realtime_qa.training.runs import DEV_V2_FILE, EXPORT_DIR, MODEL_DIR, RunPaths, _data, _device, pack_export
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +38,7 @@ START_V2_SCORES = "start_v2_scores.json"  # the same of the start model
 
 
 def score_v2(model: Any, eval_set: EvalSet, config: TrainConfig, device: Any) -> dict[str, QuestionScore]:
-    from training.finetune import window_logits
+    from realtime_qa.training.finetune import window_logits
 
     start, end = window_logits(model, eval_set.windows, device, config.eval_batch_size, config.bf16)
     predictions = predict(eval_set, start, end, replace(config.decoder, allow_null=True))
@@ -47,7 +46,7 @@ def score_v2(model: Any, eval_set: EvalSet, config: TrainConfig, device: Any) ->
 
 
 def _evaluate(model: Any, dev_v1: EvalSet, dev_v2: EvalSet, config: TrainConfig, device: Any) -> tuple[dict, dict]:
-    from training.finetune import evaluate_model
+    from realtime_qa.training.finetune import evaluate_model
 
     v1, _ = evaluate_model(model, dev_v1, config, device)
     per_question = score_v2(model, dev_v2, config, device)
@@ -60,8 +59,7 @@ def self_distillation_targets(
     """Soft targets (float16 on the device) for positives + negatives in that order: the start model's logits on
     the positives; [CLS] alone (0 there, PAD_LOGIT elsewhere) on the negatives."""
     import torch
-
-    from training.finetune import PAD_LOGIT, window_logits
+    from realtime_qa.training.finetune import PAD_LOGIT, window_logits
 
     start, end = window_logits(model, positives, device, config.eval_batch_size, config.bf16)
     cls_only = np.full((len(negatives), negatives.width), PAD_LOGIT, dtype=np.float32)
@@ -76,8 +74,8 @@ def self_distillation_targets(
 def run_abstain(
     config: TrainConfig, paths: RunPaths, negatives_file: Path, score_start: bool = False
 ) -> dict[str, Any]:
-    from qacore.backends.torch_network import BertForQA
-    from training.finetune import METRICS, Distillation, StudentQA, train
+    from realtime_qa.qacore.backends.torch_network import BertForQA
+    from realtime_qa.training.finetune import METRICS, Distillation, StudentQA, train
 
     begin = time.perf_counter()
     if config.model != "student":

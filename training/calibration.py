@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from qacore.decoding import Prediction
-from qacore.squad import Question, SquadDataset
-from qacore.squad_metric import evaluate_v2, exact_match, gold_answers_v2
+from realtime_qa.qacore.decoding import Prediction
+from realtime_qa.qacore.squad import Question, SquadDataset
+from realtime_qa.qacore.squad_metric import evaluate_v2, exact_match, gold_answers_v2
 
 CONFIDENCE_BUCKETS = (0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 1.0000001)
 
@@ -158,7 +157,7 @@ def read_scores(path: Path) -> dict[str, QuestionScore]:
 def set_null_threshold(model_dir: Path, threshold: float) -> Path:
     """Write `threshold` into the model's config.json as `qa_null_threshold` (what the builder carries to the
     engine and the decoder uses by default wherever abstaining is allowed)."""
-    from builder.checkpoint import NULL_THRESHOLD_KEY
+    from realtime_qa.builder.checkpoint import NULL_THRESHOLD_KEY
 
     path = model_dir / "config.json"
     config = json.loads(path.read_text(encoding="utf-8"))

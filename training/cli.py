@@ -22,10 +22,10 @@ import logging
 import sys
 from pathlib import Path
 
-from qacore.cli_args import OneLineParser
-from qacore.errors import QAError
-from training.config import TrainConfig
-from training.runs import RunPaths
+from realtime_qa.qacore.cli_args import OneLineParser
+from realtime_qa.qacore.errors import QAError
+from realtime_qa.training.config import TrainConfig
+from realtime_qa.training.runs import RunPaths
 
 DEFAULT_SQUAD_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "squad"
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "models" / "minilm-l6-squad"
@@ -79,7 +79,7 @@ def _paths(args: argparse.Namespace) -> RunPaths:
 
 
 def run(args: argparse.Namespace) -> None:
-    from training import runs
+    from realtime_qa.training import runs
 
     if args.command in ("finetune", "distill", "teacher"):
         config = TrainConfig.from_file(args.config)
@@ -97,21 +97,21 @@ def run(args: argparse.Namespace) -> None:
         summary = runs.run_negatives(config, _paths(args))
         print(json.dumps({"name": config.name, "baseline": summary["baseline"], "tuned": summary["tuned"]}))
     elif args.command == "hard-negatives":
-        from qacore.squad import read_dataset
-        from training.negatives import HARD_KINDS, hard_negatives, write_examples
+        from realtime_qa.qacore.squad import read_dataset
+        from realtime_qa.training.negatives import HARD_KINDS, hard_negatives, write_examples
 
         articles = read_dataset(args.squad_dir / runs.TRAIN_FILE).articles
         examples, stats = hard_negatives(articles, HARD_KINDS, args.rate, args.seed)
         write_examples(args.out, examples)
         print(json.dumps({"out": str(args.out), "attempted": stats.attempted, "made": stats.made}))
     elif args.command == "abstain":
-        from training.abstain import run_abstain
+        from realtime_qa.training.abstain import run_abstain
 
         config = TrainConfig.from_file(args.config)
         summary = run_abstain(config, _paths(args), args.negatives, args.score_start)
         print(json.dumps({"name": config.name, "start": summary["start"], "tuned": summary["tuned"]}))
     elif args.command == "pack-teacher":
-        from training.teacher import pack_teacher
+        from realtime_qa.training.teacher import pack_teacher
 
         for folder in pack_teacher(args.source, args.out, int(args.piece_mib * 1024 * 1024)):
             print(folder)
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> None:
         for file in runs.ship(args.export_dir, args.out):
             print(file)
         if args.null_threshold is not None:
-            from training.calibration import set_null_threshold
+            from realtime_qa.training.calibration import set_null_threshold
 
             print(set_null_threshold(args.out, args.null_threshold))
 

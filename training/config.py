@@ -7,9 +7,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from qacore.decoding import DecoderConfig
-from qacore.errors import InvalidInputError
-from qacore.features import FeaturizerConfig
+from realtime_qa.qacore.decoding import DecoderConfig
+from realtime_qa.qacore.errors import InvalidInputError
+from realtime_qa.qacore.features import FeaturizerConfig
 
 MODELS = ("student", "teacher")
 NEGATIVE_SOURCES = ("other_article", "same_article")

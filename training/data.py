@@ -17,10 +17,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-
-from qacore.decoding import DecoderConfig, Prediction, decode
-from qacore.errors import InvalidInputError
-from qacore.features import (
+from realtime_qa.qacore.decoding import DecoderConfig, Prediction, decode
+from realtime_qa.qacore.errors import InvalidInputError
+from realtime_qa.qacore.features import (
     Features,
     Featurizer,
     FeaturizerConfig,
@@ -28,8 +27,8 @@ from qacore.features import (
     answer_positions,
     char_span_to_token_span,
 )
-from qacore.squad import Article, SquadDataset, read_dataset
-from qacore.tokenization import load_tokenizer, vocab_sha256
+from realtime_qa.qacore.squad import Article, SquadDataset, read_dataset
+from realtime_qa.qacore.tokenization import load_tokenizer, vocab_sha256
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from training.data import WindowArrays
+from realtime_qa.training.data import WindowArrays
 
 TEACHER_LOGITS = "teacher_logits.npy"  # (2, windows, width) float16: start, end
 TEACHER_LOGITS_META = "teacher_logits.json"

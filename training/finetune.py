@@ -21,11 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from realtime_qa.qacore.squad_metric import evaluate_v1, evaluate_v2
+from realtime_qa.training.config import TrainConfig
+from realtime_qa.training.data import EvalSet, WindowArrays, predict, predict_texts
 from torch import nn
-
-from qacore.squad_metric import evaluate_v1, evaluate_v2
-from training.config import TrainConfig
-from training.data import EvalSet, WindowArrays, predict, predict_texts
 
 log = logging.getLogger(__name__)
 
@@ -204,7 +203,7 @@ class Distillation:
     temperature: float
 
     def loss(self, start: torch.Tensor, end: torch.Tensor, batch: Batch) -> torch.Tensor:
-        from training.distill import distillation_loss
+        from realtime_qa.training.distill import distillation_loss
 
         width = start.shape[1]
         teacher_start = mask_padding(self.start[batch.rows, :width], batch.lengths)

@@ -20,12 +20,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from qacore.errors import InvalidInputError
-from qacore.features import EncodedPassage, Featurizer, Window
-from qacore.squad import Article, Question
-from training.config import HARD_NEGATIVE_KINDS, NEGATIVE_SOURCES
-from training.data import WindowArrays, stack_windows
+from realtime_qa.qacore.errors import InvalidInputError
+from realtime_qa.qacore.features import EncodedPassage, Featurizer, Window
+from realtime_qa.qacore.squad import Article, Question
+from realtime_qa.training.config import HARD_NEGATIVE_KINDS, NEGATIVE_SOURCES
+from realtime_qa.training.data import WindowArrays, stack_windows
 
 MAX_DRAWS = 8  # paragraphs tried per negative before it is given up (all held the answer text)
 

@@ -15,16 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from builder.checkpoint import load_checkpoint
-from builder.hf_export import save_hf_model
-from qacore.errors import CheckpointError
-from qacore.features import Featurizer
-from qacore.squad import read_dataset
-from qacore.tokenization import load_tokenizer
-from training.config import TrainConfig
-from training.data import EvalSet, TrainStats, WindowArrays, build_eval_set, cached_train_windows
-from training.model_card import render_model_card
+from realtime_qa.builder.checkpoint import load_checkpoint
+from realtime_qa.builder.hf_export import save_hf_model
+from realtime_qa.qacore.errors import CheckpointError
+from realtime_qa.qacore.features import Featurizer
+from realtime_qa.qacore.squad import read_dataset
+from realtime_qa.qacore.tokenization import load_tokenizer
+from realtime_qa.training.config import TrainConfig
+from realtime_qa.training.data import EvalSet, TrainStats, WindowArrays, build_eval_set, cached_train_windows
+from realtime_qa.training.model_card import render_model_card
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +64,9 @@ def _data(config: TrainConfig, paths: RunPaths) -> tuple[WindowArrays, TrainStat
 
 def run_student(config: TrainConfig, paths: RunPaths, teacher_run: Path | None = None) -> dict[str, Any]:
     """Fine-tune (or distil into) the student, score its float16 export on dev, write model/ and export/."""
-    from qacore.backends.torch_network import BertForQA
-    from training.distill import load_teacher_logits
-    from training.finetune import METRICS, Distillation, StudentQA, evaluate_model, train
+    from realtime_qa.qacore.backends.torch_network import BertForQA
+    from realtime_qa.training.distill import load_teacher_logits
+    from realtime_qa.training.finetune import METRICS, Distillation, StudentQA, evaluate_model, train
 
     begin = time.perf_counter()
     if config.model != "student":
@@ -111,9 +110,9 @@ def run_negatives(config: TrainConfig, paths: RunPaths) -> dict[str, Any]:
     """Tune a trained QA model (`paths.base_dir`, e.g. the shipped one) on SQuAD v1.1 windows plus synthetic
     unanswerable questions (training/negatives.py), plain cross-entropy; score the model it started from and the
     float16 result on SQuAD v1.1 dev (never abstaining) and v2.0 dev (abstaining) in the same process."""
-    from qacore.backends.torch_network import BertForQA
-    from training.finetune import METRICS, StudentQA, evaluate_model, evaluate_model_v2, train
-    from training.negatives import negative_windows
+    from realtime_qa.qacore.backends.torch_network import BertForQA
+    from realtime_qa.training.finetune import METRICS, StudentQA, evaluate_model, evaluate_model_v2, train
+    from realtime_qa.training.negatives import negative_windows
 
     begin = time.perf_counter()
     if config.model != "student" or config.distills or config.negatives_per_question <= 0:
@@ -176,9 +175,9 @@ def run_negatives(config: TrainConfig, paths: RunPaths) -> dict[str, Any]:
 
 def run_teacher(config: TrainConfig, paths: RunPaths, piece_dirs: list[Path]) -> dict[str, Any]:
     """Fine-tune the MPNet teacher on the student's windows, score it, and save its logits on every training window."""
-    from training.distill import save_teacher_logits
-    from training.finetune import METRICS, train, window_logits
-    from training.teacher import load_teacher, verify_pieces
+    from realtime_qa.training.distill import save_teacher_logits
+    from realtime_qa.training.finetune import METRICS, train, window_logits
+    from realtime_qa.training.teacher import load_teacher, verify_pieces
 
     begin = time.perf_counter()
     if config.model != "teacher":

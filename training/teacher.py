@@ -21,9 +21,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from realtime_qa.qacore.features import SpecialTokens
 from torch import nn
-
-from qacore.features import SpecialTokens
 
 MPNET_ID_SHIFT = 4
 MPNET_BOS, MPNET_PAD, MPNET_EOS = 0, 1, 2

@@ -1,6 +1,6 @@
 """CPU cost of decoding one question from logits (`decode`) vs from the device span search (`decode_spans`).
 
-    python -m benchmarks.device.decode_cpu_bench [--questions 150]
+    python -m realtime_qa.benchmarks.device.decode_cpu_bench [--questions 150]
 
 The span search itself runs here as its plain-torch reference (on a GPU it is a Triton kernel inside the
 engine's CUDA graph): only the host-side decoding that each path leaves to the CPU is timed, per question,
@@ -17,17 +17,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from benchmarks.engine_bench import SHIPPED_MODEL_DIR
-from builder.build import BuildConfig, build_engine
-from qacore.backends.torch_cuda import TorchCudaEngine, TorchEngineConfig, load_weights, span_flags, spans_from_device
-from qacore.backends.torch_spans import top_spans_reference
-from qacore.batching import pad_batch
-from qacore.decoding import DecoderConfig, decode, decode_spans, span_masks
-from qacore.engine import EngineMeta
-from qacore.features import Featurizer
-from qacore.squad import read_dataset
-from qacore.tokenization import load_tokenizer
+from realtime_qa.benchmarks.engine_bench import SHIPPED_MODEL_DIR
+from realtime_qa.builder.build import BuildConfig, build_engine
+from realtime_qa.qacore.backends.torch_cuda import (
+    TorchCudaEngine,
+    TorchEngineConfig,
+    load_weights,
+    span_flags,
+    spans_from_device,
+)
+from realtime_qa.qacore.backends.torch_spans import top_spans_reference
+from realtime_qa.qacore.batching import pad_batch
+from realtime_qa.qacore.decoding import DecoderConfig, decode, decode_spans, span_masks
+from realtime_qa.qacore.engine import EngineMeta
+from realtime_qa.qacore.features import Featurizer
+from realtime_qa.qacore.squad import read_dataset
+from realtime_qa.qacore.tokenization import load_tokenizer
 
 DEFAULT_SQUAD = Path(__file__).resolve().parents[3] / "shared" / "data" / "squad" / "dev-v1.1.json.gz"
 

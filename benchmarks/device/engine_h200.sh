@@ -14,15 +14,15 @@ step tests
 timeout ${TESTS_S:-150} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_torch_layer_kernels.py \
   tests/test_torch_engine.py -k "not squad_f1" 2>&1 | tail -25 | tee $OUT/tests.txt
 step engine shipped
-timeout ${SHIPPED_S:-200} python3 -m benchmarks.engine_bench --models shipped --batch-sizes 1,8,32,128 \
+timeout ${SHIPPED_S:-200} python3 -m realtime_qa.benchmarks.engine_bench --models shipped --batch-sizes 1,8,32,128 \
   --seq-lengths 128,384 --variants hf_eager,torch_graphs,fused,layer,layer_spans --profile-shapes 1x128 \
   --block-sweep 1x128 --e2e-squad $SQUAD --e2e-questions 300 --min-time 0.2 \
   --out $OUT/engine_h200_shipped.json 2>&1 | grep -v " INFO " | tail -60
 step engine bert-large
-timeout ${LARGE_S:-120} python3 -m benchmarks.engine_bench --models bert-large --batch-sizes 1,32 \
+timeout ${LARGE_S:-120} python3 -m realtime_qa.benchmarks.engine_bench --models bert-large --batch-sizes 1,32 \
   --seq-lengths 128,384 --variants hf_eager,fused,layer,layer_spans --min-time 0.2 \
   --out $OUT/engine_h200_large.json 2>&1 | grep -v " INFO " | tail -30
 step f1
-timeout ${F1_S:-150} python3 -m benchmarks.device.squad_f1 --squad $SQUAD --out $OUT/engine_h200_squad_f1.json \
+timeout ${F1_S:-150} python3 -m realtime_qa.benchmarks.device.squad_f1 --squad $SQUAD --out $OUT/engine_h200_squad_f1.json \
   ${F1_ARGS:-} 2>&1 | grep -v "INFO\|Warning" | tail -12
 step done

@@ -10,8 +10,8 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee $OUT/env.
 python3 -c "import torch, grpc, google.protobuf as p; print(torch.__version__, grpc.__version__, p.__version__)" | tee -a $OUT/env.txt
 python3 scripts/gen_protos.py || exit 1
 mkdir -p ../shared/data/squad && cp .carry/serve/dev-v1.1.json.gz ../shared/data/squad/
-python3 -m builder.cli -m models/minilm-l6-squad -o /tmp/eng-torch --backend torch --fp16 -b 1 -b 8 -b 32 -s 128 -s 384 --force 2>&1 | tail -2
+python3 -m realtime_qa.builder.cli -m models/minilm-l6-squad -o /tmp/eng-torch --backend torch --fp16 -b 1 -b 8 -b 32 -s 128 -s 384 --force 2>&1 | tail -2
 nproc | tee -a $OUT/env.txt
-timeout 330 python3 -m benchmarks.cli serve --engine /tmp/eng-torch --compare-batching --concurrency 1,8,32,128 \
+timeout 330 python3 -m realtime_qa.benchmarks.cli serve --engine /tmp/eng-torch --compare-batching --concurrency 1,8,32,128 \
   --max-batch-size 32 --duration-s 6 --warmup-s 2 ${EXTRA:-} \
   --json-out $OUT/serve_h100.json --markdown-out $OUT/serve_h100.md 2>&1 | tee $OUT/serve.log | grep -v " INFO " | tail -30

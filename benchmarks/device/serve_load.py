@@ -1,7 +1,7 @@
 """Closed-loop load on a running `qa-serve` from several client processes (one Python client process tops
 out near the bare grpc.aio echo rate, ~7,000 calls/s, so 10,000 answers/s needs more than one).
 
-    python3 -m benchmarks.device.serve_load --target 127.0.0.1:50051 --concurrency 256 --processes 8 \
+    python3 -m realtime_qa.benchmarks.device.serve_load --target 127.0.0.1:50051 --concurrency 256 --processes 8 \
         --squad dev-v1.1.json.gz --out load.json [--passage-ids]
 
 Each process runs `qa-bench serve`'s closed loop (`benchmarks.serve_bench.closed_loop`) with its share
@@ -21,14 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from benchmarks.report import percentile_summary
+from realtime_qa.benchmarks.report import percentile_summary
 
 
 def _client(target: str, squad: str, questions: int, concurrency: int, duration: float, warmup: float,
             passage_ids: bool, offset: int) -> dict[str, Any]:  # fmt: skip
-    from benchmarks.serve_bench import ServeBenchConfig, closed_loop, load_questions
-    from pipeline.client import ClientConfig, QAClient, Question, RetryPolicy
+    from realtime_qa.benchmarks.serve_bench import ServeBenchConfig, closed_loop, load_questions
+    from realtime_qa.pipeline.client import ClientConfig, QAClient, Question, RetryPolicy
 
     async def run() -> dict[str, Any]:
         config = ServeBenchConfig(target=target, duration_s=duration, warmup_s=warmup)

@@ -1,6 +1,6 @@
 """SQuAD v1.1 dev F1 through each GPU engine path of the shipped model (run on the GPU machine).
 
-    python3 -m benchmarks.device.squad_f1 --squad dev-v1.1.json.gz --out squad_f1.json [--with-onnxruntime]
+    python3 -m realtime_qa.benchmarks.device.squad_f1 --squad dev-v1.1.json.gz --out squad_f1.json [--with-onnxruntime]
 
 Paths: the previous engine (`layer_fusion=False`, logits decoded on the CPU), the layer-fused engine
 with logits decoded on the CPU, and the layer-fused engine with the span search on the device (what
@@ -16,16 +16,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.engine_bench import SHIPPED_MODEL_DIR, LogitsOnly
-from builder.build import BuildConfig, build_engine
-from qacore.answerer import QuestionAnswerer
-from qacore.backends.torch_cuda import TorchCudaEngine, TorchEngineConfig, load_weights
-from qacore.bundle import featurizer_for_engine
-from qacore.engine import Engine, EngineMeta
-from qacore.factory import load_engine
-from qacore.squad import read_dataset
-from qacore.squad_answering import answer_dataset
-from qacore.squad_metric import evaluate
+from realtime_qa.benchmarks.engine_bench import SHIPPED_MODEL_DIR, LogitsOnly
+from realtime_qa.builder.build import BuildConfig, build_engine
+from realtime_qa.qacore.answerer import QuestionAnswerer
+from realtime_qa.qacore.backends.torch_cuda import TorchCudaEngine, TorchEngineConfig, load_weights
+from realtime_qa.qacore.bundle import featurizer_for_engine
+from realtime_qa.qacore.engine import Engine, EngineMeta
+from realtime_qa.qacore.factory import load_engine
+from realtime_qa.qacore.squad import read_dataset
+from realtime_qa.qacore.squad_answering import answer_dataset
+from realtime_qa.qacore.squad_metric import evaluate
 
 RECORDED_ONNXRUNTIME_F1 = 86.71  # benchmarks/results/engine_h100.md, full dev, same model
 

@@ -10,11 +10,10 @@ import logging
 from pathlib import Path
 
 import numpy as np
-
-from qacore.engine import Engine, EngineMeta, EngineOutputs
-from qacore.errors import EngineError, EngineFaultError
-from qacore.factory import EngineOptions
-from qacore.features import EngineInputs
+from realtime_qa.qacore.engine import Engine, EngineMeta, EngineOutputs
+from realtime_qa.qacore.errors import EngineError, EngineFaultError
+from realtime_qa.qacore.factory import EngineOptions
+from realtime_qa.qacore.features import EngineInputs
 
 log = logging.getLogger(__name__)
 

@@ -29,11 +29,10 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
-
-from qacore.engine import Engine, EngineMeta, EngineOutputs
-from qacore.errors import EngineError
-from qacore.factory import EngineOptions
-from qacore.features import EngineInputs
+from realtime_qa.qacore.engine import Engine, EngineMeta, EngineOutputs
+from realtime_qa.qacore.errors import EngineError
+from realtime_qa.qacore.factory import EngineOptions
+from realtime_qa.qacore.features import EngineInputs
 
 log = logging.getLogger(__name__)
 

@@ -28,11 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from qacore.engine import Engine, EngineMeta, EngineOutputs, EngineSpans
-from qacore.errors import EngineError
-from qacore.factory import EngineOptions
-from qacore.features import EngineInputs
+from realtime_qa.qacore.engine import Engine, EngineMeta, EngineOutputs, EngineSpans
+from realtime_qa.qacore.errors import EngineError
+from realtime_qa.qacore.factory import EngineOptions
+from realtime_qa.qacore.features import EngineInputs
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +148,7 @@ class _GraphedShape:
         logits = module(self.inputs[0], self.inputs[1], self.inputs[2])
         if self.spans is None:
             return logits
-        from qacore.backends.torch_spans import top_spans
+        from realtime_qa.qacore.backends.torch_spans import top_spans
 
         return top_spans(logits, self.inputs[3], *self.spans)
 
@@ -208,9 +207,8 @@ class TorchCudaEngine(Engine):
 
     def _make_module(self, weights: Mapping[str, np.ndarray]) -> Any:
         import torch
-
-        from qacore.backends.torch_fused import FusedBertForQA, torch_dtype
-        from qacore.backends.torch_network import BertForQA
+        from realtime_qa.qacore.backends.torch_fused import FusedBertForQA, torch_dtype
+        from realtime_qa.qacore.backends.torch_network import BertForQA
 
         dtype = torch_dtype(self.precision)
         config = self.meta.model_config
@@ -287,8 +285,7 @@ class TorchCudaEngine(Engine):
 
     def _eager_spans(self, inputs: EngineInputs, flags: np.ndarray) -> np.ndarray:
         import torch
-
-        from qacore.backends.torch_spans import top_spans, top_spans_reference
+        from realtime_qa.qacore.backends.torch_spans import top_spans, top_spans_reference
 
         logits = torch.from_numpy(self._eager(inputs)).to(self.device)
         device_flags = torch.from_numpy(flags).to(self.device)

@@ -24,9 +24,8 @@ from typing import Any, cast
 import numpy as np
 import torch
 import torch.nn.functional as F
+from realtime_qa.qacore.config import ModelConfig
 from torch import nn
-
-from qacore.config import ModelConfig
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -154,7 +153,7 @@ class FusedBertForQA(nn.Module):
         """Whether forward runs the layer-fused Triton kernels (CUDA, a supported shape, asked for)."""
         if not (self.layer_fusion and self._kernels):
             return False
-        from qacore.backends import torch_layer_kernels
+        from realtime_qa.qacore.backends import torch_layer_kernels
 
         config = self.config
         return torch_layer_kernels.supports(
@@ -163,7 +162,7 @@ class FusedBertForQA(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, segment_ids: torch.Tensor, input_mask: torch.Tensor) -> torch.Tensor:
         if self.runs_layer_kernels:
-            from qacore.backends import torch_layer_kernels
+            from realtime_qa.qacore.backends import torch_layer_kernels
 
             return torch_layer_kernels.forward(self, input_ids, segment_ids, input_mask)
         config = self.config
@@ -265,7 +264,7 @@ _TRITON_OPS: _Ops | None = None
 def _triton_ops() -> _Ops:
     global _TRITON_OPS
     if _TRITON_OPS is None:
-        from qacore.backends import torch_kernels
+        from realtime_qa.qacore.backends import torch_kernels
 
         _TRITON_OPS = _Ops(
             torch_kernels.embed_layernorm, torch_kernels.residual_layernorm, torch_kernels.bias_activation

@@ -32,8 +32,7 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
-
-from qacore.backends.torch_kernels import embedding_sum, layernorm_store
+from realtime_qa.qacore.backends.torch_kernels import embedding_sum, layernorm_store
 
 ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "none": 3}
 MASKED_SCORE = tl.constexpr(-1.0e30)  # a padded key: exp() gives 0 unless every key of the row is padding

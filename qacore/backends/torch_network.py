@@ -13,9 +13,8 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 import torch.nn.functional as F
+from realtime_qa.qacore.config import ModelConfig
 from torch import nn
-
-from qacore.config import ModelConfig
 
 
 def _activation(name: str) -> nn.Module:

@@ -27,7 +27,7 @@ for cfg in "$@"; do
   if [ -e "$W/runs/$cfg.started" ]; then continue; fi
   extra=(); if [ $first = 1 ]; then extra=(--score-start); fi; first=0
   mkdir -p "$W/runs" && touch "$W/runs/$cfg.started"
-  setsid nohup python3 -m training.cli abstain --config "training/configs/$cfg.json" "${extra[@]}" \
+  setsid nohup python3 -m realtime_qa.training.cli abstain --config "training/configs/$cfg.json" "${extra[@]}" \
     --squad-dir "$W/squad" --base models/minilm-l6-squad --cache-dir "$W/cache" --run-dir "$W/runs/$cfg" \
     --negatives .carry/abstain/negatives.jsonl.xz > "$W/logs/$cfg.log" 2>&1 < /dev/null &
 done

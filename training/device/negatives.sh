@@ -12,7 +12,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 pids=()
 for cfg in "$@"; do
-  timeout "$max_seconds" python3 -m training.cli negatives --config "training/configs/$cfg.json" \
+  timeout "$max_seconds" python3 -m realtime_qa.training.cli negatives --config "training/configs/$cfg.json" \
     --squad-dir "$W/squad" --base models/minilm-l6-squad --cache-dir "$W/cache" --run-dir "$W/runs/$cfg" \
     > "$W/logs/$cfg.log" 2>&1 &
   pids+=($!)

@@ -17,7 +17,7 @@ windows, stats = cached_train_windows(Path("/root/qa/squad/train-v1.1.json.gz"),
 print(f"featurized {stats} in {time.perf_counter() - t:.1f} s; mean window {windows.lengths.mean():.1f} tokens")
 PY
 for cfg in "$@"; do
-  launch "$cfg" python3 -m training.cli finetune --config "training/configs/$cfg.json" --squad-dir "$W/squad" \
+  launch "$cfg" python3 -m realtime_qa.training.cli finetune --config "training/configs/$cfg.json" --squad-dir "$W/squad" \
     --base "$W/base" --cache-dir "$W/cache" --run-dir "$W/runs/$cfg"
 done
 sleep 45
