@@ -66,29 +66,12 @@ def engine_dir(ort_fp32_engine_dir: Path) -> Path:
     return ort_fp32_engine_dir
 
 
-INT8_CALIBRATION_QUESTIONS = 40  # from the training set, so dev questions measure INT8 on unseen data
-
-
 @pytest.fixture(scope="session")
-def int8_calibration_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("calibration") / "ranges.json"
+def default_int8_engine_dir(_private_engine_cache: None) -> Path:
+    """The product's default engine (what `qa-build --default`, and every CLI given no engine, uses): the
+    shipped model as an ONNX Runtime INT8 engine from the calibration shipped beside it (SQuAD *training*
+    questions, so dev questions measure it on unseen data). Built once per run, into this run's private
+    cache, where the CLIs and servers under test find it instead of building it again."""
+    from realtime_qa.builder.defaults import ensure_default_engine
 
-
-@pytest.fixture(scope="session")
-def ort_int8_engine_dir(
-    shipped_model_dir: Path, squad_dir: Path, int8_calibration_cache: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Path:
-    """The shipped model as an ONNX Runtime INT8 engine calibrated on SQuAD training questions."""
-    from realtime_qa.builder.build import BuildConfig, build_engine
-
-    out = tmp_path_factory.mktemp("ort-int8") / "engine"
-    config = BuildConfig(
-        checkpoint=shipped_model_dir,
-        output=out,
-        backend="onnxruntime",
-        int8=True,
-        squad_json=squad_dir / "train-v1.1.json.gz",
-        calib_num=INT8_CALIBRATION_QUESTIONS,
-        calib_path=int8_calibration_cache,
-    )
-    return build_engine(config)
+    return ensure_default_engine()

@@ -43,9 +43,10 @@ def test_fp32_engine_accuracy_on_the_dev_slice(fp32_scores: dict[str, float]) ->
 
 @pytest.mark.slow
 def test_default_int8_engine_loses_little_f1_on_the_dev_slice(
-    fp32_scores: dict[str, float], squad_dir: Path, tmp_path: Path
+    fp32_scores: dict[str, float], squad_dir: Path, tmp_path: Path, default_int8_engine_dir: Path
 ) -> None:
-    """The default engine (no --engine): INT8 from the calibration shipped with the model."""
+    """The default engine (no --engine): INT8 from the calibration shipped with the model, found where the
+    session's fixture built it."""
     out_file = tmp_path / "int8.json"
     argv = ["--squad-json", str(squad_dir / "dev-v1.1.json.gz"), "--out-file", str(out_file)]
     assert qa_eval([*argv, "--limit", str(SLICE_QUESTIONS), "--batch-size", "16", "--precision", "int8"]) == 0

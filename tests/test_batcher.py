@@ -21,6 +21,7 @@ from realtime_qa.services.errors import (
     NotServingError,
     QueueFullError,
 )
+from waiting import wait_until
 
 PASSAGE = (
     "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, a region in "
@@ -186,14 +187,13 @@ async def test_cancelled_requests_are_dropped(answerer: QuestionAnswerer) -> Non
     observer = RecordingObserver()
     batcher = Batcher([answerer.engine], answerer.featurizer, BatcherConfig(max_queue_delay_us=0), observer)
     waiter = asyncio.create_task(batcher.run(windows_for(answerer, QUESTIONS[0], " ".join([PASSAGE] * 20))))
-    await asyncio.sleep(0)
+    await wait_until(lambda: batcher.depth > 0, 10, "the request's windows queued")
     queued = batcher.depth
     assert queued > 1
     waiter.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiter
-    await asyncio.sleep(0)
-    assert batcher.depth == 0
+    await wait_until(lambda: batcher.depth == 0, 10, "the cancelled request's windows dropped")
     batcher.start()
     await batcher.run(windows_for(answerer, QUESTIONS[1]))
     await batcher.close()

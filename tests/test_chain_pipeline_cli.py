@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,7 +32,12 @@ def children_of(pid: int) -> set[int]:
 
 
 def pipeline_command(*args: str) -> list[str]:
-    return [sys.executable, "-c", "import sys; from pipeline.pipeline_cli import main; sys.exit(main())", *args]
+    return [
+        sys.executable,
+        "-c",
+        "import sys; from realtime_qa.pipeline.pipeline_cli import main; sys.exit(main())",
+        *args,
+    ]
 
 
 @pytest.mark.slow
@@ -46,9 +52,15 @@ def test_split_pipeline_serves_a_conversation_and_stops_on_sigterm(
         assert process.stderr is not None
         lines: list[str] = []
         deadline = time.monotonic() + READY_TIMEOUT_S
-        while not any("ready" in line for line in lines):
-            assert time.monotonic() < deadline and process.poll() is None, "".join(lines)
-            lines.append(process.stderr.readline())
+        # readline() blocks: a child that hangs without a word is killed at the deadline, which ends the read.
+        watchdog = threading.Timer(READY_TIMEOUT_S, process.kill)
+        watchdog.start()
+        try:
+            while not any("ready" in line for line in lines):
+                assert time.monotonic() < deadline and process.poll() is None, "".join(lines)
+                lines.append(process.stderr.readline())
+        finally:
+            watchdog.cancel()
         text = "".join(lines)
         target = re.search(r"assistant\.v1 on (\S+);", text)
         assert target is not None and re.search(r"dashboard: http://127\.0\.0\.1:\d+/", text)

@@ -25,7 +25,11 @@ EXAMPLES = REPO / "examples"
 def converse(
     *args: str, stdin: str = "", timeout_s: float = 300, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-c", "import sys; from pipeline.assistant_cli import main; sys.exit(main())"]
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from realtime_qa.pipeline.assistant_cli import main; sys.exit(main())",
+    ]
     return subprocess.run(
         [*command, "converse", *args],
         input=stdin,

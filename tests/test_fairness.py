@@ -35,6 +35,10 @@ BIG_PASSAGE = " ".join(
     ]
     * 120
 )
+# The flood's questions carry a 2,000-character passage (a window or two each): the server's HTTP/2 receive
+# window, grown by gRPC's BDP probing to several MB, then fills after ~3,000 writes instead of the ~40,000
+# that 85-character questions took (about 2 s of both processes' CPU per round, before any measurement).
+FLOOD_PASSAGE = BIG_PASSAGE[:2000]
 STREAM_LIMIT = 4  # questions the flooding stream may have in flight
 ROUNDS = 5
 SMALL_PER_PHASE = 8
@@ -97,14 +101,15 @@ class Flood:
         self.task = asyncio.create_task(self._write())
 
     async def _write(self) -> None:
-        request = qa_pb2.AnswerRequest(question=SMALL_QUESTION, passage=SMALL_PASSAGE)
+        request = qa_pb2.AnswerRequest(question=BIG_QUESTION, passage=FLOOD_PASSAGE)
         for index in range(1_000_000):
             request.request_id = str(index)
             await self.call.write(request)
             self.written += 1
 
     async def wait_held_back(self, quiet_s: float = 0.3, timeout_s: float = 60) -> None:
-        """Until the writer made no progress for `quiet_s` (flow control holds it)."""
+        """Until the writer made no progress for `quiet_s` (flow control holds it). The sleep is the
+        observation window of that state, which no event announces; the loop is bounded by `timeout_s`."""
         async with asyncio.timeout(timeout_s):
             while True:
                 before = self.written

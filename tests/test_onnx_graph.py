@@ -46,6 +46,23 @@ def squad_batch(shipped_model_dir: Path, squad_dir: Path) -> EngineInputs:
     return batch
 
 
+@pytest.fixture(scope="module")
+def fp32_graph(shipped: Checkpoint) -> onnx.ModelProto:
+    return build_graph(shipped)
+
+
+@pytest.fixture(scope="module")
+def fp32_graph_logits(fp32_graph: onnx.ModelProto, squad_batch: EngineInputs) -> tuple[np.ndarray, np.ndarray]:
+    return run_onnx(fp32_graph, squad_batch)
+
+
+@pytest.fixture(scope="module")
+def transformers_logits(shipped: Checkpoint, squad_batch: EngineInputs) -> tuple[np.ndarray, np.ndarray]:
+    """What Hugging Face's BertForQuestionAnswering computes on the batch (eager attention: the reference
+    implementation), computed once for the graphs compared with it."""
+    return reference_logits(shipped, squad_batch, attn_implementation="eager")
+
+
 def reference_logits(checkpoint: Checkpoint, batch: EngineInputs, **config: object) -> tuple[np.ndarray, np.ndarray]:
     hf_config = transformers.BertConfig(**{**checkpoint.config.to_dict(), **config})
     model = transformers.BertForQuestionAnswering(hf_config).eval()
@@ -74,8 +91,8 @@ def run_onnx(model: onnx.ModelProto | Path, batch: EngineInputs) -> tuple[np.nda
     return start, end
 
 
-def test_graph_signature(shipped: Checkpoint) -> None:
-    model = build_graph(shipped)
+def test_graph_signature(fp32_graph: onnx.ModelProto) -> None:
+    model = fp32_graph
     onnx.checker.check_model(model, full_check=True)
     assert model.opset_import[0].version >= 17
     for value in model.graph.input:
@@ -88,18 +105,22 @@ def test_graph_signature(shipped: Checkpoint) -> None:
         assert [dim.dim_param for dim in value.type.tensor_type.shape.dim] == ["batch", "sequence"]
 
 
-def test_fp32_graph_matches_transformers(shipped: Checkpoint, squad_batch: EngineInputs) -> None:
-    want_start, want_end = reference_logits(shipped, squad_batch, attn_implementation="eager")
-    got_start, got_end = run_onnx(build_graph(shipped), squad_batch)
+def test_fp32_graph_matches_transformers(
+    transformers_logits: tuple[np.ndarray, np.ndarray],
+    fp32_graph_logits: tuple[np.ndarray, np.ndarray],
+    squad_batch: EngineInputs,
+) -> None:
+    want_start, want_end = transformers_logits
+    got_start, got_end = fp32_graph_logits
     assert got_start.shape == squad_batch.input_ids.shape and got_start.dtype == np.float32
     assert relative_error(got_start, want_start) < MAX_RELATIVE_ERROR
     assert relative_error(got_end, want_end) < MAX_RELATIVE_ERROR
 
 
 def test_fused_engine_graph_matches_transformers(
-    shipped: Checkpoint, squad_batch: EngineInputs, ort_fp32_engine_dir: Path
+    transformers_logits: tuple[np.ndarray, np.ndarray], squad_batch: EngineInputs, ort_fp32_engine_dir: Path
 ) -> None:
-    want_start, want_end = reference_logits(shipped, squad_batch)
+    want_start, want_end = transformers_logits
     got_start, got_end = run_onnx(ort_fp32_engine_dir / "model.onnx", squad_batch)
     assert relative_error(got_start, want_start) < MAX_RELATIVE_ERROR
     assert relative_error(got_end, want_end) < MAX_RELATIVE_ERROR
@@ -119,14 +140,20 @@ def test_ort_fuses_every_bert_pattern(ort_fp32_engine_dir: Path) -> None:
     assert "input_mask" in embed.input  # the attention mask is folded into the embedding node
 
 
-def test_fp16_graph_for_strongly_typed_tensorrt(shipped: Checkpoint, squad_batch: EngineInputs, tmp_path: Path) -> None:
+def test_fp16_graph_for_strongly_typed_tensorrt(
+    shipped: Checkpoint,
+    fp32_graph: onnx.ModelProto,
+    fp32_graph_logits: tuple[np.ndarray, np.ndarray],
+    squad_batch: EngineInputs,
+    tmp_path: Path,
+) -> None:
     path = save_graph(shipped, tmp_path / "fp16.onnx", GraphOptions(fp16=True))
     model = onnx.load(str(path))
     weights = [t for t in model.graph.initializer if t.name.startswith(("bert.encoder", "bert.embeddings.word"))]
     assert weights and all(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
     assert all(o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for o in model.graph.output)
-    assert path.stat().st_size < 0.55 * len(build_graph(shipped).SerializeToString())
-    fp32_start, fp32_end = run_onnx(build_graph(shipped), squad_batch)
+    assert path.stat().st_size < 0.55 * fp32_graph.ByteSize()
+    fp32_start, fp32_end = fp32_graph_logits
     fp16_start, fp16_end = run_onnx(path, squad_batch)
     assert fp16_start.dtype == np.float32
     assert relative_error(fp16_start, fp32_start) < 2e-2

@@ -63,17 +63,18 @@ def test_builds_an_engine_with_chosen_shapes(
         assert engine.infer(batch).start_logits.shape == batch.input_ids.shape
 
 
-def test_existing_output_needs_force(
-    shipped_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_existing_output_needs_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The tiny checkpoint: what is checked is the replacing of an output, which a full-size build only slows.
     out_dir = tmp_path / "engine"
     out_dir.mkdir()
     (out_dir / "old-file").write_text("from an earlier build")
-    code, _, err = run_cli(["-m", shipped_model_dir, "-o", out_dir], capsys)
+    tiny = ["-m", TF_TINY / "model.ckpt-3", "-c", TF_TINY, "-v", TF_TINY / "vocab.txt", "-o", out_dir, "-b", 2]
+    code, _, err = run_cli([*tiny, "-s", 32], capsys)
     assert code == 2 and err.strip() == f"qa-build: error: output {out_dir} exists; pass --force to replace it"
-    code, _, err = run_cli(["-m", shipped_model_dir, "-o", out_dir, "--force", "-s", 128], capsys)
+    assert (out_dir / "old-file").is_file()
+    code, _, err = run_cli([*tiny, "--force", "-s", 16], capsys)
     assert code == 0, err
-    assert not (out_dir / "old-file").exists() and EngineMeta.read(out_dir).sequence_lengths == (128,)
+    assert not (out_dir / "old-file").exists() and EngineMeta.read(out_dir).sequence_lengths == (16,)
 
 
 def test_tensorflow_checkpoint_with_nvidia_style_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -164,22 +165,25 @@ def test_required_and_conflicting_modes(
     assert code == 2 and "--default builds the shipped model's CPU engine and takes no -m" in err
 
 
-def test_checkpoint_problems_exit_1_in_one_line(
-    shipped_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_checkpoint_problems_exit_1_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_cli(["-m", tmp_path / "nowhere", "-o", tmp_path / "engine"], capsys)
     assert code == 1 and err.strip() == f"qa-build: checkpoint not found: {tmp_path / 'nowhere'}"
-    encoder_only = tmp_path / "encoder"
-    encoder_only.mkdir()
-    for name in ("config.json", "vocab.txt"):
-        (encoder_only / name).write_bytes((shipped_model_dir / name).read_bytes())
+    # An encoder without a QA head, as a Hugging Face directory (the tiny checkpoint's weights: a full-size
+    # model would only make the build slower, not the check stronger).
     from safetensors.numpy import save_file
 
-    weights = load_checkpoint(shipped_model_dir).weights
-    save_file({k: v for k, v in weights.items() if not k.startswith("qa_")}, str(encoder_only / "model.safetensors"))
+    tiny = load_checkpoint(TF_TINY / "model.ckpt-3", config_dir=TF_TINY, vocab_file=TF_TINY / "vocab.txt")
+    encoder_only = tmp_path / "encoder"
+    encoder_only.mkdir()
+    (encoder_only / "config.json").write_text(json.dumps(tiny.config.to_dict()))
+    shutil.copyfile(TF_TINY / "vocab.txt", encoder_only / "vocab.txt")
+    encoder = {name: value for name, value in tiny.weights.items() if not name.startswith("qa_")}
+    assert len(encoder) == len(tiny.weights) - 2
+    save_file(encoder, str(encoder_only / "model.safetensors"))
     code, _, err = run_cli(["-m", encoder_only, "-o", tmp_path / "engine"], capsys)
     assert code == 1 and "no QA head" in err and len(err.strip().splitlines()) == 1
-    code, _, err = run_cli(["-m", encoder_only, "-o", tmp_path / "engine", "--init-qa-head-seed", 0, "-s", 64], capsys)
+    args = ["-m", encoder_only, "-o", tmp_path / "engine", "--init-qa-head-seed", 0, "-s", 32]
+    code, _, err = run_cli(args, capsys)
     assert code == 0, err
 
 
@@ -204,28 +208,41 @@ def test_console_entry_point_exit_status(tmp_path: Path) -> None:
 
 
 def test_default_engine_is_int8_from_the_shipped_calibration_and_built_once(
-    shipped_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    default_int8_engine_dir: Path,
+    shipped_model_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setenv("QA_ENGINE_CACHE", str(tmp_path / "cache"))
+    # `default_int8_engine_dir` is `ensure_default_engine()` run once for the session, into its private cache.
     assert shipped_model_dir.resolve() == shipped_model_dir_of_package().resolve()
-    engine_dir = ensure_default_engine()
     fingerprint = model_fingerprint(shipped_model_dir)
-    assert engine_dir == tmp_path / "cache" / f"minilm-l6-squad-{fingerprint[:12]}-onnxruntime-int8"
-    meta = EngineMeta.read(engine_dir)
+    cache = Path(os.environ["QA_ENGINE_CACHE"])
+    assert default_int8_engine_dir == cache / f"minilm-l6-squad-{fingerprint[:12]}-onnxruntime-int8"
+    meta = EngineMeta.read(default_int8_engine_dir)
     assert (meta.backend, meta.precision) == ("onnxruntime", "int8")
     # No SQuAD data was needed: the ranges came from the calibration shipped beside the model.
     assert meta.builder_options["quantization"]["calibration_cached"] is True
     assert meta.builder_options["calib_path"] == str(shipped_model_dir / "calibration.json")
-    assert find_default_engine() == engine_dir
-    built_at = (engine_dir / "model.onnx").stat().st_mtime_ns
-    assert ensure_default_engine() == engine_dir
-    assert (engine_dir / "model.onnx").stat().st_mtime_ns == built_at  # found, not rebuilt
+    assert "squad_json" not in meta.builder_options
+    assert find_default_engine() == default_int8_engine_dir
+    built_at = (default_int8_engine_dir / "model.onnx").stat().st_mtime_ns
+    assert ensure_default_engine() == default_int8_engine_dir
+    assert (default_int8_engine_dir / "model.onnx").stat().st_mtime_ns == built_at  # found, not rebuilt
 
-    (engine_dir / "model.onnx").unlink()  # a damaged cache: not current, and `qa-build --default` repairs it
+    # A damaged cache (a copy of that engine in a cache of its own): not current, and `qa-build --default`
+    # repairs it, again from the shipped calibration alone.
+    monkeypatch.setenv("QA_ENGINE_CACHE", str(tmp_path / "cache"))
+    engine_dir = tmp_path / "cache" / default_int8_engine_dir.name
+    shutil.copytree(default_int8_engine_dir, engine_dir)
+    assert find_default_engine() == engine_dir
+    (engine_dir / "model.onnx").unlink()
     assert find_default_engine() is None
     code, out, err = run_cli(["--default"], capsys)
     assert code == 0, err
     assert out.startswith(str(engine_dir)) and (engine_dir / "model.onnx").is_file()
+    assert EngineMeta.read(engine_dir).builder_options["quantization"]["calibration_cached"] is True
+    assert find_default_engine() == engine_dir
     assert [path.name for path in (tmp_path / "cache").iterdir()] == [engine_dir.name]  # nothing half-written left
 
 

@@ -38,6 +38,7 @@ from realtime_qa.pipeline.client import (
     Question,
     RetryPolicy,
 )
+from waiting import wait_until
 
 pytestmark = [
     pytest.mark.slow,
@@ -48,6 +49,10 @@ pytestmark = [
 ]
 
 REPLICAS = 3
+SPREAD_LOAD_S = 1.5  # closed-loop load through nginx, 6 callers: dozens of calls at least, spread over 3 replicas
+# The second run: the victim is frozen once calls flow, killed once a call is stuck on it (about 1.5 s in),
+# and the run goes on after that; calls stuck on it past the run's end are still awaited (and fail).
+KILL_LOAD_S = 3.0
 NO_RETRY = ClientConfig(retry=RetryPolicy(max_attempts=1), timeout_s=30)
 CALL_TIMEOUT_S = 30.0
 
@@ -97,7 +102,7 @@ async def test_load_spreads_a_killed_replica_fails_only_its_calls_and_passages_w
 
         # 1. Load through nginx with the project's load generator spreads over every replica.
         before = [answered(replica) for replica in replicas]
-        load = ServeBenchConfig(duration_s=3.0, warmup_s=0.0, timeout_s=CALL_TIMEOUT_S)
+        load = ServeBenchConfig(duration_s=SPREAD_LOAD_S, warmup_s=0.0, timeout_s=CALL_TIMEOUT_S)
         async with sender(client, "unary", 1, CALL_TIMEOUT_S) as send:
             samples = await asyncio.wait_for(closed_loop(send, questions, 6, load), 60)
         assert set(samples.codes) == {"OK"}, samples.codes
@@ -123,21 +128,25 @@ async def test_load_spreads_a_killed_replica_fails_only_its_calls_and_passages_w
         # 3. Kill one replica mid-run: its calls in flight fail with UNAVAILABLE, none hang, later calls succeed.
         victim = replicas[0]
         outstanding: dict[int, float] = {}
+        finished = 0
 
         async with sender(client, "unary", 1, CALL_TIMEOUT_S) as send:
 
             async def tracked(question: Question) -> Answer | AnswerFailure:
+                nonlocal finished
                 key = id(asyncio.current_task())
                 outstanding[key] = time.monotonic()
                 try:
                     return await send(question)
                 finally:
                     outstanding.pop(key, None)
+                    finished += 1
 
             run = asyncio.create_task(
-                closed_loop(tracked, questions, 6, ServeBenchConfig(duration_s=6.0, warmup_s=0.0))
+                closed_loop(tracked, questions, 6, ServeBenchConfig(duration_s=KILL_LOAD_S, warmup_s=0.0))
             )
-            await asyncio.sleep(0.5)  # the run is under way (not a sync point: the waits below are)
+            # The run is under way: a first round of calls came back (nginx spreads them over the replicas).
+            await wait_until(lambda: finished >= 2 * REPLICAS, 30, "the first calls of the run")
             victim.popen.send_signal(signal.SIGSTOP)  # frozen: calls nginx sends it now stay in flight there
 
             def stuck() -> bool:

@@ -31,7 +31,7 @@ def qa_serve_command() -> list[str]:
     return (
         [str(script)]
         if script.is_file()
-        else [sys.executable, "-c", "import sys, services.cli; sys.exit(services.cli.main())"]
+        else [sys.executable, "-c", "import sys, realtime_qa.services.cli as cli; sys.exit(cli.main())"]
     )
 
 
@@ -97,8 +97,7 @@ async def test_sigterm_under_load_loses_no_accepted_request(engine_dir: Path) ->
                         return
 
             workers = [asyncio.create_task(closed_loop(worker)) for worker in range(16)]
-            while sum(isinstance(o[2], Answer) for o in outcomes) < 40:
-                await asyncio.sleep(0.01)
+            await wait_until(lambda: sum(isinstance(o[2], Answer) for o in outcomes) >= 40, 60, "40 answers")
             signal_time = time.monotonic()
             server.process.send_signal(signal.SIGTERM)
             await asyncio.wait_for(asyncio.gather(*workers), 60)
@@ -132,7 +131,7 @@ async def test_shutdown_answers_what_a_stream_has_sent_then_ends_it_unavailable(
     await server.start()
     try:
         async with QAClient(server.target, NO_RETRY) as client:
-            stream = client.open_stream()
+            stream = client.open_stream(timeout_s=60)  # the reads below end by this deadline at the latest
             tags = [str(index) for index in range(6)]
             for tag in tags:
                 await stream.send(Question(f"Who were the Normans ({tag})?", " ".join([PASSAGE] * 8), request_id=tag))
@@ -164,7 +163,7 @@ async def test_sigterm_answers_every_question_of_a_half_closed_stream(engine_dir
                 Question(f"Who were the Normans ({index})?", " ".join([PASSAGE] * 6), request_id=str(index))
                 for index in range(24)
             ]
-            stream = client.open_stream()
+            stream = client.open_stream(timeout_s=60)  # the reads below end by this deadline at the latest
             for question in questions:
                 await stream.send(question)
             await stream.done_sending()
@@ -194,7 +193,7 @@ async def test_grace_period_bounds_the_shutdown(engine_dir: Path) -> None:
         port = await asyncio.wait_for(server.port, 120)
         async with QAClient(f"127.0.0.1:{port}", NO_RETRY) as client:
             await client.wait_ready(120)
-            stream = client.open_stream()
+            stream = client.open_stream(timeout_s=60)  # the reads below end by this deadline at the latest
             for index in range(64):  # ~64 x 6 windows: many seconds of engine work on this machine
                 await stream.send(Question(f"Who ({index})?", " ".join([PASSAGE] * 30), request_id=str(index)))
             first = await stream.receive()

@@ -15,31 +15,43 @@ def _row(name: str, summary: dict[str, Any], which: str) -> str:
     kinds = (
         "–" if which == "start" else ", ".join(summary["negative_examples"]) + f" ({summary['negative_windows']:,} w)"
     )
-    distil = "–" if which == "start" or summary["config"]["distill_alpha"] >= 1 else "self"
+    config = summary["config"]
+    if which == "start" or config["distill_alpha"] >= 1:
+        distil = "–"
+    else:
+        teacher = f"teacher `{config['teacher']}`" if config.get("teacher") else "self"
+        distil = f"{teacher}, α {config['distill_alpha']:g}, T {config['distill_temperature']:g}"
+    epochs = "–" if which == "start" else config["epochs"]
     return (
-        f"| {name} | {kinds} | {distil} | {v1['exact_match']:.2f} | {v1['f1']:.2f} | {v2['null_threshold']:.3f} | "
+        f"| {name} | {kinds} | {distil} | {epochs} | {v1['exact_match']:.2f} | {v1['f1']:.2f} | "
+        f"{v2['null_threshold']:.3f} | "
         f"{v2['first_half']['f1']:.2f} | {second['f1']:.2f} | {second['HasAns_f1']:.2f} | {second['NoAns_f1']:.2f} | "
         f"{second['best_f1']:.2f} | {zero['f1']:.2f} |"
     )
 
 
 def ablation_table(results_dir: Path, names: list[str]) -> str:
+    """One row per run (`names`: folders of `results_dir`, a name may be SUBFOLDER/RUN), after the start model's row
+    (from the first run that scored it)."""
     lines = [
-        "| model | negatives (windows) | distil | v1.1 EM | v1.1 F1 | threshold (1st half) | 1st-half F1 "
+        "| model | negatives (windows) | distil | epochs | v1.1 EM | v1.1 F1 | threshold (1st half) | 1st-half F1 "
         "| **2nd-half F1** | 2nd HasAns F1 | 2nd NoAns F1 | 2nd best F1 (oracle) | 2nd F1 at threshold 0 |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     start_done = False
     for name in names:
         path = results_dir / name / "metrics.json"
-        if not path.is_file():
-            lines.append(f"| {name} | did not finish | | | | | | | | | | |")
-            continue
-        summary = json.loads(path.read_text(encoding="utf-8"))
+        label = Path(name).name
+        summary = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
         if summary.get("start") and not start_done:
             lines.append(_row("shipped (start model)", summary, "start"))
             start_done = True
-        lines.append(_row(name, summary, "tuned"))
+        if "tuned" not in summary:  # no metrics, or those a cut-short run wrote after an epoch
+            steps = summary.get("steps")
+            done = f" ({steps:,} of {summary['total_steps']:,} steps recorded)" if steps else ""
+            lines.append(f"| {label} | did not finish{done} | | | | | | | | | | | |")
+            continue
+        lines.append(_row(label, summary, "tuned"))
     return "\n".join(lines)
 
 

@@ -2,8 +2,15 @@
 
 Positives are all v1.1 train windows; negatives are the examples of a `qa-train hard-negatives` file (only the
 config's `negative_kinds`), every window of which targets [CLS]. Plain cross-entropy, or (distill_alpha < 1)
-self-distillation: the start model's own logits on the positive windows are the soft target, so the model keeps
-what it knew about answerable questions while it learns to abstain; on negative windows the soft target is [CLS].
+distillation from one of two teachers:
+- self-distillation (no `teacher` in the config): the start model's own logits on the positive windows are the
+  soft target, so the model keeps what it knew about answerable questions while it learns to abstain; on negative
+  windows the soft target is [CLS] alone (the start model never learnt to abstain, so its null logit is no guide);
+- a teacher trained with the same negatives (`teacher` names its run, `--teacher-dir` is that run's exported
+  model): its logits on the positive AND the negative windows are the soft target, so on a negative window the
+  student matches the teacher's whole distribution, its null logit against the span logits, not [CLS] alone.
+  The teacher has the student's size and tokenizer (born-again distillation: the MPNet teacher cannot travel to
+  the GPU machine beside the data in one call).
 The float16-rounded result (what would ship) is scored on SQuAD v1.1 dev (never abstaining) and SQuAD v2.0 dev,
 where the abstention threshold is tuned on the first half of the articles and reported on the second
 (training/calibration.py); each question's v2.0 scores are written for re-tuning elsewhere.
@@ -24,7 +31,7 @@ from realtime_qa.builder.checkpoint import load_checkpoint
 from realtime_qa.builder.hf_export import save_hf_model
 from realtime_qa.qacore.features import Featurizer
 from realtime_qa.qacore.squad import read_dataset
-from realtime_qa.qacore.tokenization import load_tokenizer
+from realtime_qa.qacore.tokenization import load_tokenizer, vocab_sha256
 from realtime_qa.training.calibration import QuestionScore, calibrate, write_scores
 from realtime_qa.training.config import TrainConfig
 from realtime_qa.training.data import EvalSet, WindowArrays, build_eval_set, predict
@@ -71,8 +78,48 @@ def self_distillation_targets(
     return stacked(start), stacked(end)
 
 
+def teacher_distillation_targets(
+    teacher: Any, positives: WindowArrays, negatives: WindowArrays, config: TrainConfig, device: Any
+) -> tuple[Any, Any]:
+    """Soft targets (float16 on the device) for positives + negatives in that order: the teacher's logits on all
+    of them, so a negative window's target is the teacher's distribution over [CLS] (the null answer) and the
+    spans, as soft as the teacher is sure."""
+    import torch
+    from realtime_qa.training.finetune import window_logits
+
+    windows = WindowArrays.concatenate([positives, negatives])
+    start, end = window_logits(teacher, windows, device, config.eval_batch_size, config.bf16)
+    return (
+        torch.from_numpy(start.astype(np.float16)).to(device),
+        torch.from_numpy(end.astype(np.float16)).to(device),
+    )
+
+
+def load_teacher_run(config: TrainConfig, teacher_dir: Path, featurizer: Featurizer) -> tuple[Any, dict[str, Any]]:
+    """The checkpoint in `teacher_dir` (the `model/` folder of the run `config.teacher`) and that run's summary;
+    refused when the folder is not that run's, or when its tokenizer would read other tokens than the student's."""
+    from realtime_qa.training.finetune import METRICS
+
+    metrics = teacher_dir.parent / METRICS
+    if teacher_dir.name != MODEL_DIR or not metrics.is_file():
+        raise FileNotFoundError(f"{teacher_dir} is not the {MODEL_DIR}/ folder of a finished run (no {metrics})")
+    summary = json.loads(metrics.read_text(encoding="utf-8"))
+    if summary["config"]["name"] != config.teacher:
+        raise ValueError(
+            f"{teacher_dir} is run {summary['config']['name']!r}, config {config.name} wants {config.teacher!r}"
+        )
+    checkpoint = load_checkpoint(teacher_dir)
+    if vocab_sha256(load_tokenizer(checkpoint.tokenizer_dir)) != vocab_sha256(featurizer.tokenizer):
+        raise ValueError(f"the teacher in {teacher_dir} has another vocabulary than the student")
+    return checkpoint, summary
+
+
 def run_abstain(
-    config: TrainConfig, paths: RunPaths, negatives_file: Path, score_start: bool = False
+    config: TrainConfig,
+    paths: RunPaths,
+    negatives_file: Path,
+    score_start: bool = False,
+    teacher_dir: Path | None = None,
 ) -> dict[str, Any]:
     from realtime_qa.qacore.backends.torch_network import BertForQA
     from realtime_qa.training.finetune import METRICS, Distillation, StudentQA, train
@@ -80,6 +127,12 @@ def run_abstain(
     begin = time.perf_counter()
     if config.model != "student":
         raise ValueError(f"config {config.name} must train the student")
+    if config.teacher and teacher_dir is None:
+        raise ValueError(
+            f"config {config.name} distils from run {config.teacher!r}: give its model folder (--teacher-dir)"
+        )
+    if teacher_dir is not None and not config.teacher:
+        raise ValueError(f"config {config.name} names no teacher run: --teacher-dir is not used by it")
     device = _device()
     positives, stats, dev_v1 = _data(config, paths)
     featurizer = Featurizer(load_tokenizer(paths.base_dir), config.featurizer)
@@ -100,7 +153,25 @@ def run_abstain(
         write_scores(paths.run_dir / START_V2_SCORES, start_v2)
         log.info("start model %s: %s", paths.base_dir, start_scores)
     distillation = None
-    if config.distills:
+    teacher: dict[str, Any] | None = None
+    if config.distills and teacher_dir is not None:
+        teacher_checkpoint, teacher_summary = load_teacher_run(config, teacher_dir, featurizer)
+        teacher_net = BertForQA(teacher_checkpoint.config)
+        teacher_net.load_weights(teacher_checkpoint.weights)
+        teacher_start, teacher_end = teacher_distillation_targets(
+            StudentQA(teacher_net).to(device), positives, negatives, config, device
+        )
+        del teacher_net
+        teacher = {
+            "run": config.teacher,
+            "model_sha256": teacher_checkpoint.source_sha256,
+            "start_model_sha256": teacher_summary.get("start_model_sha256"),
+            "config": teacher_summary["config"],
+            "train_seconds": teacher_summary.get("train_seconds"),
+            "tuned": teacher_summary.get("tuned"),
+        }
+        distillation = Distillation(teacher_start, teacher_end, config.distill_alpha, config.distill_temperature)
+    elif config.distills:
         teacher_start, teacher_end = self_distillation_targets(model, positives, negatives, config, device)
         distillation = Distillation(teacher_start, teacher_end, config.distill_alpha, config.distill_temperature)
     windows = WindowArrays.concatenate([positives, negatives])
@@ -117,6 +188,7 @@ def run_abstain(
         start_model_sha256=checkpoint.source_sha256,
         start=start_scores,
         tuned=tuned,
+        teacher=teacher,
         positive_windows=len(positives),
         negative_windows=len(negatives),
         negative_examples=per_kind,

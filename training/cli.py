@@ -10,8 +10,9 @@ Commands (see training/README.md for the whole recipe):
                 model on SQuAD v1.1 dev and v2.0 dev (--squad-dir also holds dev-v2.0.json.gz)
   hard-negatives  write the harder negatives (own paragraph without the answer sentence, swapped entity,
                 negated question, BM25 distractor paragraph) made from SQuAD v1.1 train, as xz JSONL
-  abstain       tune a trained model (--base) on SQuAD v1.1 plus a hard-negatives file; tune the abstention
-                threshold on the first half of v2.0 dev articles, report on the second
+  abstain       tune a trained model (--base) on SQuAD v1.1 plus a hard-negatives file (optionally distilled
+                from itself, or from a teacher run trained with the same negatives: --teacher-dir); tune the
+                abstention threshold on the first half of v2.0 dev articles, report on the second
 """
 
 from __future__ import annotations
@@ -65,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(abstain)
     abstain.add_argument("--negatives", type=Path, required=True, help="file of `qa-train hard-negatives`")
     abstain.add_argument("--score-start", action="store_true", help="also score the start model")
+    abstain.add_argument(
+        "--teacher-dir",
+        type=Path,
+        help="the model/ folder of the run the config's `teacher` names (born-again teacher)",
+    )
     ship = commands.add_parser("ship", help="install an exported run as the shipped model")
     ship.add_argument("--export-dir", type=Path, required=True, help="holds model.tar.partNN and export.json")
     ship.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"model directory (default {DEFAULT_OUT})")
@@ -108,7 +114,7 @@ def run(args: argparse.Namespace) -> None:
         from realtime_qa.training.abstain import run_abstain
 
         config = TrainConfig.from_file(args.config)
-        summary = run_abstain(config, _paths(args), args.negatives, args.score_start)
+        summary = run_abstain(config, _paths(args), args.negatives, args.score_start, args.teacher_dir)
         print(json.dumps({"name": config.name, "start": summary["start"], "tuned": summary["tuned"]}))
     elif args.command == "pack-teacher":
         from realtime_qa.training.teacher import pack_teacher

@@ -41,9 +41,12 @@ class TrainConfig:
     negatives_per_question: float = 0.0
     negative_source: str = "other_article"
     # Harder negatives (`qa-train abstain`, training/negatives.py HARD_KINDS): which kinds of a prepared negatives
-    # file to train on; empty = all of them. With distill_alpha < 1 the teacher is the start model itself
-    # (its logits on the positive windows; [CLS] on every negative window).
+    # file to train on; empty = all of them. With distill_alpha < 1 and no `teacher` the teacher is the start model
+    # itself (its logits on the positive windows; [CLS] on every negative window).
     negative_kinds: tuple[str, ...] = ()
+    # `qa-train abstain` only: the name of the run whose exported model (`--teacher-dir RUN/model`) is the teacher;
+    # its logits on the positive AND the negative windows are the soft targets (the null logit included).
+    teacher: str = ""
     # Windows and decoding, as the runtime uses them.
     max_seq_length: int = 384
     doc_stride: int = 128
@@ -68,6 +71,8 @@ class TrainConfig:
         unknown_kinds = sorted(set(self.negative_kinds) - set(HARD_NEGATIVE_KINDS))
         if unknown_kinds:
             raise InvalidInputError(f"negative_kinds must be among {HARD_NEGATIVE_KINDS}, got {unknown_kinds}")
+        if self.teacher and not self.distills:
+            raise InvalidInputError(f"teacher {self.teacher!r} needs distill_alpha < 1, got {self.distill_alpha}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise InvalidInputError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 

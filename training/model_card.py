@@ -106,6 +106,20 @@ def _pct(value: float) -> str:
     return f"{value:.2f}"
 
 
+def _teacher_recipe(config: dict[str, Any], teacher: dict[str, Any]) -> str:
+    """The distillation sentence of a student distilled from a teacher trained with the same negatives."""
+    teacher_config, teacher_scores = teacher["config"], teacher["tuned"]
+    return (
+        f"; loss {config['distill_alpha']} x CE(gold) + {1 - config['distill_alpha']:.1f} x T^2 x KL at T = "
+        f"{config['distill_temperature']} against the logits of a teacher **of the student's own size** trained with "
+        f"the same negatives (run `{teacher['run']}`: {teacher_config['epochs']} epochs of plain cross-entropy from "
+        f"the same start model, learning rate {teacher_config['learning_rate']}; SQuAD v1.1 dev F1 "
+        f"{teacher_scores['v1.1']['f1']:.2f}, first-half v2.0 F1 {teacher_scores['v2.0']['first_half']['f1']:.2f}) on "
+        "the positive AND the negative windows, so the teacher's null logit is a soft target (born-again "
+        "distillation: the MPNet teacher of the start model could not travel to the GPU machine beside the data)."
+    )
+
+
 def render_abstention_section(
     summary: dict[str, Any],
     calibration: dict[str, Any],
@@ -117,7 +131,8 @@ def render_abstention_section(
     shipped threshold, and every figure (`evals`: rows of where/weights/command and the scores measured)."""
     config = summary["config"]
     tuned = summary["tuned"]["v2.0"]
-    self_distilled = config["distill_alpha"] < 1.0
+    teacher = summary.get("teacher")
+    self_distilled = config["distill_alpha"] < 1.0 and not teacher
     lines = [
         "## Abstention (SQuAD 2.0 behaviour without SQuAD 2.0 training data)",
         "",
@@ -138,6 +153,8 @@ def render_abstention_section(
             f"{config['distill_temperature']} against the start model's own logits on the positive windows "
             "([CLS] on the negative ones), so it keeps its answers while it learns to abstain."
             if self_distilled
+            else _teacher_recipe(config, teacher)
+            if teacher
             else "; plain cross-entropy."
         ),
         f"{summary['device']}, PyTorch {summary['torch']}: {summary['train_seconds'] / 60:.1f} min of training.",

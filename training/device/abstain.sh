@@ -15,8 +15,8 @@ python3 -c "import torch; print('torch', torch.__version__)"
 python3 - "$W" <<'PY'
 import sys
 from pathlib import Path
-from training.config import TrainConfig
-from training.data import cached_train_windows
+from realtime_qa.training.config import TrainConfig
+from realtime_qa.training.data import cached_train_windows
 w = Path(sys.argv[1])
 print(cached_train_windows(w / "squad/train-v1.1.json.gz", Path("models/minilm-l6-squad"), TrainConfig("x").featurizer, w / "cache")[1])
 PY

@@ -8,8 +8,8 @@ python3 -c "import torch, transformers, tokenizers, safetensors, numpy; print('t
 python3 - <<'PY'
 import logging, time
 from pathlib import Path
-from training.config import TrainConfig
-from training.data import cached_train_windows
+from realtime_qa.training.config import TrainConfig
+from realtime_qa.training.data import cached_train_windows
 logging.basicConfig(level=logging.INFO)
 t = time.perf_counter()
 config = TrainConfig.from_file(Path("training/configs/student_plain.json"))
