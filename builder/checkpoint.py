@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 from realtime_qa.builder.model_weights import QA_HEAD, Checkpoint, expected_shapes
+from realtime_qa.qacore.confidence import CALIBRATION_KEY, ConfidenceCalibration
 from realtime_qa.qacore.config import ModelConfig
 from realtime_qa.qacore.errors import CheckpointError
 from realtime_qa.qacore.tokenization import TOKENIZER_JSON, VOCAB_TXT
@@ -87,8 +88,16 @@ def load_checkpoint(
     check_weights(weights, config)
     tokenizer_dir = find_tokenizer_dir(files, config_dir, vocab_file)
     null_threshold = read_null_threshold(files.config_file) if files.config_file else None
+    calibration = read_confidence_calibration(files.config_file) if files.config_file else None
     return Checkpoint(
-        config, weights, tokenizer_dir, files.sha256(), files.model_id, files.model_dir, null_threshold=null_threshold
+        config,
+        weights,
+        tokenizer_dir,
+        files.sha256(),
+        files.model_id,
+        files.model_dir,
+        null_threshold=null_threshold,
+        confidence_calibration=calibration,
     )
 
 
@@ -105,6 +114,19 @@ def read_null_threshold(config_file: Path) -> float | None:
     if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw):
         raise CheckpointError(f"{NULL_THRESHOLD_KEY} in {config_file} must be a finite number, got {raw!r}")
     return float(raw)
+
+
+def read_confidence_calibration(config_file: Path) -> ConfidenceCalibration | None:
+    """The model's Platt scaling of its returned confidence (`qa_confidence_calibration` in its config), if any."""
+    if config_file.suffix != ".json":
+        return None
+    raw = read_json(config_file).get(CALIBRATION_KEY)
+    if raw is None:
+        return None
+    try:
+        return ConfidenceCalibration.from_dict(raw)
+    except ValueError as exc:
+        raise CheckpointError(f"{CALIBRATION_KEY} in {config_file}: {exc}") from None
 
 
 def checkpoint_sha256(path: Path, config_dir: Path | None = None) -> str:

@@ -109,6 +109,7 @@ def write_engine_dir(staging: Path, checkpoint: Checkpoint, config: BuildConfig,
         model_card=model_card_summary(checkpoint.model_dir) if checkpoint.model_dir else "",
         engine_sha256=sha256_file(staging / built.engine_file),
         null_threshold=checkpoint.null_threshold,
+        confidence_calibration=checkpoint.confidence_calibration,
     )
     meta.write(staging)
     log.info("engine %s: %s %s, %s", staging.name, meta.backend, meta.precision, built.engine_file)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from realtime_qa.qacore.confidence import ConfidenceCalibration
 from realtime_qa.qacore.config import ModelConfig
 
 QA_HEAD = ("qa_outputs.weight", "qa_outputs.bias")
@@ -27,6 +28,8 @@ class Checkpoint:
     model_dir: Path | None = None  # where the checkpoint's files are (its model card, if any)
     # config.json `qa_null_threshold`: the calibrated abstention threshold the engine carries to its decoder
     null_threshold: float | None = None
+    # config.json `qa_confidence_calibration`: the Platt scaling of the returned confidence, carried likewise
+    confidence_calibration: ConfidenceCalibration | None = None
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -206,7 +206,8 @@ def format_result(result: AnswerResult, as_json: bool) -> str:
             {
                 "question": result.question,
                 "answer": result.prediction.text,
-                "score": best.score if best else result.prediction.null_probability,
+                # the confidence in what is returned, the answer or the abstention (qacore.confidence)
+                "score": result.prediction.confidence,
                 "start": best.start if best else -1,
                 "end": best.end if best else -1,
                 "abstained": result.prediction.abstained,

@@ -482,6 +482,8 @@ class Conversation:
         want_audio = self.session.want_audio
         if result.abstained or result.best is None:
             return ReplyRequest(Outcome.ABSTAINED, question, want_audio=want_audio)
+        # The answer's score is its confidence (qacore.confidence): with allow_null, the calibrated probability
+        # that it is right, which the response stage's low-confidence rule is made for.
         return ReplyRequest(
             Outcome.ANSWERED,
             question,

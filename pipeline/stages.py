@@ -60,7 +60,7 @@ class QARequest:
 
 @dataclass(frozen=True)
 class QAResult:
-    best: Span | None  # None when abstained
+    best: Span | None  # None when abstained; its score is the answer's confidence (qa.v1 answer.score)
     abstained: bool
     model_id: str
     engine: str

@@ -2,7 +2,8 @@
 
     engine dir -> (meta.json checked, engine file hash checked) engine
                -> tokenizer (its vocabulary hash checked against the engine's) -> featurizer (windows that fit)
-               -> decoder defaults (the model's calibrated null threshold, from meta.json)
+               -> decoder defaults (the model's calibrated null threshold and confidence calibration, from
+                  meta.json)
 
 The CLI (`qa-assistant`), the evaluator (`qa-eval`) and the service (`services.models`) all open
 engines here, so each engine is checked, sized and given its defaults the same way everywhere.
@@ -52,11 +53,12 @@ class EngineBundle:
 def decoder_defaults(meta: EngineMeta) -> DecoderConfig:
     """The decoder options an engine's answers use unless a caller overrides them.
 
-    The null threshold is the model's calibrated one where it ships one (it only matters where
-    abstaining is allowed), else 0.0.
+    The null threshold is the model's calibrated one where it ships one, else 0.0; the confidence calibration is
+    the model's Platt scaling where it ships one, else none (the confidence is then the threshold-shifted
+    probability). Both only matter where abstaining is allowed.
     """
     threshold = meta.null_threshold if meta.null_threshold is not None else 0.0
-    return DecoderConfig(null_threshold=threshold)
+    return DecoderConfig(null_threshold=threshold, calibration=meta.confidence_calibration)
 
 
 def featurizer_config_of(

@@ -1,16 +1,21 @@
 """Span decoding: engine logits over windows become answers with character offsets.
 
-The answer text is always a slice of the original passage (never detokenized text), the score is a
-probability (softmax over the n-best spans, and the null answer where abstaining is allowed), and the
-null answer of SQuAD 2.0 wins when its score beats the best span by more than a threshold.
+The answer text is always a slice of the original passage (never detokenized text), each n-best span's
+score is a probability (softmax over the n-best spans, and the null answer where abstaining is allowed), and
+the null answer of SQuAD 2.0 wins when its score beats the best span by more than a threshold.
+
+The returned answer's score is its confidence (`Prediction.confidence`): where abstaining is allowed, the
+threshold-shifted probability of what is returned, through the model's calibration (`qacore.confidence`), so
+`best.score` may differ from `nbest[0].score` there; without abstaining, the best span's n-best probability.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
+from realtime_qa.qacore.confidence import ConfidenceCalibration, returned_confidence
 from realtime_qa.qacore.engine import Engine, EngineSpans
 from realtime_qa.qacore.errors import EngineFaultError, InvalidInputError
 from realtime_qa.qacore.features import Features, Window
@@ -27,6 +32,9 @@ class DecoderConfig:
     max_answer_length: int = 30
     allow_null: bool = False  # SQuAD 2.0: the model may answer "no answer"
     null_threshold: float = 0.0  # abstain when null score - best span score > this (in logits)
+    # The model's Platt scaling of the returned confidence (engine meta.json); used only where abstaining is
+    # allowed. None: the confidence is the threshold-shifted probability.
+    calibration: ConfidenceCalibration | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.n_best_size <= MAX_N_BEST:
@@ -46,7 +54,9 @@ class Span:
     text: str
     start: int
     end: int
-    score: float  # probability among the n-best (and the null answer, where allowed)
+    # In `Prediction.nbest`: probability among the n-best (and the null answer, where allowed). In
+    # `Prediction.best`: the answer's confidence (`Prediction.confidence`).
+    score: float
     logit: float  # start logit + end logit
 
 
@@ -57,7 +67,11 @@ class Prediction:
     best: Span | None  # None when the model abstains
     nbest: list[Span] = field(default_factory=list)
     null_logit: float = float("-inf")  # [CLS] start + end logit, minimised over windows
-    null_probability: float = 0.0
+    null_probability: float = 0.0  # the null answer's probability among the n-best (0 unless abstaining is allowed)
+    # How sure the model is of what it returns (the best span, or the abstention). Where abstaining is allowed:
+    # `qacore.confidence.returned_confidence` (threshold-shifted, then calibrated when the model ships a
+    # calibration). Otherwise: the best span's probability among the n-best spans (not calibrated; 0 if none).
+    confidence: float = 0.0
 
     @property
     def abstained(self) -> bool:
@@ -103,9 +117,15 @@ def _prediction(
     ]
     null_probability = float(probabilities[-1]) if config.allow_null and logits.size else 0.0
     best: Span | None = nbest[0] if nbest else None
-    if config.allow_null and (best is None or null_logit - best.logit > config.null_threshold):
-        best = None
-    return Prediction(best=best, nbest=nbest, null_logit=null_logit, null_probability=null_probability)
+    confidence = best.score if best is not None else 0.0
+    if config.allow_null:
+        abstains = best is None or null_logit - best.logit > config.null_threshold
+        span_probability = best.score if best is not None else 0.0
+        confidence = returned_confidence(
+            span_probability, null_probability, abstains, config.null_threshold, config.calibration
+        )
+        best = None if abstains or best is None else replace(best, score=confidence)
+    return Prediction(best, nbest, null_logit, null_probability, confidence)
 
 
 def span_masks(windows: Sequence[Window], seq_len: int) -> tuple[np.ndarray, np.ndarray]:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
+from realtime_qa.qacore.confidence import CALIBRATION_KEY, ConfidenceCalibration
 from realtime_qa.qacore.config import ModelConfig
 from realtime_qa.qacore.errors import EngineError, EngineFaultError
 from realtime_qa.qacore.features import EngineInputs
@@ -61,6 +62,9 @@ class EngineMeta:
     # The model's calibrated abstention threshold (config.json `qa_null_threshold`): the decoder's default
     # null threshold wherever abstaining is allowed. None: 0.0.
     null_threshold: float | None = None
+    # The model's Platt scaling of the returned confidence (config.json `qa_confidence_calibration`), applied
+    # wherever abstaining is allowed (`qacore.confidence`). None: the confidence is the threshold-shifted probability.
+    confidence_calibration: ConfidenceCalibration | None = None
     format: int = META_FORMAT
 
     @property
@@ -79,6 +83,11 @@ class EngineMeta:
             raise EngineError(f"engine metadata format {raw.get('format')!r} is not {META_FORMAT}; rebuild the engine")
         raw["model_config"] = ModelConfig.from_dict(raw["model_config"])
         raw["sequence_lengths"] = tuple(raw["sequence_lengths"])
+        if raw.get("confidence_calibration") is not None:
+            try:
+                raw["confidence_calibration"] = ConfidenceCalibration.from_dict(raw["confidence_calibration"])
+            except ValueError as exc:
+                raise EngineError(f"confidence_calibration ({CALIBRATION_KEY} of the model): {exc}") from None
         return cls(**raw)
 
     def write(self, engine_dir: Path) -> None:

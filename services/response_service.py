@@ -1,7 +1,8 @@
 """The response stage behind the `response.v1` contract: reply templates, and speech through espeak-ng.
 
-Templates: a confident answer, a hedged one (score below the low-confidence threshold), an
-abstention, an apology for a failed turn. Speech, when asked for, comes from Debian's `espeak-ng`
+Templates: a confident answer, a hedged one (score below the low-confidence threshold, 0.5 by default: the
+score is the QA answer's confidence, calibrated where abstaining is allowed), an abstention, an apology for a
+failed turn. Speech, when asked for, comes from Debian's `espeak-ng`
 run as a subprocess (never on the event loop's thread, bounded in time); where it is not installed
 (or disabled) the reply says AUDIO_UNAVAILABLE and carries no audio. Audio is never faked.
 """
@@ -27,7 +28,9 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = response_pb2.DESCRIPTOR.services_by_name["Responder"].full_name
 MAX_TEXT_CHARS = 4096
-DEFAULT_LOW_CONFIDENCE = 0.3
+# Scores are the QA answer's confidence, a calibrated probability of being right where abstaining is allowed
+# (`qacore.confidence`): below 0.5 the answer is more likely wrong than right, so it is hedged.
+DEFAULT_LOW_CONFIDENCE = 0.5
 MAX_AUDIO_BYTES = 4 * 1024 * 1024  # ~95 s of espeak-ng's 22 kHz speech; longer output is refused
 
 
@@ -56,7 +59,7 @@ class ReplyRequest:
     outcome: Outcome
     question: str
     answer: str = ""
-    score: float = 0.0
+    score: float = 0.0  # ANSWERED: the answer's confidence (qa.v1 answer.score), 0..1
     error_message: str = ""
     want_audio: bool = False
     low_confidence_below: float = 0.0  # 0: the responder's default

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from realtime_qa.qacore.confidence import CALIBRATION_KEY, ConfidenceCalibration, confidence_logit, shifted_probability
 from realtime_qa.qacore.decoding import Prediction
 from realtime_qa.qacore.squad import Question, SquadDataset
 from realtime_qa.qacore.squad_metric import evaluate_v2, exact_match, gold_answers_v2
@@ -59,11 +59,11 @@ def scores_at(dataset: SquadDataset, scores: Mapping[str, QuestionScore], thresh
 def returned_confidence(score: QuestionScore, threshold: float) -> tuple[bool, float]:
     """(abstains, confidence) at `threshold`, the confidence being the probability of what the decoder returns
     once its null logit is shifted by -threshold (so that abstaining at margin > threshold is the same as the
-    null answer outranking the best span): p_null' = p_null e^-t / (p_null e^-t + 1 - p_null), spans likewise."""
+    null answer outranking the best span): p_null' = p_null e^-t / (p_null e^-t + 1 - p_null), spans likewise.
+    The one definition is `qacore.confidence.shifted_probability` (what the decoder returns, before the Platt
+    scaling fitted here)."""
     abstains = score.null_margin > threshold
-    weight = math.exp(-threshold)
-    norm = score.null_probability * weight + (1.0 - score.null_probability)
-    return abstains, (score.null_probability * weight if abstains else score.span_probability) / norm
+    return abstains, shifted_probability(score.span_probability, score.null_probability, abstains, threshold)
 
 
 def _correct(question: Question, score: QuestionScore, abstains: bool) -> bool:
@@ -74,13 +74,14 @@ def _correct(question: Question, score: QuestionScore, abstains: bool) -> bool:
 
 def fit_platt(dataset: SquadDataset, scores: Mapping[str, QuestionScore], threshold: float) -> tuple[float, float]:
     """(a, b) of P(right) = sigmoid(a * logit(confidence) + b), fit by logistic regression (Newton steps) on
-    `dataset` (the first half of v2.0 dev): what the returned confidence must be mapped through to be calibrated."""
+    `dataset` (the first half of v2.0 dev): what the returned confidence must be mapped through to be calibrated.
+    Shipped as config.json `qa_confidence_calibration` (`set_confidence_calibration`), applied by the decoder
+    through `qacore.confidence.ConfidenceCalibration`."""
     features, labels = [], []
     for _, question in dataset.questions():
         score = scores[question.id]
         abstains, confidence = returned_confidence(score, threshold)
-        confidence = min(max(confidence, 1e-6), 1 - 1e-6)
-        features.append(math.log(confidence / (1 - confidence)))
+        features.append(confidence_logit(confidence))
         labels.append(float(_correct(question, score, abstains)))
     x = np.stack([np.asarray(features), np.ones(len(features))], axis=1)
     y = np.asarray(labels)
@@ -100,6 +101,7 @@ def reliability_table(
 ) -> list[dict[str, Any]]:
     """Accuracy (exact match; an abstention is right iff the question is unanswerable) by confidence bucket.
     Confidence: `returned_confidence`, mapped through `platt` (a, b) when given."""
+    calibration = ConfidenceCalibration(*platt) if platt is not None else None
     rows: list[dict[str, Any]] = [
         {"low": low, "high": min(high, 1.0), "count": 0, "correct": 0, "confidence_sum": 0.0}
         for low, high in itertools.pairwise(CONFIDENCE_BUCKETS)
@@ -107,9 +109,8 @@ def reliability_table(
     for _, question in dataset.questions():
         score = scores[question.id]
         abstains, confidence = returned_confidence(score, threshold)
-        if platt is not None:
-            clipped = min(max(confidence, 1e-6), 1 - 1e-6)
-            confidence = 1 / (1 + math.exp(-(platt[0] * math.log(clipped / (1 - clipped)) + platt[1])))
+        if calibration is not None:
+            confidence = calibration.apply(confidence)
         correct = _correct(question, score, abstains)
         for row in rows:
             if confidence < row["high"] or row["high"] == 1.0:
@@ -162,5 +163,16 @@ def set_null_threshold(model_dir: Path, threshold: float) -> Path:
     path = model_dir / "config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
     config[NULL_THRESHOLD_KEY] = float(threshold)
+    path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def set_confidence_calibration(model_dir: Path, platt: tuple[float, float]) -> Path:
+    """Write the Platt scaling `platt` (a, b from `fit_platt`) into the model's config.json as
+    `qa_confidence_calibration` (what the builder carries to the engine and the decoder applies to the
+    returned confidence wherever abstaining is allowed)."""
+    path = model_dir / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config[CALIBRATION_KEY] = ConfidenceCalibration(*platt).to_dict()
     path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return path

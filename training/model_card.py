@@ -180,11 +180,10 @@ def render_abstention_section(
         )
     lines += [
         "",
-        "`E` = `qa-build -m models/minilm-l6-squad -o E`; `E8` = the same with `--int8 --squad-json "
-        "../shared/data/squad/train-v1.1.json.gz --calib-num 100` (byte-identical to the default INT8 engine built "
-        "from the shipped `calibration.json`); every `qa-eval` with `--batch-size 16`, the datasets from "
-        "`../shared/data/squad/`. The full v1.1 dev set was not run on the CPU engines (not enough CPU time in the "
-        "session): its full-set figure is the training-time one.",
+        "`E` = `qa-build --default --precision fp32`, `E8` = `qa-build --default` (the default INT8 engine, "
+        "activation ranges from the shipped `calibration.json`, made by `make calibration`: MinMax over 100 train "
+        "questions); every `qa-eval` with `--batch-size 16`, the datasets from `../shared/data/squad/`; all four "
+        "runs by `benchmarks/cpu_accuracy.sh` (`benchmarks/results/cpu_accuracy.md`).",
     ]
     if comparison:
         lines += [
