@@ -4,8 +4,10 @@ A Python server process answers every call to `/echo.v1.Echo/Call` with a fixed 
 client sends 1.5 KB requests (about one question with an inline SQuAD passage) over unary calls on one
 channel, in the same closed loop as the service benchmark. What the service adds is its latency above
 this row's, at the same concurrency, in the same run. No protobuf: requests and replies are raw bytes.
+The echo server runs on the event loop `--event-loop` names (as `qa-serve --event-loop`); the client
+always on asyncio's, so only the server side changes between rows.
 
-    python -m realtime_qa.benchmarks.grpc_echo serve            # prints "listening on 127.0.0.1:PORT"
+    python -m realtime_qa.benchmarks.grpc_echo serve [--event-loop uvloop]   # prints "listening on 127.0.0.1:PORT"
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 import numpy as np
 from realtime_qa.benchmarks.report import percentile_summary
+from realtime_qa.services.config import EVENT_LOOPS
 
 SERVICE = "echo.v1.Echo"
 METHOD = f"/{SERVICE}/Call"
@@ -101,11 +104,14 @@ async def closed_loop(target: str, concurrency: int, duration_s: float, warmup_s
     }
 
 
-async def measure(concurrency: Sequence[int], duration_s: float, warmup_s: float) -> list[dict[str, Any]]:
-    """Start an echo server process, run every concurrency level against it, stop it."""
+async def measure(
+    concurrency: Sequence[int], duration_s: float, warmup_s: float, event_loop: str = "asyncio"
+) -> list[dict[str, Any]]:
+    """Start an echo server process on `event_loop`, run every concurrency level against it, stop it."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "realtime_qa.benchmarks.grpc_echo", "serve", cwd=REPO, stderr=asyncio.subprocess.PIPE
-    )
+        sys.executable, "-m", "realtime_qa.benchmarks.grpc_echo", "serve", "--event-loop", event_loop,
+        cwd=REPO, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
     try:
         assert process.stderr is not None
         line = (await asyncio.wait_for(process.stderr.readline(), 60)).decode()
@@ -113,7 +119,8 @@ async def measure(concurrency: Sequence[int], duration_s: float, warmup_s: float
         if match is None:
             raise RuntimeError(f"echo server did not start: {line!r}")
         target = f"{match.group(1)}:{match.group(2)}"
-        return [await closed_loop(target, level, duration_s, warmup_s) for level in concurrency]
+        rows = [await closed_loop(target, level, duration_s, warmup_s) for level in concurrency]
+        return [{**row, "event_loop": event_loop} for row in rows]
     finally:
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)
@@ -126,13 +133,14 @@ async def measure(concurrency: Sequence[int], duration_s: float, warmup_s: float
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| transport floor | concurrency | calls/s | p50 ms | p90 ms | p99 ms | errors | load avg |",
-        "|---|---|---|---|---|---|---|---|",
+        "| transport floor | server loop | concurrency | calls/s | p50 ms | p90 ms | p99 ms | errors | load avg |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         client = row["client_ms"]
         lines.append(
-            f"| grpc.aio echo ({REQUEST_BYTES} B -> {REPLY_BYTES} B) | {row['concurrency']} | "
+            f"| grpc.aio echo ({REQUEST_BYTES} B -> {REPLY_BYTES} B) | {row.get('event_loop', 'asyncio')} | "
+            f"{row['concurrency']} | "
             f"{row['throughput_rps']:.1f} | {client.get('p50', float('nan')):.2f} | "
             f"{client.get('p90', float('nan')):.2f} | {client.get('p99', float('nan')):.2f} | {row['errors']} | "
             f"{row['load_avg_1m']} |"
@@ -148,20 +156,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve_parser = sub.add_parser("serve", help="run the echo server")
     serve_parser.add_argument("--host", default="127.0.0.1")
     serve_parser.add_argument("--port", type=int, default=0)
+    serve_parser.add_argument("--event-loop", choices=EVENT_LOOPS, default="asyncio")
     run_parser = sub.add_parser("run", help="start a server and measure it")
     run_parser.add_argument("--concurrency", default="1,256")
     run_parser.add_argument("--duration-s", type=float, default=5.0)
     run_parser.add_argument("--warmup-s", type=float, default=1.0)
+    run_parser.add_argument("--event-loop", choices=EVENT_LOOPS, default="asyncio")
     args = parser.parse_args(argv)
     if args.command == "serve":
-        asyncio.run(serve(args.host, args.port))
+        from realtime_qa.services.cli import event_loop_factory
+
+        with asyncio.Runner(loop_factory=event_loop_factory(args.event_loop)) as runner:
+            runner.run(serve(args.host, args.port))
         return 0
     try:
         levels = [int(level) for level in args.concurrency.split(",") if level]
     except ValueError:
         print(f"python -m realtime_qa.benchmarks.grpc_echo: bad --concurrency {args.concurrency!r}", file=sys.stderr)
         return 2
-    print(markdown_table(asyncio.run(measure(levels, args.duration_s, args.warmup_s))))
+    print(markdown_table(asyncio.run(measure(levels, args.duration_s, args.warmup_s, args.event_loop))))
     return 0
 
 

@@ -9,10 +9,15 @@ the mean batch size (from the server's Prometheus endpoint, when it has one).
 
 Without --target the benchmark starts `qa-serve` itself (a separate process, as in production) on a
 free port; `--compare-batching` runs the same sweep against a server with the batcher off (max
-batch 1: the baseline) and on, in one run.
+batch 1: the baseline) and on, in one run; `--variant LABEL=FLAGS` (repeatable) starts one server per
+variant with those extra qa-serve flags instead, e.g. the event loops side by side. `--echo-floor` first
+measures a bare grpc.aio echo (the transport floor) at the same levels, once per `--echo-event-loops`
+loop. `--passages inline,ids` asks every point with the passage inline and by passage id.
 
     qa-bench serve --compare-batching --concurrency 1,8,32,128 --json-out benchmarks/results/serve_cpu.json
     qa-bench serve --target 127.0.0.1:50051 --mode open --rate 50,100 --arrivals poisson --api stream
+    qa-bench serve --concurrency 1,32 --echo-floor --echo-event-loops asyncio,uvloop \
+        --variant asyncio= --variant "uvloop=--event-loop uvloop"
 """
 
 from __future__ import annotations
@@ -71,13 +76,16 @@ class ServeBenchConfig:
     arrivals: str = "poisson"  # "constant" | "poisson"
     api: str = "unary"  # "unary" | "stream"
     streams: int = 8  # open loop over streams: this many streams share the arrivals
-    use_passage_ids: bool = False  # store passages first and send ids instead of text
+    passage_forms: tuple[str, ...] = ("inline",)  # "inline": text in every question; "ids": PutPassage first
     duration_s: float = 10.0  # measured time per point
     warmup_s: float = 3.0  # unmeasured time before each point
     max_batch_size: int = 16  # batching-on setting of started servers
     max_queue_delay_us: int = 1000
     compare_batching: bool = False
     server_args: tuple[str, ...] = ()  # extra qa-serve flags for started servers
+    variants: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (label, extra qa-serve flags): one started server each
+    echo_event_loops: tuple[str, ...] = ("asyncio",)  # --echo-floor: the echo server's event loop(s)
+    cpu_steps: bool = True  # time the service's CPU steps in process first (started servers only)
     timeout_s: float = 60.0
     seed: int = 0
 
@@ -90,6 +98,14 @@ class ServeBenchConfig:
             raise ValueError(f"--arrivals must be constant or poisson, got {self.arrivals!r}")
         if self.compare_batching and self.target is not None:
             raise ValueError("--compare-batching starts its own servers; it cannot be used with --target")
+        if self.variants and (self.target is not None or self.compare_batching):
+            raise ValueError("--variant starts its own servers; it cannot be used with --target or --compare-batching")
+        if len({label for label, _ in self.variants}) != len(self.variants):
+            raise ValueError("--variant labels must differ")
+        if not self.passage_forms or not set(self.passage_forms) <= {"inline", "ids"}:
+            raise ValueError(f"--passages must list inline and/or ids, got {','.join(self.passage_forms)!r}")
+        if not self.echo_event_loops or not set(self.echo_event_loops) <= {"asyncio", "uvloop"}:
+            raise ValueError(f"--echo-event-loops must list asyncio and/or uvloop, got {self.echo_event_loops!r}")
         if any(c < 1 for c in self.concurrency) or any(r <= 0 for r in self.rates):
             raise ValueError("concurrency levels and rates must be positive")
         if self.duration_s <= 0 or self.warmup_s < 0 or self.questions < 1:
@@ -325,34 +341,41 @@ def summarize(samples: Samples, duration_s: float) -> dict[str, Any]:
 
 @dataclass
 class Target:
-    """One server under test: where it is, its label in the results, its prepared questions."""
+    """One server under test: where it is, its label in the results, its prepared questions by passage form."""
 
     label: str
     client: QAClient
     metrics_url: str | None
-    questions: list[Question] = field(default_factory=list)
+    batching: str = "on"  # "on", "off" (max batch 1) or "external" (a running server's own setting)
+    questions: dict[str, list[Question]] = field(default_factory=dict)
 
 
 async def prepare(target: Target, pairs: list[tuple[str, str]], config: ServeBenchConfig) -> None:
     await target.client.wait_ready(600)
-    target.questions = [Question(q, passage) for q, passage in pairs]
-    if config.use_passage_ids:
+    if "inline" in config.passage_forms:
+        target.questions["inline"] = [Question(q, passage) for q, passage in pairs]
+    if "ids" in config.passage_forms:
         stored = {p: (await target.client.put_passage(p)).passage_id for p in {passage for _, passage in pairs}}
-        target.questions = [Question(q, passage_id=stored[passage]) for q, passage in pairs]
+        target.questions["ids"] = [Question(q, passage_id=stored[passage]) for q, passage in pairs]
 
 
-async def run_point(target: Target, kind: str, value: float, config: ServeBenchConfig) -> dict[str, Any]:
+async def run_point(
+    target: Target, kind: str, value: float, config: ServeBenchConfig, passages: str = "inline"
+) -> dict[str, Any]:
     streams = int(value) if kind == "concurrency" else config.streams
     before = await asyncio.to_thread(scrape_batches, target.metrics_url)
+    questions = target.questions[passages]
     async with sender(target.client, config.api, streams, config.timeout_s) as send:
         if kind == "concurrency":
-            samples = await closed_loop(send, target.questions, int(value), config)
+            samples = await closed_loop(send, questions, int(value), config)
         else:
-            samples = await open_loop(send, target.questions, value, config)
+            samples = await open_loop(send, questions, value, config)
     after = await asyncio.to_thread(scrape_batches, target.metrics_url)
     batches = after[1] - before[1]
     row = {
-        "batching": target.label,
+        "server": target.label,
+        "batching": target.batching,
+        "passages": passages,
         "api": config.api,
         kind: value,
         **summarize(samples, config.duration_s),
@@ -360,7 +383,7 @@ async def run_point(target: Target, kind: str, value: float, config: ServeBenchC
         # Other work on a shared host skews every number: the 1-minute load average says how much.
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
-    log.info("%s %s=%s: %.1f answers/s", target.label, kind, value, row["throughput_rps"])
+    log.info("%s %s=%s (%s): %.1f answers/s", target.label, kind, value, passages, row["throughput_rps"])
     return row
 
 
@@ -373,20 +396,23 @@ async def run(config: ServeBenchConfig) -> list[dict[str, Any]]:
     targets: list[Target] = []
     try:
         if config.target is not None:
-            targets.append(Target("external", QAClient(config.target, retry_off), None))
+            targets.append(Target("external", QAClient(config.target, retry_off), None, "external"))
         else:
-            settings = (
-                [("off", 1), ("on", config.max_batch_size)]
+            # (label, batching, max batch, extra flags) of each server to start
+            settings: list[tuple[str, str, int, tuple[str, ...]]] = (
+                [(label, "on", config.max_batch_size, flags) for label, flags in config.variants]
+                if config.variants
+                else [("off", "off", 1, ()), ("on", "on", config.max_batch_size, ())]
                 if config.compare_batching
-                else [("on", config.max_batch_size)]
+                else [("on", "on", config.max_batch_size, ())]
             )
-            for label, max_batch in settings:
+            for label, batching, max_batch, flags in settings:
                 args = ["--max-batch-size", str(max_batch), "--max-queue-delay-us", str(config.max_queue_delay_us)]
                 if config.engine is not None:
                     args += ["--engine", str(config.engine)]
-                server = await StartedServer.start([*args, *config.server_args])
+                server = await StartedServer.start([*args, *config.server_args, *flags])
                 started.append(server)
-                targets.append(Target(label, QAClient(server.target, retry_off), server.metrics_url))
+                targets.append(Target(label, QAClient(server.target, retry_off), server.metrics_url, batching))
         for target in targets:
             await prepare(target, pairs, config)
         points: list[tuple[str, float]] = (
@@ -394,7 +420,12 @@ async def run(config: ServeBenchConfig) -> list[dict[str, Any]]:
             if config.mode == "closed"
             else [("rate_rps", r) for r in config.rates]
         )
-        rows = [await run_point(target, kind, value, config) for kind, value in points for target in targets]
+        rows = [
+            await run_point(target, kind, value, config, passages)
+            for passages in config.passage_forms
+            for kind, value in points
+            for target in targets
+        ]
     finally:
         for target in targets:
             await target.client.close()
@@ -402,7 +433,7 @@ async def run(config: ServeBenchConfig) -> list[dict[str, Any]]:
             await server.stop()
     # Grouped by target for the table: baseline rows first.
     order = {target.label: index for index, target in enumerate(targets)}
-    return sorted(rows, key=lambda row: order[row["batching"]])
+    return sorted(rows, key=lambda row: order[row["server"]])
 
 
 def measure_cpu_offload(engine_dir: Path, pairs: list[tuple[str, str]]) -> dict[str, float]:
@@ -455,18 +486,20 @@ def measure_cpu_offload(engine_dir: Path, pairs: list[tuple[str, str]]) -> dict[
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     kind = "concurrency" if rows and "concurrency" in rows[0] else "rate_rps"
     header = (
-        f"| batcher | {kind} | answers/s | p50 ms | p90 ms | p95 ms | p99 ms | "
-        "server queue p50 | infer p50 | total p50 | mean batch | errors | load avg |"
+        f"| server | {kind} | passages | answers/s | p50 ms | p90 ms | p95 ms | p99 ms | "
+        "server queue p50 | tokenize p50 | infer p50 | decode p50 | total p50 | mean batch | errors | load avg |"
     )
     lines = table_head(header)
+    nan = float("nan")
     for row in rows:
         client, server = row["client_ms"], row["server_ms"]
         lines.append(
-            f"| {row['batching']} | {row[kind]:g} | {row['throughput_rps']:.1f} | "
-            f"{client.get('p50', float('nan')):.1f} | {client.get('p90', float('nan')):.1f} | "
-            f"{client.get('p95', float('nan')):.1f} | {client.get('p99', float('nan')):.1f} | "
-            f"{server['queue'].get('p50', float('nan')):.1f} | {server['infer'].get('p50', float('nan')):.1f} | "
-            f"{server['total'].get('p50', float('nan')):.1f} | {row['mean_batch_windows'] or '-'} | "
+            f"| {row['server']} | {row[kind]:g} | {row['passages']} | {row['throughput_rps']:.1f} | "
+            f"{client.get('p50', nan):.2f} | {client.get('p90', nan):.2f} | "
+            f"{client.get('p95', nan):.2f} | {client.get('p99', nan):.2f} | "
+            f"{server['queue'].get('p50', nan):.2f} | {server['tokenize'].get('p50', nan):.2f} | "
+            f"{server['infer'].get('p50', nan):.2f} | {server['decode'].get('p50', nan):.2f} | "
+            f"{server['total'].get('p50', nan):.2f} | {row['mean_batch_windows'] or '-'} | "
             f"{errors_cell(row['codes'])} | {row['load_avg_1m']} |"
         )
     return "\n".join(lines)
@@ -479,7 +512,11 @@ def report(
         "benchmark": "qa-bench serve",
         "machine": machine_description(),
         "command": "qa-bench serve " + shlex.join(argv),
-        "baseline": "batcher off (max batch size 1), same run" if config.compare_batching else None,
+        "baseline": "batcher off (max batch size 1), same run"
+        if config.compare_batching
+        else f"first variant ({config.variants[0][0]}), same run"
+        if config.variants
+        else None,
         "config": {key: (str(value) if isinstance(value, Path) else value) for key, value in asdict(config).items()},
         "results": rows,
         "cpu_offload": offload,
@@ -504,13 +541,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--arrivals", choices=("constant", "poisson"), default=defaults.arrivals, help="open loop arrival process")
     add("--api", choices=("unary", "stream"), default=defaults.api, help="unary Answer calls or AnswerStream")
     add("--streams", type=int, default=defaults.streams, help="open loop over streams: number of streams")
-    add("--passage-ids", action="store_true", help="PutPassage first, then ask by passage id")
+    add("--passage-ids", action="store_true", help="PutPassage first, then ask by passage id (= --passages ids)")
+    add(
+        "--passages",
+        type=lambda text: tuple(part for part in text.split(",") if part),
+        help="passage forms to ask with, each at every point: inline, ids, or inline,ids (default: inline)",
+    )
     add("--duration-s", type=float, default=defaults.duration_s, help="measured seconds per point")
     add("--warmup-s", type=float, default=defaults.warmup_s, help="unmeasured seconds before each point")
     add("--max-batch-size", type=int, default=defaults.max_batch_size, help="batcher-on max batch of started servers")
     add("--max-queue-delay-us", type=int, default=defaults.max_queue_delay_us, help="batcher delay of started servers")
     add("--compare-batching", action="store_true", help="run the sweep with the batcher off (baseline) and on")
     add("--server-arg", action="append", default=[], help="extra qa-serve flag for started servers (repeatable)")
+    add(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL=FLAGS",
+        help="start one server per variant with these extra qa-serve flags (repeatable; the first is the baseline), "
+        "e.g. --variant asyncio= --variant 'uvloop=--event-loop uvloop'",
+    )
+    add(
+        "--echo-event-loops",
+        type=lambda text: tuple(part for part in text.split(",") if part),
+        default=("asyncio",),
+        help="--echo-floor: measure the echo under each of these server event loops (asyncio,uvloop)",
+    )
+    add("--no-cpu-steps", action="store_true", help="skip timing the service's CPU steps in process first")
     add("--json-out", type=Path, help="write the results as JSON here")
     add("--markdown-out", type=Path, help="write the results table as Markdown here")
     add("--echo-floor", action="store_true", help="first measure a bare grpc.aio echo at the same concurrency levels")
@@ -528,14 +585,24 @@ def config_from_args(args: argparse.Namespace) -> ServeBenchConfig:
         arrivals=args.arrivals,
         api=args.api,
         streams=args.streams,
-        use_passage_ids=args.passage_ids,
+        passage_forms=args.passages or (("ids",) if args.passage_ids else ("inline",)),
         duration_s=args.duration_s,
         warmup_s=args.warmup_s,
         max_batch_size=args.max_batch_size,
         max_queue_delay_us=args.max_queue_delay_us,
         compare_batching=args.compare_batching,
         server_args=tuple(arg for extra in args.server_arg for arg in shlex.split(extra)),
+        variants=tuple(_variant(text) for text in args.variant),
+        echo_event_loops=tuple(args.echo_event_loops),
+        cpu_steps=not args.no_cpu_steps,
     )
+
+
+def _variant(text: str) -> tuple[str, tuple[str, ...]]:
+    label, sep, flags = text.partition("=")
+    if not sep or not label:
+        raise ValueError(f"--variant must be LABEL=FLAGS, got {text!r}")
+    return label, tuple(shlex.split(flags))
 
 
 def run_from_args(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -548,7 +615,7 @@ def run_from_args(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print(f"qa-bench serve: SQuAD file not found: {config.squad}", file=sys.stderr)
         return 2
     offload = None
-    if config.target is None:  # measured first: it is quick, and the engine is local
+    if config.target is None and config.cpu_steps:  # measured first: it is quick, and the engine is local
         from realtime_qa.builder.defaults import ensure_default_engine
 
         pairs = load_questions(config.squad, min(config.questions, 500))
@@ -557,7 +624,11 @@ def run_from_args(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.echo_floor:  # the transport floor, same run, same levels (benchmarks.grpc_echo)
         from realtime_qa.benchmarks import grpc_echo
 
-        echo_rows = asyncio.run(grpc_echo.measure(config.concurrency, config.duration_s, config.warmup_s))
+        echo_rows = [
+            row
+            for loop in config.echo_event_loops
+            for row in asyncio.run(grpc_echo.measure(config.concurrency, config.duration_s, config.warmup_s, loop))
+        ]
     rows = asyncio.run(run(config))
     result = report(config, rows, argv, offload)
     if echo_rows is not None:

@@ -1,8 +1,8 @@
 """Question answering without a server: featurize -> engine -> decode, with per-stage timings.
 
 Used by the demo CLI and the evaluator. Engines are opened as an `EngineBundle` (engine, featurizer,
-decoder defaults) and windows are batched with `qacore.batching`, the same path the gRPC service's
-batcher takes, so `qa-eval` scores the batching that is served.
+decoder defaults); windows are batched with `qacore.batching` and run and decoded with `qacore.window_results`,
+the same path the gRPC service's batcher takes, so `qa-eval` scores what is served.
 """
 
 from __future__ import annotations
@@ -12,14 +12,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
-from realtime_qa.qacore.batching import LogitsTable, pad_batch, plan_batches, scatter_rows
+from realtime_qa.qacore.batching import plan_batches
 from realtime_qa.qacore.bundle import EngineBundle, featurizer_for_engine, open_bundle
-from realtime_qa.qacore.decoding import DecoderConfig, Prediction, decode, decode_spans, span_masks, uses_device_spans
-from realtime_qa.qacore.engine import Engine, EngineSpans
+from realtime_qa.qacore.decoding import DecoderConfig, Prediction
+from realtime_qa.qacore.engine import Engine
 from realtime_qa.qacore.factory import EngineOptions
 from realtime_qa.qacore.features import EncodedPassage, Features, Featurizer, FeaturizerConfig
 from realtime_qa.qacore.latency import LatencyTracker, StageTimings
+from realtime_qa.qacore.window_results import (
+    decode_results,
+    infer_batch,
+    results_table,
+    scatter_results,
+    span_search_length,
+)
 
 __all__ = ["AnswerResult", "QuestionAnswerer", "featurizer_for_engine"]
 
@@ -86,60 +92,29 @@ class QuestionAnswerer:
             trackers.append(tracker)
         owners = [(item, row) for item, feature in enumerate(features) for row in range(len(feature.windows))]
         windows = [features[item].windows[row] for item, row in owners]
-        tables = [LogitsTable.for_windows(feature.windows) for feature in features]
+        # One engine call per planned batch and one decode per question, as the service's batcher does them
+        # (`qacore.window_results`): device span search where the engine offers it, logits otherwise.
+        span_length = span_search_length(self.engine, self.decoder_config)
+        limits = self.engine.span_search_limits()
+        kept = limits[0] if limits is not None else 0
+        tables = [results_table(feature.windows, span_length, kept) for feature in features]
         pad_id = self.featurizer.special.pad_id
-        # Engines that search spans on the device return a few spans per window instead of logit rows.
-        device_spans = uses_device_spans(self.engine, self.decoder_config)
-        spans: list[dict[int, EngineSpans]] = [{} for _ in features]  # per question: window row -> its spans
         for chunk in plan_batches([window.seq_len for window in windows], self.engine.meta.max_batch_size):
-            batch = pad_batch([windows[index] for index in chunk], pad_id)
             begin = time.perf_counter_ns()
-            if device_spans:
-                masks = span_masks([windows[index] for index in chunk], batch.seq_len)
-                found = self.engine.infer_spans(batch, *masks, self.decoder_config.max_answer_length)
-                for position, index in enumerate(chunk):
-                    item, row = owners[index]
-                    spans[item][row] = _batch_row(found, position)
-                for item in {owners[index][0] for index in chunk}:
-                    trackers[item].add("infer", time.perf_counter_ns() - begin)
-                continue
-            outputs = self.engine.infer(batch)
+            result, _ = infer_batch(self.engine, [windows[index] for index in chunk], pad_id, span_length)
             duration = time.perf_counter_ns() - begin
             for position, index in enumerate(chunk):
                 item, row = owners[index]
-                scatter_rows(
-                    tables[item],
-                    [row],
-                    [windows[index].seq_len],
-                    outputs.start_logits,
-                    outputs.end_logits,
-                    batch_rows=[position],
-                )
+                scatter_results(tables[item], [row], [windows[index].seq_len], result, [position])
             for item in {owners[index][0] for index in chunk}:
                 trackers[item].add("infer", duration)
         results: list[AnswerResult] = []
         for tracker, feature, table, (question, _) in zip(trackers, features, tables, items, strict=True):
             with tracker.stage("decode"):
-                if device_spans:
-                    prediction = decode_spans(feature, _stack(spans[len(results)]), self.decoder_config)
-                else:
-                    prediction = decode(feature, table.start, table.end, self.decoder_config)
+                prediction = decode_results(feature, table, self.decoder_config)
             results.append(AnswerResult(question, prediction, tracker.finish()))
         return results
 
     def with_decoder(self, **changes: object) -> QuestionAnswerer:
         """The same engine and featurizer with other decoding options (n-best size, null threshold...)."""
         return QuestionAnswerer(self.engine, self.featurizer, replace(self.decoder_config, **changes))  # type: ignore[arg-type]
-
-
-def _batch_row(spans: EngineSpans, row: int) -> EngineSpans:
-    """One window's spans out of a batch's device span search."""
-    return EngineSpans(*(getattr(spans, name)[row : row + 1] for name in _SPAN_FIELDS))
-
-
-def _stack(rows: dict[int, EngineSpans]) -> EngineSpans:
-    """One question's spans in window order (batches carry windows shortest first)."""
-    return EngineSpans(*(np.concatenate([getattr(rows[row], name) for row in sorted(rows)]) for name in _SPAN_FIELDS))
-
-
-_SPAN_FIELDS = ("starts", "ends", "logits", "null_logits")

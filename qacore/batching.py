@@ -46,8 +46,22 @@ def real_tokens(windows: Sequence[Window]) -> int:
     return sum(window.seq_len for window in windows)
 
 
+class FilledRows:
+    """A per-request table whose rows (one per window) are filled as the batches carrying them finish."""
+
+    filled: np.ndarray  # bool [windows]
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.filled.all())
+
+    @property
+    def missing(self) -> int:
+        return int((~self.filled).sum())
+
+
 @dataclass(eq=False)
-class LogitsTable:
+class LogitsTable(FilledRows):
     """The start/end logits of one request's windows (rows in submission order), filled as batches finish."""
 
     start: np.ndarray  # float32 [windows, width]
@@ -61,14 +75,6 @@ class LogitsTable:
         width = max(window.seq_len for window in windows)
         start = np.full((len(windows), width), -np.inf, dtype=np.float32)
         return cls(start, start.copy(), np.zeros(len(windows), dtype=bool))
-
-    @property
-    def complete(self) -> bool:
-        return bool(self.filled.all())
-
-    @property
-    def missing(self) -> int:
-        return int((~self.filled).sum())
 
 
 def scatter_rows(

@@ -1,7 +1,10 @@
 """Dynamic batching with fair scheduling: windows from many concurrent callers share engine calls.
 
 The batcher sees windows, not requests. A request submits its windows (one per passage chunk) and
-awaits their logits; worker tasks (one per engine context, each with its own single executor
+awaits their results: logits, or, where the engine searches answer spans on the device and the request
+asks for it (`span_length`), a few span candidates per window (`qacore.window_results`, the path
+`QuestionAnswerer` takes too). A batch holds windows of one kind only (logits, or spans of one longest
+answer length); worker tasks (one per engine context, each with its own single executor
 thread, so the event loop never blocks on inference) take up to `max_batch_size` windows per call.
 A batch starts when it is full or when its oldest window has waited `max_queue_delay_us`.
 
@@ -44,9 +47,16 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
-from realtime_qa.qacore.batching import LogitsTable, length_bucket, pad_batch, real_tokens, scatter_rows
+from realtime_qa.qacore.batching import LogitsTable, length_bucket, real_tokens
 from realtime_qa.qacore.engine import Engine
 from realtime_qa.qacore.features import Featurizer, Window
+from realtime_qa.qacore.window_results import (
+    BatchResult,
+    ResultsTable,
+    infer_batch,
+    results_table,
+    scatter_results,
+)
 from realtime_qa.services.config import BatcherConfig
 from realtime_qa.services.errors import (
     BatchFailedError,
@@ -90,18 +100,33 @@ def _cpu_priority(increment: int) -> Iterator[None]:
             _thread_nice.stuck = True
 
 
-__all__ = ["BatchObserver", "Batcher", "BatcherConfig", "BatcherStats", "WindowLogits"]
+__all__ = ["BatchObserver", "Batcher", "BatcherConfig", "BatcherStats", "WindowResults"]
 
 
 @dataclass(frozen=True, eq=False)
-class WindowLogits:
-    """The logits of one request's windows, rows in submission order, plus where its batcher time went."""
+class WindowResults:
+    """What the engine returned for one request's windows (rows in submission order), and where its batcher
+    time went. `table` holds logits (`LogitsTable`) or the device span search's spans (`SpansTable`);
+    `qacore.window_results.decode_results` decodes either."""
 
-    start_logits: np.ndarray  # float32 [windows, width]; columns past a window's length are -inf
-    end_logits: np.ndarray
+    table: ResultsTable
     queue_ns: int  # time in the batcher not spent in engine calls carrying this request
     infer_ns: int  # summed duration of the engine calls that carried this request's windows
     batch_sizes: tuple[int, ...]  # size of each engine call the request took part in
+
+    @property
+    def start_logits(self) -> np.ndarray:
+        """float32 [windows, width]; columns past a window's length are -inf (logits requests only)."""
+        return self._logits().start
+
+    @property
+    def end_logits(self) -> np.ndarray:
+        return self._logits().end
+
+    def _logits(self) -> LogitsTable:
+        if not isinstance(self.table, LogitsTable):
+            raise TypeError("this request ran the device span search: it has spans, not logits")
+        return self.table
 
 
 @dataclass
@@ -126,9 +151,10 @@ class _Job:
     windows: Sequence[Window]
     caller: str
     deadline_ns: int | None
-    future: asyncio.Future[WindowLogits]
+    future: asyncio.Future[WindowResults]
     submitted_ns: int
-    table: LogitsTable
+    table: ResultsTable
+    span_length: int | None  # longest answer searched on the device; None: the engine returns logits
     next_index: int = 0  # the next window to hand to a batch (windows of a job run in order)
     infer_ns: int = 0
     batch_sizes: list[int] = field(default_factory=list)
@@ -163,6 +189,7 @@ class _Batch:
     items: list[tuple[_Job, int]]  # (job, window index)
     lead: _Caller
     heavy: bool  # led by a caller with a backlog (counts against the contexts kept for others)
+    span_length: int | None  # every window of the batch runs the same kind of engine call
 
 
 class Batcher:
@@ -181,6 +208,9 @@ class Batcher:
         self.config = config or BatcherConfig()
         self.name = name or engines[0].meta.model_id
         self.max_batch_size = min(self.config.max_batch_size, min(engine.meta.max_batch_size for engine in engines))
+        # Spans kept per window by the device span search (None: the engines return logits only).
+        limits = {engine.span_search_limits() for engine in engines}
+        self.span_search_limits = limits.pop() if len(limits) == 1 else None
         # Contexts that callers with a backlog may lead batches on; the rest stay free for the others.
         self.heavy_contexts = max(1, len(engines) - 1)
         self._engines = list(engines)
@@ -255,9 +285,14 @@ class Batcher:
     # -- submitting --------------------------------------------------------------------------------
 
     async def run(
-        self, windows: Sequence[Window], deadline_ns: int | None = None, caller: str | None = None
-    ) -> WindowLogits:
-        """Queue `windows` and wait for their logits.
+        self,
+        windows: Sequence[Window],
+        deadline_ns: int | None = None,
+        caller: str | None = None,
+        span_length: int | None = None,
+    ) -> WindowResults:
+        """Queue `windows` and wait for their results: logits, or with `span_length` (the longest answer in
+        tokens, within the engines' `span_search_limits`) the device span search's spans.
 
         `caller` groups requests for fair scheduling (one stream's questions share one key); None makes
         the request its own caller. `deadline_ns` is a `time.perf_counter_ns()` instant: work not started
@@ -266,7 +301,7 @@ class Batcher:
         """
         if deadline_ns is not None and time.perf_counter_ns() >= deadline_ns:
             raise DeadlineExpiredError("deadline exceeded before the request was queued")
-        future = self.submit(windows, deadline_ns, caller)
+        future = self.submit(windows, deadline_ns, caller, span_length)
         try:
             if deadline_ns is None:
                 return await future
@@ -280,13 +315,21 @@ class Batcher:
             future.cancel()
 
     def submit(
-        self, windows: Sequence[Window], deadline_ns: int | None = None, caller: str | None = None
-    ) -> asyncio.Future[WindowLogits]:
-        """Queue `windows` now; the returned future resolves with their logits (cancel it to drop them)."""
+        self,
+        windows: Sequence[Window],
+        deadline_ns: int | None = None,
+        caller: str | None = None,
+        span_length: int | None = None,
+    ) -> asyncio.Future[WindowResults]:
+        """Queue `windows` now; the returned future resolves with their results (cancel it to drop them)."""
         if self._closing:
             raise NotServingError("server is shutting down")
         if not windows:
             raise ValueError("no windows to run")
+        if span_length is not None and (
+            self.span_search_limits is None or not 1 <= span_length <= self.span_search_limits[1]
+        ):
+            raise ValueError(f"the engines cannot search spans of up to {span_length} tokens on the device")
         count = len(windows)
         limit = self.config.max_request_windows
         if count > limit:
@@ -298,8 +341,9 @@ class Batcher:
         entry = self._callers.get(key)
         self._check_room(entry, count)
         now = time.perf_counter_ns()
-        future: asyncio.Future[WindowLogits] = asyncio.get_running_loop().create_future()
-        job = _Job(windows, key, deadline_ns, future, now, LogitsTable.for_windows(windows))
+        future: asyncio.Future[WindowResults] = asyncio.get_running_loop().create_future()
+        kept = self.span_search_limits[0] if self.span_search_limits is not None else 0
+        job = _Job(windows, key, deadline_ns, future, now, results_table(windows, span_length, kept), span_length)
         if entry is None:
             entry = self._callers[key] = _Caller(key)
         entry.jobs.append(job)
@@ -360,13 +404,13 @@ class Batcher:
             windows = [job.windows[index] for job, index in batch.items]
             self._busy += 1
             try:
-                start, end, seq_len, infer_ns = await loop.run_in_executor(
-                    executor, self._infer, engine, windows, batch.heavy
+                result, seq_len, infer_ns = await loop.run_in_executor(
+                    executor, self._infer, engine, windows, batch.span_length, batch.heavy
                 )
                 self.stats.batches += 1
                 self.stats.run_windows += len(windows)
                 self._observe(len(windows), seq_len, windows, infer_ns, ok=True)
-                self._deliver(batch, start, end, infer_ns)
+                self._deliver(batch, result, infer_ns)
             except Exception as exc:
                 self._fail_batch(batch, windows, exc)
             finally:
@@ -398,18 +442,17 @@ class Batcher:
                 job.future.set_exception(failure)
 
     def _infer(
-        self, engine: Engine, windows: list[Window], background: bool = False
-    ) -> tuple[np.ndarray, np.ndarray, int, int]:
-        """Runs on the context's executor thread: pad, infer, time. A batch led by a caller with a backlog
-        runs at a lower CPU priority (where the OS lets the thread come back up), so on a busy host the
-        operating system also favours other callers' small requests."""
+        self, engine: Engine, windows: list[Window], span_length: int | None, background: bool = False
+    ) -> tuple[BatchResult, int, int]:
+        """Runs on the context's executor thread: pad, infer (logits or the device span search), time. A batch
+        led by a caller with a backlog runs at a lower CPU priority (where the OS lets the thread come back
+        up), so on a busy host the operating system also favours other callers' small requests."""
         begin = time.perf_counter_ns()
         with _cpu_priority(BACKGROUND_NICE if background else 0):
-            inputs = pad_batch(windows, self._featurizer.special.pad_id)
-            outputs = engine.infer(inputs)
-        return outputs.start_logits, outputs.end_logits, inputs.seq_len, time.perf_counter_ns() - begin
+            result, seq_len = infer_batch(engine, windows, self._featurizer.special.pad_id, span_length)
+        return result, seq_len, time.perf_counter_ns() - begin
 
-    def _deliver(self, batch: _Batch, start: np.ndarray, end: np.ndarray, infer_ns: int) -> None:
+    def _deliver(self, batch: _Batch, result: BatchResult, infer_ns: int) -> None:
         rows_of: dict[int, tuple[_Job, list[int], list[int]]] = {}
         for position, (job, index) in enumerate(batch.items):
             _, rows, positions = rows_of.setdefault(id(job), (job, [], []))
@@ -421,13 +464,12 @@ class Batcher:
             if not job.live:
                 continue
             widths = [job.windows[row].seq_len for row in rows]
-            scatter_rows(job.table, rows, widths, start, end, positions)
+            scatter_results(job.table, rows, widths, result, positions)
             if job.table.complete:
                 in_batcher = time.perf_counter_ns() - job.submitted_ns
                 job.future.set_result(
-                    WindowLogits(
-                        job.table.start,
-                        job.table.end,
+                    WindowResults(
+                        job.table,
                         max(0, in_batcher - job.infer_ns),
                         job.infer_ns,
                         tuple(job.batch_sizes),
@@ -500,12 +542,14 @@ class Batcher:
 
     def _take(self, eligible: list[_Caller]) -> _Batch | None:
         """Up to `max_batch_size` windows, one per caller per round: the lead caller's window fixes the
-        length bucket; other callers join with windows of that bucket or shorter ones."""
+        length bucket and the kind of engine call (logits, or spans of one longest answer); other callers
+        join with windows of that kind, of that bucket or shorter ones."""
         now = time.perf_counter_ns()
         bucket_tokens = self.config.bucket_tokens
         lead: _Caller | None = None
         lead_heavy = False
         bucket = 0
+        span_length: int | None = None
         items: list[tuple[_Job, int]] = []
         contributed: list[_Caller] = []
         leaders = {id(entry) for entry in eligible}
@@ -524,7 +568,8 @@ class Batcher:
                         continue
                     lead, lead_heavy = entry, self._is_heavy(entry)
                     bucket = length_bucket(window.seq_len, bucket_tokens)
-                elif length_bucket(window.seq_len, bucket_tokens) > bucket:
+                    span_length = job.span_length
+                elif length_bucket(window.seq_len, bucket_tokens) > bucket or job.span_length != span_length:
                     continue
                 items.append((job, job.next_index))
                 job.next_index += 1
@@ -546,7 +591,7 @@ class Batcher:
         for entry in contributed:  # round robin: callers that were served go to the back
             if self._callers.get(entry.key) is entry:
                 self._callers.move_to_end(entry.key)
-        return _Batch(items, lead, lead_heavy)
+        return _Batch(items, lead, lead_heavy, span_length)
 
     def _next_live_job(self, entry: _Caller, now: int) -> _Job | None:
         """The caller's next job with a window to run; expired jobs fail on the way."""

@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from realtime_qa.qacore.errors import EngineError, QAError
 from realtime_qa.services.config import ServerConfig, config_from_args
@@ -17,6 +17,33 @@ from realtime_qa.services.server import QAServer
 log = logging.getLogger("qa-serve")
 
 EXIT_ENGINE = 3  # an engine that cannot be used (missing, corrupt, faulty): it never reports SERVING
+EXIT_USAGE = 2
+
+
+class EventLoopUnavailable(Exception):  # noqa: N818 - reads as what happened
+    """The event loop `--event-loop` names is not installed (its message is the one line to print)."""
+
+
+def event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """How to make the event loop `name` (`ServerConfig.event_loop`); None: asyncio's own. uvloop is imported
+    here, only when asked for, since it is an optional extra."""
+    if name == "asyncio":
+        return None
+    if name == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            raise EventLoopUnavailable(
+                "--event-loop uvloop needs the uvloop package: pip install 'realtime-qa[uvloop]'"
+            ) from None
+        return uvloop.new_event_loop
+    raise ValueError(f"unknown event loop {name!r}")
+
+
+def run_server(config: ServerConfig) -> int:
+    """Run `serve(config)` on the event loop the config names; returns the exit code."""
+    with asyncio.Runner(loop_factory=event_loop_factory(config.event_loop)) as runner:
+        return runner.run(serve(config))
 
 
 async def serve(config: ServerConfig) -> int:
@@ -65,12 +92,22 @@ class HardExit(Exception):  # noqa: N818 - a control-flow signal, not an error
 def main(argv: Sequence[str] | None = None) -> int:
     config = config_from_args(argv)
     configure_logging(config.log_level)
+    try:
+        event_loop_factory(config.event_loop)  # a missing uvloop is one line here, not one per worker
+    except EventLoopUnavailable as exc:
+        print(f"qa-serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if config.event_loop == "uvloop":
+        log.warning(
+            "--event-loop uvloop is experimental: in our measurements some calls hung until their deadline "
+            "(benchmarks/results/serve_h200_spans_uvloop.md); use the default asyncio loop in production"
+        )
     if config.workers > 1:  # N processes on one port, metrics merged (services/workers.py)
         from realtime_qa.services.workers import run_workers
 
         return run_workers(config)
     try:
-        return asyncio.run(serve(config))
+        return run_server(config)
     except HardExit as exit_now:
         logging.shutdown()
         os._exit(exit_now.code)

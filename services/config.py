@@ -35,6 +35,7 @@ SETTING_KEY = "qa_setting"  # dataclass field metadata key holding a `Setting`
 NESTED_KEY = "qa_settings_of"  # metadata key of a field whose value is a dataclass of further settings
 MAX_THREADS = 64  # cap of every thread-count setting: more threads than this only thrash on any host we serve
 MAX_ENGINE_CONTEXTS = 16  # each context holds a copy of the engine's memory
+EVENT_LOOPS = ("asyncio", "uvloop")  # uvloop: the optional extra `realtime-qa[uvloop]`
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,12 @@ class ServerConfig:
         choices=PRECISIONS,
     )  # fmt: skip
     batcher: BatcherConfig = field(default_factory=BatcherConfig, metadata={NESTED_KEY: BatcherConfig})
+    span_search: bool = setting(
+        True,
+        "search answer spans on the device where the engine can (the torch engine; as qa-eval and qa-assistant "
+        "do); off: every engine returns logits and the CPU decodes them",
+        switch=True,
+    )
     engine_contexts: int = setting(
         1, "engine instances (threads) per model; with 2 or more, callers with a backlog leave one free for others",
         parse=int, minimum=1, maximum=MAX_ENGINE_CONTEXTS,
@@ -202,6 +209,14 @@ class ServerConfig:
     passage_ttl_s: int = setting(
         3600, "seconds a passage lives in the shared store", parse=int, minimum=1, maximum=30 * 24 * 3600
     )
+    # uvloop measured +53% answers/s on the H200 at concurrency 256 but left one call every few hundred to few
+    # thousand unanswered until its deadline (grpc.aio's response send never completing;
+    # benchmarks/results/serve_h200_spans_uvloop.md, serve_cpu_loop.md).
+    event_loop: str = setting(
+        "asyncio", "the event loop each server process runs on; uvloop (`pip install 'realtime-qa[uvloop]'`) is "
+        "EXPERIMENTAL: faster, but some calls were measured to hang until their deadline",
+        choices=EVENT_LOOPS,
+    )  # fmt: skip
     workers: int = setting(
         1, "server processes sharing the port (SO_REUSEPORT), metrics merged on --metrics-port", parse=int,
         minimum=1, maximum=64,

@@ -1,12 +1,17 @@
 """The qa.v1.QuestionAnswering servicer: requests become windows for the batcher, logits become answers.
 
 Per question: tokenize the question, find (or tokenize and cache) the passage, cut windows, let the
-model's batcher run them with other requests' windows, decode the spans. Short passages are
-tokenized and decoded on the event loop; long ones on a small executor, so one huge passage never
-stalls every other request. Measured on the 2-core CPU host (`qa-bench serve --compare-batching`
-records it as `cpu_offload`): a SQuAD question with its windows takes ~45 us inline and ~170-210 us
-through an executor (the thread hop alone costs ~80 us), a SQuAD paragraph ~220 us inline, decoding
-~0.5 ms per window. Inline wins below a few milliseconds of work.
+model's batcher run them with other requests' windows, decode the spans. The engine path is the one
+`QuestionAnswerer` (`qa-eval`, `qa-assistant`) takes (`qacore.window_results`): where the engine searches
+answer spans on the device (the torch engine) and the question's decoder options fit its search, the
+batcher brings back a few span candidates per window and decoding only ranks them; otherwise it brings
+back logits and the vectorized CPU decoder searches them (`--no-span-search` forces the latter).
+
+Short passages are tokenized and decoded on the event loop; long ones on a small executor, so one huge
+passage never stalls every other request. Measured on the 2-core CPU host (`qa-bench serve
+--compare-batching` records it as `cpu_offload`): a SQuAD question with its windows takes ~45 us inline
+and ~170-210 us through an executor (the thread hop alone costs ~80 us), a SQuAD paragraph ~220 us
+inline, decoding logits ~0.5 ms per window. Inline wins below a few milliseconds of work.
 """
 
 from __future__ import annotations
@@ -19,11 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import grpc
-from realtime_qa.qacore.decoding import DecoderConfig, Prediction, decode
 from realtime_qa.qacore.features import EncodedPassage, Features, window_spans
 from realtime_qa.qacore.latency import LatencyTracker
+from realtime_qa.qacore.window_results import SpansTable, decode_results, span_search_length
 from realtime_qa.services.auth import caller_scope
-from realtime_qa.services.batcher import WindowLogits
 from realtime_qa.services.config import ServerConfig
 from realtime_qa.services.convert import (
     QuestionRequest,
@@ -48,7 +52,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 SERVICE_NAME = qa_pb2.DESCRIPTOR.services_by_name["QuestionAnswering"].full_name
 STREAM_QUESTION = "AnswerStream"  # metrics label of one question answered (or failed) in-band on a stream
-INLINE_DECODE_WINDOWS = 2  # decoding takes ~0.5 ms per window: more than this goes to the executor
+INLINE_DECODE_WINDOWS = 2  # decoding logits takes ~0.5 ms per window: more than this goes to the executor
+# Ranking device spans costs ~0.14 ms per SQuAD question on the 2-core box (decode_cpu_bench: 1-2 windows),
+# and grows only with the candidates read (k per window) until n-best distinct spans are found.
+INLINE_SPAN_DECODE_WINDOWS = 16
 
 
 class QuestionAnsweringService(qa_pb2_grpc.QuestionAnsweringServicer):
@@ -140,23 +147,23 @@ class QuestionAnsweringService(qa_pb2_grpc.QuestionAnsweringServicer):
         tracker = LatencyTracker(self.config.budget_ns, start_ns=arrival_ns)
         model = self.model_for(query.model_id)
         decoder_config = query.decoder_config(model.decoder_config)
+        span_length = span_search_length(model.engines[0], decoder_config) if self.config.span_search else None
         with tracker.stage("tokenize"):
             question_ids = model.featurizer.encode_question(query.question)
             passage_id, passage = await self._passage(model, query.passage, query.passage_id)
             long_passage = len(passage.text) > self.config.inline_tokenize_chars
             windows = await self._cpu(long_passage, model.featurizer.windows, question_ids, passage)
-        logits = await model.batcher.run(windows, deadline_ns, caller)
-        tracker.add("queue", logits.queue_ns)
-        tracker.add("infer", logits.infer_ns)
+        results = await model.batcher.run(windows, deadline_ns, caller, span_length)
+        tracker.add("queue", results.queue_ns)
+        tracker.add("infer", results.infer_ns)
         features = Features(passage, question_ids, windows)
+        inline = INLINE_SPAN_DECODE_WINDOWS if isinstance(results.table, SpansTable) else INLINE_DECODE_WINDOWS
         with tracker.stage("decode"):
-            prediction = await self._cpu(
-                len(windows) > INLINE_DECODE_WINDOWS, _decode, features, logits, decoder_config
-            )
+            prediction = await self._cpu(len(windows) > inline, decode_results, features, results.table, decoder_config)
         timings = tracker.finish()
         self.metrics.observe_answer(model.model_id, timings)
         log.debug(
-            "answered in %.2f ms (%d windows, batches %s)", timings.total_ns / 1e6, len(windows), logits.batch_sizes
+            "answered in %.2f ms (%d windows, batches %s)", timings.total_ns / 1e6, len(windows), results.batch_sizes
         )
         return ServedAnswer(query.tag, prediction, model.model_id, model.engine_name, passage_id, timings)
 
@@ -212,10 +219,6 @@ class QuestionAnsweringService(qa_pb2_grpc.QuestionAnsweringServicer):
 def _retrieve(task: asyncio.Future[Any]) -> None:
     if not task.cancelled():
         task.exception()
-
-
-def _decode(features: Features, logits: WindowLogits, config: DecoderConfig) -> Prediction:
-    return decode(features, logits.start_logits, logits.end_logits, config)
 
 
 class StreamSession:

@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from realtime_qa.qacore.default_engine import DEFAULT_PRECISION
 from realtime_qa.qacore.factory import EngineOptions
 from realtime_qa.qacore.files import read_bytes
+from realtime_qa.qacore.window_results import warm_span_search
 from realtime_qa.services.auth import AuthInterceptor, TokenSet, server_credentials
 from realtime_qa.services.batcher import Batcher
 from realtime_qa.services.config import EngineSpec, ServerConfig
@@ -171,8 +172,11 @@ class QAServer:
         for spec in specs:
             model = await load_model(spec, options, config.engine_contexts, config.batcher, self.metrics.batch_observer)
             try:
+                if config.span_search:  # capture the span search's graphs now, not on a request
+                    for engine in model.engines:
+                        await asyncio.to_thread(warm_span_search, engine, model.decoder_config.max_answer_length)
                 self.models.add(model)
-            except ValueError:
+            except BaseException:
                 await model.close()
                 raise
             self.metrics.track_queue_depth(model.model_id, depth_of(model.batcher))

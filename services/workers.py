@@ -63,16 +63,14 @@ def worker_config(config: ServerConfig, port: int) -> ServerConfig:
 
 def _worker_main(config: ServerConfig) -> None:
     """A worker process (spawned: PROMETHEUS_MULTIPROC_DIR is set before prometheus_client is imported)."""
-    import asyncio
-
-    from realtime_qa.services.cli import serve
+    from realtime_qa.services.cli import run_server
     from realtime_qa.services.logctx import configure_logging
 
     configure_logging(config.log_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into one SIGTERM per worker
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the server handles it (token reload), not fatal
     try:
-        code = asyncio.run(serve(config))
+        code = run_server(config)
     except KeyboardInterrupt:
         code = 130
     raise SystemExit(code)

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 from realtime_qa.benchmarks.report import percentile_summary
+from realtime_qa.qacore.latency import STAGES
 
 
 def _client(target: str, squad: str, questions: int, concurrency: int, duration: float, warmup: float,
@@ -47,8 +48,9 @@ def _client(target: str, squad: str, questions: int, concurrency: int, duration:
             samples = await closed_loop(send, asked, concurrency, config)
         finally:
             await client.close()
-        return {"latencies_ns": samples.latencies_ns, "codes": dict(samples.codes),
-                "infer_ms": [t.stage_ns("infer") / 1e6 for t in samples.timings[:2000]]}  # fmt: skip
+        kept = samples.timings[:2000]
+        server_ms = {stage: [t.stage_ns(stage) / 1e6 for t in kept] for stage in (*STAGES, "total")}
+        return {"latencies_ns": samples.latencies_ns, "codes": dict(samples.codes), "server_ms": server_ms}
 
     return asyncio.run(run())
 
@@ -92,14 +94,19 @@ def main() -> int:
         "passage_ids": args.passage_ids,
         "answers_per_s": round(latencies.size / args.duration_s, 1),
         "client_ms": percentile_summary(latencies),
-        "server_infer_ms": percentile_summary(np.concatenate([np.asarray(p["infer_ms"]) for p in parts])),
+        "server_ms": {
+            stage: percentile_summary(np.concatenate([np.asarray(p["server_ms"][stage]) for p in parts]))
+            for stage in (*STAGES, "total")
+        },
         "codes": codes,
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
-    client = row["client_ms"]
+    client, server = row["client_ms"], row["server_ms"]
+    stages = ", ".join(f"{stage} {server[stage].get('p50', float('nan')):.2f}" for stage in (*STAGES, "total"))
     print(
         f"{args.label}: c={args.concurrency} x{args.processes} procs: {row['answers_per_s']:,.0f} answers/s, "
-        f"p50 {client.get('p50', float('nan')):.2f} ms, p99 {client.get('p99', float('nan')):.2f} ms, codes {codes}"
+        f"p50 {client.get('p50', float('nan')):.2f} ms, p99 {client.get('p99', float('nan')):.2f} ms, codes {codes}; "
+        f"server p50 ms: {stages}"
     )
     if args.out is not None:
         args.out.write_text(json.dumps(row, indent=2) + "\n", encoding="utf-8")

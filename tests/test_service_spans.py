@@ -1,0 +1,219 @@
+"""The service answers through the same engine path as `QuestionAnswerer`: the device span search where the
+engine offers it (the torch engine, run here in fp32 on the CPU with the span search's plain-torch
+reference), logits decoded on the CPU otherwise; batches never mix the two kinds of engine call."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from realtime_qa.pipeline.client import AnswerOptions, ClientConfig, QAClient, RetryPolicy
+from realtime_qa.qacore.answerer import QuestionAnswerer
+from realtime_qa.qacore.backends.torch_cuda import TorchCudaEngine, TorchEngineConfig, load_weights
+from realtime_qa.qacore.bundle import decoder_defaults, featurizer_config_of, featurizer_for_engine
+from realtime_qa.qacore.decoding import DecoderConfig, Prediction, decode
+from realtime_qa.qacore.engine import EngineMeta, EngineOutputs, EngineSpans
+from realtime_qa.qacore.features import EngineInputs, Featurizer
+from realtime_qa.qacore.squad import read_dataset
+from realtime_qa.qacore.window_results import (
+    SpansTable,
+    decode_results,
+    span_search_length,
+    span_search_shapes,
+)
+from realtime_qa.services.batcher import Batcher, BatcherConfig
+from realtime_qa.services.config import ServerConfig
+from realtime_qa.services.models import ModelRuntime
+from realtime_qa.services.server import QAServer
+
+SEQ_LEN = 128  # short windows: SQuAD paragraphs take several, so answers are searched across windows
+NO_RETRY = ClientConfig(retry=RetryPolicy(max_attempts=1))
+
+
+class CountingEngine(TorchCudaEngine):
+    """The real torch engine (fp32, CPU), counting its calls by kind and rows."""
+
+    def __init__(self, engine_dir: Path) -> None:
+        meta = EngineMeta.read(engine_dir)
+        config = TorchEngineConfig(device="cpu", cuda_graphs=False)
+        super().__init__(meta, load_weights(engine_dir / meta.engine_file), config)
+        self.rows: Counter[str] = Counter()
+        self.calls: list[tuple[str, int]] = []  # (kind, rows) per call, kind "logits" or "spans<length>"
+
+    def infer(self, inputs: EngineInputs) -> EngineOutputs:
+        self.calls.append(("logits", inputs.batch_size))
+        self.rows["logits"] += inputs.batch_size
+        return super().infer(inputs)
+
+    def infer_spans(
+        self, inputs: EngineInputs, may_start: np.ndarray, may_end: np.ndarray, max_answer_length: int
+    ) -> EngineSpans:
+        kind = f"spans{max_answer_length}"
+        self.calls.append((kind, inputs.batch_size))
+        self.rows[kind] += inputs.batch_size
+        return super().infer_spans(inputs, may_start, may_end, max_answer_length)
+
+
+@pytest.fixture(scope="module")
+def squad_pairs(squad_dir: Path) -> list[tuple[str, str]]:
+    dataset = read_dataset(squad_dir / "dev-v1.1.json.gz")
+    return [(question.question, paragraph.context) for paragraph, question in dataset.questions(limit=12)]
+
+
+def short_featurizer(engine: TorchCudaEngine, engine_dir: Path) -> Featurizer:
+    return featurizer_for_engine(engine, engine_dir, featurizer_config_of(engine.meta, SEQ_LEN))
+
+
+def cpu_decoded(engine: TorchCudaEngine, featurizer: Featurizer, question: str, passage: str) -> Prediction:
+    """The answer from the engine's logits through the vectorized CPU decoder (the path without spans)."""
+    features = featurizer.featurize(question, passage)
+    outputs = engine.infer(featurizer.batch(features.windows))
+    return decode(features, outputs.start_logits, outputs.end_logits, decoder_defaults(engine.meta))
+
+
+def same_best(got: Prediction, want: Prediction) -> None:
+    assert got.best is not None and want.best is not None
+    assert (got.best.text, got.best.start, got.best.end) == (want.best.text, want.best.start, want.best.end)
+    assert got.best.score == pytest.approx(want.best.score, abs=1e-4)
+
+
+async def test_batcher_spans_decode_to_the_answerers_answers(
+    torch_fp32_engine_dir: Path, squad_pairs: list[tuple[str, str]]
+) -> None:
+    engine = CountingEngine(torch_fp32_engine_dir)
+    featurizer = short_featurizer(engine, torch_fp32_engine_dir)
+    config = decoder_defaults(engine.meta)
+    length = span_search_length(engine, config)
+    assert length == config.max_answer_length  # the torch engine searches spans for the default options
+    answerer = QuestionAnswerer(engine, featurizer, config)  # qa-eval's and qa-assistant's path
+    expected = [result.prediction for result in answerer.answer_many(squad_pairs)]
+    assert engine.rows["logits"] == 0 and engine.rows[f"spans{length}"] > len(squad_pairs)  # several windows each
+    batcher = Batcher([engine], featurizer, BatcherConfig(max_batch_size=8))
+    batcher.start()
+    try:
+        features = [featurizer.featurize(question, passage) for question, passage in squad_pairs]
+        results = await asyncio.gather(*(batcher.run(f.windows, span_length=length) for f in features))
+        logits = await asyncio.gather(*(batcher.run(f.windows) for f in features))
+    finally:
+        await batcher.close()
+    for feature, result, logit_result, want in zip(features, results, logits, expected, strict=True):
+        assert isinstance(result.table, SpansTable)
+        same_best(decode_results(feature, result.table, config), want)
+        same_best(decode_results(feature, logit_result.table, config), want)
+        with pytest.raises(TypeError):
+            result.start_logits  # noqa: B018 - spans requests have no logits to hand out
+
+
+async def test_batches_hold_one_kind_of_engine_call(
+    torch_fp32_engine_dir: Path, squad_pairs: list[tuple[str, str]]
+) -> None:
+    engine = CountingEngine(torch_fp32_engine_dir)
+    featurizer = short_featurizer(engine, torch_fp32_engine_dir)
+    batcher = Batcher([engine], featurizer, BatcherConfig(max_batch_size=8, max_queue_delay_us=20_000))
+    batcher.start()
+    kinds = [None, 30, 12]
+    try:
+        features = [featurizer.featurize(question, passage) for question, passage in squad_pairs]
+        requests = [(f, kinds[index % 3]) for index, f in enumerate(features)]
+        results = await asyncio.gather(*(batcher.run(f.windows, span_length=kind) for f, kind in requests))
+        with pytest.raises(ValueError, match="cannot search spans of up to 33 tokens"):
+            batcher.submit(features[0].windows, span_length=33)  # beyond the engine's band of 32
+    finally:
+        await batcher.close()
+    # Every request got its own kind of result, and the rows of each kind add up: no batch mixed kinds.
+    for (_, kind), result in zip(requests, results, strict=True):
+        assert isinstance(result.table, SpansTable) == (kind is not None)
+        assert result.table.complete
+    windows_of: Counter[str] = Counter()
+    for feature, kind in requests:
+        windows_of["logits" if kind is None else f"spans{kind}"] += len(feature.windows)
+    assert engine.rows == windows_of
+    assert max(rows for _, rows in engine.calls) > 1  # windows of different requests did share calls
+    short = [result for (_, kind), result in zip(requests, results, strict=True) if kind == 12]
+    for result in short:
+        spans = result.table
+        assert isinstance(spans, SpansTable)
+        found = spans.starts >= 0
+        assert found.any() and ((spans.ends - spans.starts + 1)[found] <= 12).all()
+
+
+def test_span_search_shapes_cover_the_torch_engines_buckets(torch_fp32_engine_dir: Path) -> None:
+    from realtime_qa.qacore.backends.torch_cuda import batch_buckets, sequence_buckets
+
+    engine = CountingEngine(torch_fp32_engine_dir)
+    meta = engine.meta
+    shapes = span_search_shapes(engine)
+    assert set(shapes) == {
+        (b, s) for b in batch_buckets(meta.max_batch_size) for s in sequence_buckets(meta.sequence_lengths)
+    }
+
+
+@pytest.fixture
+async def torch_server(torch_fp32_engine_dir: Path, request: pytest.FixtureRequest) -> AsyncIterator[QAServer]:
+    """A real server around the CPU torch engine (qa-serve loads torch engines on CUDA only), span search on
+    or off as the test's parameter says."""
+    span_search: bool = request.param
+    server = QAServer(ServerConfig(port=0, grace_s=2.0, span_search=span_search))
+    await server.listen()
+    engine = CountingEngine(torch_fp32_engine_dir)
+    featurizer = short_featurizer(engine, torch_fp32_engine_dir)
+    batcher = Batcher([engine], featurizer, server.config.batcher)
+    batcher.start()
+    runtime = ModelRuntime(
+        engine.meta.model_id, torch_fp32_engine_dir, [engine], featurizer, decoder_defaults(engine.meta), batcher
+    )
+    runtime.ready = True
+    server.models.add(runtime)
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+def engine_of(server: QAServer) -> Any:
+    return next(iter(server.models)).engines[0]
+
+
+@pytest.mark.parametrize("torch_server", [True, False], ids=["span-search", "no-span-search"], indirect=True)
+async def test_served_answers_are_the_answerers(
+    torch_server: QAServer, torch_fp32_engine_dir: Path, squad_pairs: list[tuple[str, str]]
+) -> None:
+    engine = engine_of(torch_server)
+    featurizer = next(iter(torch_server.models)).featurizer
+    span_search = torch_server.config.span_search
+    async with QAClient(torch_server.target, NO_RETRY) as client:
+        answers = await asyncio.gather(*(client.answer(q, p, timeout_s=120) for q, p in squad_pairs[:6]))
+        stored = await client.put_passage(squad_pairs[0][1])
+        by_id = await client.answer(squad_pairs[0][0], passage_id=stored.passage_id, timeout_s=120)
+        # Options beyond what the device keeps (n-best 30 > 40 / 2) fall back to logits, answered all the same.
+        wide = await client.answer(*squad_pairs[1], options=AnswerOptions(n_best_size=30), timeout_s=120)
+    calls = engine.rows.copy()
+    reference = QuestionAnswerer(engine, featurizer, decoder_defaults(engine.meta))
+    for (question, passage), answer in zip(squad_pairs[:6], answers, strict=True):
+        want = reference.answer(question, passage).prediction if span_search else None
+        want = want or cpu_decoded(engine, featurizer, question, passage)
+        assert answer.best is not None and want.best is not None
+        assert (answer.best.text, answer.best.start, answer.best.end) == (
+            want.best.text,
+            want.best.start,
+            want.best.end,
+        )
+        assert answer.best.score == pytest.approx(want.best.score, abs=1e-3)
+        assert len(answer.nbest) == len(want.nbest)
+        assert passage[answer.best.start : answer.best.end] == answer.best.text
+    assert (by_id.best.start, by_id.best.end) == (answers[0].best.start, answers[0].best.end)
+    assert len(wide.nbest) == 30
+    want_wide = cpu_decoded(engine, featurizer, *squad_pairs[1])
+    assert (wide.best.start, wide.best.end) == (want_wide.best.start, want_wide.best.end)
+    if span_search:
+        assert calls[f"spans{DecoderConfig().max_answer_length}"] > 0 and calls["logits"] > 0  # the wide question
+    else:
+        assert set(calls) == {"logits"}
