@@ -69,20 +69,21 @@ def main(argv: list[str] | None = None) -> int:
                 rows["all"].append((prediction.confidence, right))
                 rows[kind].append((prediction.confidence, right))
         meta = bundle.meta
+    tables = {kind: table(found) for kind, found in rows.items()}
     report = {
         "engine": f"{meta.backend}-{meta.precision}",
         "dataset": f"{args.squad_json.name}, {args.article_half} half of the articles ({dataset.num_questions} q)",
         "null_threshold": meta.null_threshold,
         "confidence_calibration": meta.confidence_calibration.to_dict() if meta.confidence_calibration else None,
-        **{kind: table(found) for kind, found in rows.items()},
+        **tables,
     }
     text = json.dumps(report, indent=2)
     if args.out_file is not None:
         args.out_file.write_text(text + "\n", encoding="utf-8")
     print(text)
-    for kind in rows:
+    for kind, rows_of_kind in tables.items():
         print(f"\n{kind}: | confidence | questions | mean confidence | accuracy |", file=sys.stderr)
-        for row in report[kind]:
+        for row in rows_of_kind:
             cells = (row["bucket"], row["questions"], row["mean_confidence"], row["accuracy"])
             print("| " + " | ".join(map(str, cells)) + " |", file=sys.stderr)
     return 0

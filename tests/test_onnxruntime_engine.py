@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import pytest
@@ -239,6 +240,16 @@ def test_int8_engine_agrees_with_fp32(
 TF_TINY = Path(__file__).parent / "data" / "tf_bert_tiny"
 
 
+class TinyBuild(TypedDict):
+    """The `BuildConfig` fields shared by the builds of the tiny TF checkpoint."""
+
+    checkpoint: Path
+    config_dir: Path
+    vocab_file: Path
+    batch_sizes: tuple[int, ...]
+    sequence_lengths: tuple[int, ...]
+
+
 def test_int8_rebuild_reuses_the_calibration_cache(squad_dir: Path, tmp_path: Path) -> None:
     """A second INT8 build of the same model takes its ranges from the cache instead of calibrating again.
 
@@ -246,13 +257,17 @@ def test_int8_rebuild_reuses_the_calibration_cache(squad_dir: Path, tmp_path: Pa
     shipped model in a fraction of the time; what is checked is the reuse of the ranges, not their quality.
     """
     cache = tmp_path / "ranges.json"
-    tiny = {"checkpoint": TF_TINY / "model.ckpt-3", "config_dir": TF_TINY, "vocab_file": TF_TINY / "vocab.txt"}
-    shapes = {"batch_sizes": (1, 4), "sequence_lengths": (32,)}
+    tiny = TinyBuild(
+        checkpoint=TF_TINY / "model.ckpt-3",
+        config_dir=TF_TINY,
+        vocab_file=TF_TINY / "vocab.txt",
+        batch_sizes=(1, 4),
+        sequence_lengths=(32,),
+    )
 
     def build(output: str) -> Path:
         config = BuildConfig(
             **tiny,
-            **shapes,
             output=tmp_path / output,
             int8=True,
             squad_json=squad_dir / "dev-v1.1.json.gz",
@@ -277,7 +292,7 @@ def test_int8_rebuild_reuses_the_calibration_cache(squad_dir: Path, tmp_path: Pa
         np.testing.assert_array_equal(original.infer(batch).start_logits, again.infer(batch).start_logits)
     # A cache alone (no --squad-json) is enough to build (the default engine is built so, from the
     # calibration shipped with the model) ...
-    cached_only = BuildConfig(**tiny, **shapes, output=tmp_path / "cached-only", int8=True, calib_path=cache)
+    cached_only = BuildConfig(**tiny, output=tmp_path / "cached-only", int8=True, calib_path=cache)
     assert EngineMeta.read(build_engine(cached_only)).builder_options["quantization"]["calibration_cached"]
     # ... but a cache made for another model is not.
     stale = json.loads(stored)
@@ -287,7 +302,7 @@ def test_int8_rebuild_reuses_the_calibration_cache(squad_dir: Path, tmp_path: Pa
     from realtime_qa.qacore.errors import InvalidInputError
 
     with pytest.raises(InvalidInputError, match="does not match this build and no --squad-json"):
-        build_engine(BuildConfig(**tiny, **shapes, output=tmp_path / "x", int8=True, calib_path=other_cache))
+        build_engine(BuildConfig(**tiny, output=tmp_path / "x", int8=True, calib_path=other_cache))
 
 
 @pytest.mark.slow

@@ -209,9 +209,11 @@ async def test_served_answers_are_the_answerers(
         assert answer.best.score == pytest.approx(want.best.score, abs=1e-3)
         assert len(answer.nbest) == len(want.nbest)
         assert passage[answer.best.start : answer.best.end] == answer.best.text
+    assert by_id.best is not None and answers[0].best is not None
     assert (by_id.best.start, by_id.best.end) == (answers[0].best.start, answers[0].best.end)
     assert len(wide.nbest) == 30
     want_wide = cpu_decoded(engine, featurizer, *squad_pairs[1])
+    assert wide.best is not None and want_wide.best is not None
     assert (wide.best.start, wide.best.end) == (want_wide.best.start, want_wide.best.end)
     if span_search:
         assert calls[f"spans{DecoderConfig().max_answer_length}"] > 0 and calls["logits"] > 0  # the wide question

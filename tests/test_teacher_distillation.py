@@ -5,7 +5,9 @@ tokenizer and real SQuAD v1.1 train questions."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -16,6 +18,9 @@ from realtime_qa.qacore.squad import read_dataset
 from realtime_qa.qacore.tokenization import load_tokenizer
 from realtime_qa.training.config import TrainConfig
 from realtime_qa.training.data import WindowArrays, train_windows
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 torch = pytest.importorskip("torch")
 
@@ -124,12 +129,12 @@ def test_distilling_moves_the_students_null_share_to_the_teachers(
     positives, negatives = windows
     both = WindowArrays.concatenate([positives, negatives])
     cpu = torch.device("cpu")
-    settings = dict(
-        epochs=8, batch_size=16, learning_rate=1e-2, warmup_ratio=0.0, dropout=0.0, bf16=False,
+    teacher_config = TrainConfig(
+        "teacher", epochs=8, batch_size=16, learning_rate=1e-2, warmup_ratio=0.0, dropout=0.0, bf16=False,
         group_by_length=False, eval_batch_size=16,
     )  # fmt: skip
 
-    def null_share(model) -> torch.Tensor:
+    def null_share(model) -> Tensor:
         """Each negative window's probability of [CLS] as the answer start."""
         start, _ = window_logits(model, negatives, cpu, 16, False)
         return torch.softmax(torch.from_numpy(start), dim=1)[:, 0]
@@ -139,7 +144,7 @@ def test_distilling_moves_the_students_null_share_to_the_teachers(
     teacher_net.load_weights(tiny_weights(1))
     train(
         StudentQA(teacher_net),
-        TrainConfig("teacher", **settings),
+        teacher_config,
         both,
         None,
         tmp_path / "t",
@@ -148,7 +153,7 @@ def test_distilling_moves_the_students_null_share_to_the_teachers(
     )
     trained = {name: value.detach().numpy() for name, value in teacher_net.state_dict().items()}
     teacher_dir = save_run(tmp_path / "teacher", "teacher", trained, shipped_model_dir)
-    config = TrainConfig("student", distill_alpha=0.0, distill_temperature=1.0, teacher="teacher", **settings)
+    config = replace(teacher_config, name="student", distill_alpha=0.0, distill_temperature=1.0, teacher="teacher")
     teacher = span_model(load_teacher_run(config, teacher_dir, featurizer)[0].model_dir)
     teacher_share = null_share(teacher)
     assert 0.3 < float(teacher_share.mean()) < 0.999  # it learnt to abstain, and its target is still soft

@@ -98,7 +98,8 @@ def encode_delta(base_dir: Path, target_dir: Path, out: Path) -> dict[str, dict[
         manifest[file.name] = entry
     members[MANIFEST] = (json.dumps(manifest, indent=2) + "\n").encode()
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(out, "w:xz", preset=9 | lzma.PRESET_EXTREME) as tar:
+    # The stub allows presets 0-9 only, but tarfile passes the preset on to LZMAFile, which takes PRESET_EXTREME too.
+    with tarfile.open(out, "w:xz", preset=9 | lzma.PRESET_EXTREME) as tar:  # type: ignore[call-overload]
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
