@@ -32,8 +32,8 @@ demo: engine
 	$(BIN)/qa-assistant --demo
 
 # The conversational chain in one process: the example turns (typed, unanswerable, spoken) about the example
-# passage, with a latency table per turn. A 2-core CPU takes ~25 ms per question, so under the default 10 ms
-# language-model budget (which is also the QA call's deadline) every turn would end in DEADLINE_EXCEEDED: the demo
+# passage, with a latency table per turn. A 2-core CPU takes 8-25 ms per question (by processor), so under the default 10 ms
+# language-model budget (which is also the QA call's deadline) most turns would end in DEADLINE_EXCEEDED: the demo
 # gives QA 1 s and lets the model abstain. `make converse CONVERSE_FLAGS=` runs it with the default budgets.
 CONVERSE_FLAGS ?= --budgets qa=1s --allow-null
 converse: engine

@@ -70,6 +70,7 @@ class ServeBenchConfig:
     engine: Path | None = None  # engine for the started server (None: the default engine)
     squad: Path = DEFAULT_SQUAD
     questions: int = 1000  # distinct SQuAD questions, cycled
+    seed_question: bool = False  # ask only the example question on the example passage (as `qa-bench cpu` does)
     mode: str = "closed"  # "closed" | "open"
     concurrency: tuple[int, ...] = (1, 8, 32, 128)
     rates: tuple[float, ...] = (20.0,)  # open loop: requests per second
@@ -130,6 +131,18 @@ class Samples:
 
 
 # -- questions and servers ----------------------------------------------------------------------------
+
+
+def seed_question() -> list[tuple[str, str]]:
+    """The example question on the example passage: what `qa-assistant --demo` asks first and `qa-bench cpu`
+    times, so the gRPC figure and the in-process one are of the same question."""
+    from realtime_qa.pipeline.assistant_cli import DEMO_PASSAGE, DEMO_QUESTIONS
+
+    return [(DEMO_QUESTIONS[0], DEMO_PASSAGE)]
+
+
+def benchmark_questions(config: ServeBenchConfig, limit: int) -> list[tuple[str, str]]:
+    return seed_question() if config.seed_question else load_questions(config.squad, limit)
 
 
 def load_questions(path: Path, limit: int) -> list[tuple[str, str]]:
@@ -390,7 +403,7 @@ async def run_point(
 async def run(config: ServeBenchConfig) -> list[dict[str, Any]]:
     """Every point against every target; targets alternate point by point, so drifting background load
     on a shared machine affects the baseline and the batcher alike."""
-    pairs = load_questions(config.squad, config.questions)
+    pairs = benchmark_questions(config, config.questions)
     retry_off = ClientConfig(retry=RetryPolicy(max_attempts=1), timeout_s=config.timeout_s)
     started: list[StartedServer] = []
     targets: list[Target] = []
@@ -531,6 +544,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--squad", type=Path, default=defaults.squad, help="SQuAD file with the questions (default: %(default)s)")
     add("--questions", type=int, default=defaults.questions, help="distinct questions, cycled")
     add(
+        "--seed-question",
+        action="store_true",
+        help="ask only the example question on the example passage (the one `qa-bench cpu` times), not SQuAD",
+    )
+    add(
         "--mode",
         choices=("closed", "open"),
         default=defaults.mode,
@@ -579,6 +597,7 @@ def config_from_args(args: argparse.Namespace) -> ServeBenchConfig:
         engine=args.engine,
         squad=args.squad,
         questions=args.questions,
+        seed_question=args.seed_question,
         mode=args.mode,
         concurrency=tuple(args.concurrency),
         rates=tuple(args.rate),
@@ -611,14 +630,14 @@ def run_from_args(args: argparse.Namespace, argv: Sequence[str]) -> int:
     except ValueError as exc:
         print(f"qa-bench serve: {exc}", file=sys.stderr)
         return 2
-    if not config.squad.is_file():
+    if not config.seed_question and not config.squad.is_file():
         print(f"qa-bench serve: SQuAD file not found: {config.squad}", file=sys.stderr)
         return 2
     offload = None
     if config.target is None and config.cpu_steps:  # measured first: it is quick, and the engine is local
         from realtime_qa.builder.defaults import ensure_default_engine
 
-        pairs = load_questions(config.squad, min(config.questions, 500))
+        pairs = benchmark_questions(config, min(config.questions, 500))
         offload = measure_cpu_offload(config.engine or ensure_default_engine(), pairs)
     echo_rows = None
     if args.echo_floor:  # the transport floor, same run, same levels (benchmarks.grpc_echo)

@@ -6,7 +6,9 @@ asks for it (`span_length`), a few span candidates per window (`qacore.window_re
 `QuestionAnswerer` takes too). A batch holds windows of one kind only (logits, or spans of one longest
 answer length); worker tasks (one per engine context, each with its own single executor
 thread, so the event loop never blocks on inference) take up to `max_batch_size` windows per call.
-A batch starts when it is full or when its oldest window has waited `max_queue_delay_us`.
+A batch starts at once when no other batch is running (an idle engine never waits for a fuller batch:
+windows that arrive while it runs form the next one); while another batch runs, it starts when it is full or
+when its oldest window has waited `max_queue_delay_us`.
 
 Fairness. Every request belongs to a *caller*: one unary call, or one `AnswerStream` (all of a
 stream's questions are one caller). Batches are formed round-robin over callers, one window per
@@ -528,7 +530,11 @@ class Batcher:
             due_ns = oldest_ns + delay_ns
             now = time.perf_counter_ns()
             waiting = sum(entry.queued for entry in eligible)
-            if waiting < self.max_batch_size and now < due_ns and not self._closing:
+            # Waiting for a fuller batch only pays while another batch keeps the engine busy: an idle engine
+            # starts at once (with one context it is always idle here), and windows that arrive meanwhile
+            # form the next batch.
+            engine_busy = self._heavy_running + self._light_running > 0
+            if waiting < self.max_batch_size and now < due_ns and engine_busy and not self._closing:
                 self._wakeup.clear()
                 try:
                     async with asyncio.timeout((due_ns - now) / 1e9):

@@ -115,7 +115,8 @@ class BatcherConfig:
         minimum=1, maximum=4096,
     )  # fmt: skip
     max_queue_delay_us: int = setting(
-        1_000, "longest a window waits for others to fill its batch (microseconds)", parse=int,
+        1_000, "longest a window waits for others to fill its batch while another batch runs (microseconds; "
+        "an idle engine starts at once)", parse=int,
         minimum=0, maximum=1_000_000,
     )  # fmt: skip
     max_queue_windows: int = setting(
