@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from realtime_qa.builder.build import BuildConfig, build_engine
 from realtime_qa.pipeline.assistant_cli import main as qa_assistant
 from realtime_qa.pipeline.assistant_cli import open_answerer, parse_config
 from realtime_qa.qacore.answerer import QuestionAnswerer
@@ -21,8 +20,8 @@ from realtime_qa.qacore.factory import EngineOptions
 from realtime_qa.qacore.files import sha256_file
 from realtime_qa.services.config import BatcherConfig, EngineSpec
 from realtime_qa.services.models import ModelRuntime, load_model
+from tiny_models import TF_TINY, build_tiny_engine
 
-TF_TINY = Path(__file__).parent / "data" / "tf_bert_tiny"
 PASSAGE = "Ada Lovelace wrote the first program for the Analytical Engine in 1843."
 
 
@@ -93,15 +92,7 @@ def test_an_engine_that_returns_nan_is_a_fault_not_an_abstention(engine_dir: Pat
 @pytest.fixture(scope="module")
 def engine_with_threshold(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny model whose config carries `qa_null_threshold`, built as `qa-build` builds any model."""
-    model = tmp_path_factory.mktemp("tiny-model")
-    for path in TF_TINY.iterdir():
-        shutil.copy(path, model / path.name)
-    config = json.loads((model / "bert_config.json").read_text())
-    (model / "bert_config.json").write_text(json.dumps({**config, "qa_null_threshold": 1.5}))
-    out = tmp_path_factory.mktemp("tiny-engine") / "engine"
-    return build_engine(
-        BuildConfig(checkpoint=model / "model.ckpt-3", output=out, sequence_lengths=(32,), batch_sizes=(2,))
-    )
+    return build_tiny_engine(tmp_path_factory, qa_null_threshold=1.5)
 
 
 def test_the_model_null_threshold_reaches_every_decoder(engine_with_threshold: Path) -> None:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from realtime_qa.builder.build import BuildConfig, build_engine
 from realtime_qa.pipeline.client import AnswerOptions, ClientConfig, QAClient, RetryPolicy
 from realtime_qa.qacore.bundle import open_bundle
 from realtime_qa.qacore.confidence import (
@@ -27,8 +26,8 @@ from realtime_qa.qacore.features import Features, Featurizer
 from realtime_qa.qacore.tokenization import load_tokenizer
 from realtime_qa.services.config import EngineSpec, ServerConfig
 from realtime_qa.services.server import QAServer
+from tiny_models import TF_TINY, build_tiny_engine
 
-TF_TINY = Path(__file__).parent / "data" / "tf_bert_tiny"
 PASSAGE = "Super Bowl 50 was played at Levi's Stadium in Santa Clara, California, on February 7, 2016."
 SHIPPED = ConfidenceCalibration(a=0.10118432684132163, b=0.14133918416184532)  # training/README.md: a 0.1012, b 0.1413
 NORMANS = (
@@ -152,18 +151,8 @@ def test_a_malformed_calibration_is_refused_where_it_is_read(raw: object, tmp_pa
 @pytest.fixture(scope="module")
 def tiny_calibrated_engine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny model whose config carries a threshold and a calibration, built as `qa-build` builds any model."""
-    model = tmp_path_factory.mktemp("tiny-model")
-    for path in TF_TINY.iterdir():
-        shutil.copy(path, model / path.name)
-    config = json.loads((model / "bert_config.json").read_text())
     calibration = {"method": "platt", "a": 0.5, "b": -0.25}
-    (model / "bert_config.json").write_text(
-        json.dumps({**config, "qa_null_threshold": 1.5, CALIBRATION_KEY: calibration})
-    )
-    out = tmp_path_factory.mktemp("tiny-engine") / "engine"
-    return build_engine(
-        BuildConfig(checkpoint=model / "model.ckpt-3", output=out, sequence_lengths=(32,), batch_sizes=(2,))
-    )
+    return build_tiny_engine(tmp_path_factory, qa_null_threshold=1.5, **{CALIBRATION_KEY: calibration})
 
 
 def test_the_engine_meta_carries_the_calibration_to_every_decoder(tiny_calibrated_engine: Path, tmp_path: Path) -> None:
