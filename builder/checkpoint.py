@@ -104,11 +104,17 @@ def load_checkpoint(
 NULL_THRESHOLD_KEY = "qa_null_threshold"
 
 
-def read_null_threshold(config_file: Path) -> float | None:
-    """The model's calibrated abstention threshold (`qa_null_threshold` in its config), if it has one."""
+def _model_entry(config_file: Path, key: str) -> object:
+    """An entry a model's JSON config adds for the runtime (threshold, calibration); None where it has none or
+    its config is not a JSON file."""
     if config_file.suffix != ".json":
         return None
-    raw = read_json(config_file).get(NULL_THRESHOLD_KEY)
+    return read_json(config_file).get(key)
+
+
+def read_null_threshold(config_file: Path) -> float | None:
+    """The model's calibrated abstention threshold (`qa_null_threshold` in its config), if it has one."""
+    raw = _model_entry(config_file, NULL_THRESHOLD_KEY)
     if raw is None:
         return None
     if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw):
@@ -118,9 +124,7 @@ def read_null_threshold(config_file: Path) -> float | None:
 
 def read_confidence_calibration(config_file: Path) -> ConfidenceCalibration | None:
     """The model's Platt scaling of its returned confidence (`qa_confidence_calibration` in its config), if any."""
-    if config_file.suffix != ".json":
-        return None
-    raw = read_json(config_file).get(CALIBRATION_KEY)
+    raw = _model_entry(config_file, CALIBRATION_KEY)
     if raw is None:
         return None
     try:
