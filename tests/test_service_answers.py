@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from answers import assert_same_best
 from realtime_qa.pipeline.client import (
     Answer,
     AnswerFailure,
@@ -73,15 +74,7 @@ async def client(server: QAServer) -> AsyncIterator[QAClient]:
 
 
 def assert_same_answer(served: Answer, question: str, passage: str, reference: QuestionAnswerer) -> None:
-    expected = reference.answer(question, passage).prediction
-    assert expected.best is not None and served.best is not None
-    assert (served.best.text, served.best.start, served.best.end) == (
-        expected.best.text,
-        expected.best.start,
-        expected.best.end,
-    )
-    assert served.best.score == pytest.approx(expected.best.score, abs=1e-3)
-    assert passage[served.best.start : served.best.end] == served.best.text
+    assert_same_best(served, reference.answer(question, passage).prediction, passage)
 
 
 async def test_unary_answer_matches_the_direct_answerer(client: QAClient, reference: QuestionAnswerer) -> None:

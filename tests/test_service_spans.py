@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from answers import assert_same_best
 
 pytest.importorskip("torch")
 
@@ -200,15 +201,8 @@ async def test_served_answers_are_the_answerers(
     for (question, passage), answer in zip(squad_pairs[:6], answers, strict=True):
         want = reference.answer(question, passage).prediction if span_search else None
         want = want or cpu_decoded(engine, featurizer, question, passage)
-        assert answer.best is not None and want.best is not None
-        assert (answer.best.text, answer.best.start, answer.best.end) == (
-            want.best.text,
-            want.best.start,
-            want.best.end,
-        )
-        assert answer.best.score == pytest.approx(want.best.score, abs=1e-3)
+        assert_same_best(answer, want, passage)
         assert len(answer.nbest) == len(want.nbest)
-        assert passage[answer.best.start : answer.best.end] == answer.best.text
     assert by_id.best is not None and answers[0].best is not None
     assert (by_id.best.start, by_id.best.end) == (answers[0].best.start, answers[0].best.end)
     assert len(wide.nbest) == 30
