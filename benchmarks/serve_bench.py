@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import itertools
 import json
 import logging
@@ -378,6 +379,10 @@ async def run_point(
     streams = int(value) if kind == "concurrency" else config.streams
     before = await asyncio.to_thread(scrape_batches, target.metrics_url)
     questions = target.questions[passages]
+    # The questions and the client's modules live for the whole run: a full collection walking them paused
+    # the load generator for up to 23 ms (profile_h200.md), which would be counted as the server's latency.
+    gc.collect()
+    gc.freeze()
     async with sender(target.client, config.api, streams, config.timeout_s) as send:
         if kind == "concurrency":
             samples = await closed_loop(send, questions, int(value), config)

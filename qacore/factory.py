@@ -45,6 +45,11 @@ class EngineOptions:
     # GPU backends capture one CUDA graph per padded shape and replay it: several times faster at
     # batch 1 (benchmarks/results/engine_h100.md). Off runs eagerly, for debugging.
     use_cuda_graphs: bool = True
+    # How a GPU engine's thread waits for its results: spinning (CUDA's default with one context; ~60 us
+    # sooner on the H200) or sleeping on a blocking-sync event. Spinning burns a core for the whole wait,
+    # which several processes sharing one GPU cannot afford: each waits out the others' time slices
+    # (benchmarks/results/serve_h200_workers.md).
+    gpu_blocking_sync: bool = False
 
     def __post_init__(self) -> None:
         limit = max_engine_threads()

@@ -212,6 +212,8 @@ def max_context_windows(num_tokens: int, spans: list[tuple[int, int]]) -> np.nda
     The score of a token in a window is min(left context, right context) + 0.01 * window length;
     ties go to the earlier window (the rule of the original BERT SQuAD code).
     """
+    if len(spans) == 1 and spans[0] == (0, num_tokens):  # one window holds the passage (most questions)
+        return np.zeros(num_tokens, dtype=np.int32)
     best_window = np.full(num_tokens, -1, dtype=np.int32)
     best_score = np.full(num_tokens, -np.inf)
     for index, (start, length) in enumerate(spans):

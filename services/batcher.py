@@ -15,12 +15,12 @@ stream's questions are one caller). Batches are formed round-robin over callers,
 caller per round, so a caller with a huge backlog (the largest passage the limits allow, a stream
 flooding questions) gets one share of each batch and of the engine, never all of it: another caller's small
 request runs in the next batch, not after the backlog. With two or more engine contexts, callers
-with a backlog (more windows queued, or more requests in flight, than one batch holds, or already
-running a batch) may together lead batches on all contexts but one, which is kept for the other callers, so a
-small request never waits behind a backlog's engine call either. Backlog callers also yield: they start
-no batch while another caller's batch runs or within 10 ms after one ended (but at least one every
-200 ms, so a backlog always progresses), and their batches run at a lower CPU priority (Linux nice 19),
-so neither the engine nor the operating system slows the small requests down much.
+with a backlog (more windows outstanding than one batch holds and than BACKLOG_MIN_WINDOWS, or more
+requests in flight than one batch holds) may together lead batches on all contexts but one, which is
+kept for the other callers, so a small request never waits behind a backlog's engine call either.
+Backlog callers also yield: they start no batch while another caller's batch runs or within 10 ms after one
+ended (but at least one every 200 ms, so a backlog always progresses), and their batches run at a lower CPU
+priority (Linux nice 19), so neither the engine nor the operating system slows the small requests down much.
 
 Padding is limited by bucketing windows by length (`qacore.batching.length_bucket`): the batch's
 leading window fixes the bucket and only windows of that bucket or shorter ones join it.
@@ -75,6 +75,7 @@ log = logging.getLogger(__name__)
 # within LIGHT_YIELD_NS after one ended, but at least one every BACKLOG_STARVATION_NS.
 LIGHT_YIELD_NS = 10_000_000
 BACKLOG_STARVATION_NS = 200_000_000
+BACKLOG_MIN_WINDOWS = 4  # a question of at most this many windows is never a backlog, whatever the batch size
 BACKGROUND_NICE = 19  # nice increment of engine calls led by callers with a backlog (Linux threads)
 _thread_nice = threading.local()
 
@@ -483,9 +484,17 @@ class Batcher:
             self._observer.observe_batch(size, seq_len, real_tokens(windows), infer_ns, ok)
 
     def _is_heavy(self, entry: _Caller) -> bool:
-        """A caller with a backlog: more windows queued, or more requests in flight (a stream's questions),
-        than one batch holds, or already leading a batch."""
-        return entry.queued > self.max_batch_size or entry.active > self.max_batch_size or entry.leading > 0
+        """A caller with a backlog: more windows outstanding than one batch holds (and more than
+        BACKLOG_MIN_WINDOWS), or more requests in flight (a stream's questions) than one batch holds.
+
+        Outstanding windows are the queued ones plus, while the caller leads a batch, that batch's. The
+        floor keeps a question of a few windows light when batches are small (`--max-batch-size 1`):
+        otherwise its second window would yield LIGHT_YIELD_NS to the caller's own previous request (a
+        lone client at concurrency 1 saw 10 ms added to 2-window questions: benchmarks/results/profile_h200.md).
+        """
+        running = self.max_batch_size if entry.leading else 0
+        backlog = max(self.max_batch_size, BACKLOG_MIN_WINDOWS)
+        return entry.queued + running > backlog or entry.active > self.max_batch_size
 
     def _heavy_wait_ns(self, now: int) -> int:
         """How long callers with a backlog must still wait before leading a batch (0: they may now).
@@ -514,12 +523,16 @@ class Batcher:
         """Wait until a batch is due (full, or its oldest window waited long enough) and take it."""
         delay_ns = self.config.max_queue_delay_us * 1_000
         while True:
-            eligible = self._eligible(time.perf_counter_ns())
+            # One clock reading per pass: with a second one, a backlog's yield could end between the two, its
+            # wait come out 0 ("no timeout") and the worker sleep until the request's deadline (a lone client
+            # on uvloop, whose timers fire up to ~1 ms early, hit it every few dozen calls: tests/test_uvloop_hang.py).
+            now = time.perf_counter_ns()
+            eligible = self._eligible(now)
             if not eligible:
                 if self._closing and self._depth == 0:
                     return None
                 self._wakeup.clear()
-                backlog_wait_ns = self._heavy_wait_ns(time.perf_counter_ns()) if self._depth else 0
+                backlog_wait_ns = self._heavy_wait_ns(now) if self._depth else 0
                 try:
                     async with asyncio.timeout(backlog_wait_ns / 1e9 if backlog_wait_ns else None):
                         await self._wakeup.wait()

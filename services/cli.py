@@ -97,12 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EventLoopUnavailable as exc:
         print(f"qa-serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if config.event_loop == "uvloop":
-        log.warning(
-            "--event-loop uvloop is experimental: in our measurements some calls hung until their deadline "
-            "(benchmarks/results/serve_h200_spans_uvloop.md); use the default asyncio loop in production"
-        )
-    if config.workers > 1:  # N processes on one port, metrics merged (services/workers.py)
+    if config.workers > 1 or config.engine_process:  # N processes on one port, metrics merged (services/workers.py)
         from realtime_qa.services.workers import run_workers
 
         return run_workers(config)

@@ -35,6 +35,7 @@ SETTING_KEY = "qa_setting"  # dataclass field metadata key holding a `Setting`
 NESTED_KEY = "qa_settings_of"  # metadata key of a field whose value is a dataclass of further settings
 MAX_THREADS = 64  # cap of every thread-count setting: more threads than this only thrash on any host we serve
 MAX_ENGINE_CONTEXTS = 16  # each context holds a copy of the engine's memory
+GPU_SYNC_MODES = ("auto", "spin", "block")
 EVENT_LOOPS = ("asyncio", "uvloop")  # uvloop: the optional extra `realtime-qa[uvloop]`
 
 
@@ -88,6 +89,19 @@ def flag_of(name: str, spec: Setting) -> str:
 
 def env_name_of(name: str, spec: Setting) -> str:
     return ENV_PREFIX + flag_of(name, spec).removeprefix("--").replace("-", "_").upper()
+
+
+@dataclass(frozen=True)
+class EngineAddress:
+    """Where a `--workers` process finds the engine process of one engine directory (`--engine-process`;
+    set by the supervisor, passed to the workers with their configuration, never a flag)."""
+
+    engine_dir: Path
+    socket_path: str
+    authkey: bytes
+
+    def __repr__(self) -> str:  # the key never reaches a log line
+        return f"EngineAddress({str(self.engine_dir)!r}, {self.socket_path!r})"
 
 
 @dataclass(frozen=True)
@@ -210,19 +224,28 @@ class ServerConfig:
     passage_ttl_s: int = setting(
         3600, "seconds a passage lives in the shared store", parse=int, minimum=1, maximum=30 * 24 * 3600
     )
-    # uvloop measured +53% answers/s on the H200 at concurrency 256 but left one call every few hundred to few
-    # thousand unanswered until its deadline (grpc.aio's response send never completing;
-    # benchmarks/results/serve_h200_spans_uvloop.md, serve_cpu_loop.md).
+    # uvloop measured +59 % answers/s over asyncio on the H200 at concurrency 256 (--workers 8, same run:
+    # benchmarks/results/serve_h200_workers.md). The calls it once left unanswered were a race in the batcher, which
+    # uvloop's early timers exposed (fixed; tests/test_uvloop_hang.py). It stays opt-in: an optional extra.
     event_loop: str = setting(
-        "asyncio", "the event loop each server process runs on; uvloop (`pip install 'realtime-qa[uvloop]'`) is "
-        "EXPERIMENTAL: faster, but some calls were measured to hang until their deadline",
-        choices=EVENT_LOOPS,
+        "asyncio", "the event loop each server process runs on; uvloop (`pip install 'realtime-qa[uvloop]'`) "
+        "served +59 % answers/s at concurrency 256 on the GPU host", choices=EVENT_LOOPS,
     )  # fmt: skip
     workers: int = setting(
         1, "server processes sharing the port (SO_REUSEPORT), metrics merged on --metrics-port", parse=int,
         minimum=1, maximum=64,
     )  # fmt: skip
     reuse_port: bool = False  # set by `--workers` for its processes (not a flag)
+    engine_process: bool = setting(
+        False, "one process per model holds the engine (one GPU context) and the --workers processes send it "
+        "their batches, instead of each worker holding its own engine", switch=True,
+    )  # fmt: skip
+    remote_engines: tuple[EngineAddress, ...] = ()  # set by `--engine-process` for its workers (not a flag)
+    gpu_sync: str = setting(
+        "auto", "how a GPU engine's thread waits for results: spin (~60 us sooner, burns a core while it waits), "
+        "block (sleeps until the driver wakes it), auto: block when --workers processes each hold the GPU, "
+        "else spin", choices=GPU_SYNC_MODES,
+    )  # fmt: skip
     grace_s: float = setting(
         10.0, "shutdown grace period: in-flight calls get this long, and the process exits within about it",
         parse=float, minimum=0, maximum=3600,

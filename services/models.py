@@ -19,7 +19,7 @@ from realtime_qa.qacore.engine import Engine, EngineMeta
 from realtime_qa.qacore.factory import EngineOptions, load_engine
 from realtime_qa.qacore.features import Featurizer
 from realtime_qa.services.batcher import Batcher, BatcherConfig, BatchObserver
-from realtime_qa.services.config import EngineSpec
+from realtime_qa.services.config import EngineAddress, EngineSpec
 from realtime_qa.services.errors import UnknownModelError
 
 log = logging.getLogger(__name__)
@@ -63,13 +63,26 @@ async def load_model(
     contexts: int,
     batcher_config: BatcherConfig,
     observer_for: Callable[[str], BatchObserver] | None = None,
+    remote: EngineAddress | None = None,
 ) -> ModelRuntime:
-    """Load and warm up `contexts` engines of one engine directory (on threads) and start its batcher."""
-    bundle = await asyncio.to_thread(open_bundle, spec.engine_dir, options)
+    """Load and warm up `contexts` engines of one engine directory (on threads) and start its batcher.
+
+    With `remote` (`--engine-process`), the engine lives in the engine process: each context is one
+    connection to it (`services.engine_host.RemoteEngine`), and only the vocabulary is read here.
+    """
+    if remote is not None:
+        from realtime_qa.services.engine_host import RemoteEngine, remote_bundle
+
+        bundle = await asyncio.to_thread(remote_bundle, remote)
+    else:
+        bundle = await asyncio.to_thread(open_bundle, spec.engine_dir, options)
     engines = [bundle.engine]
     try:
         for _ in range(contexts - 1):
-            engines.append(await asyncio.to_thread(load_engine, spec.engine_dir, options))
+            if remote is not None:
+                engines.append(await asyncio.to_thread(RemoteEngine, remote))
+            else:
+                engines.append(await asyncio.to_thread(load_engine, spec.engine_dir, options))
         model_id = spec.model_id or bundle.meta.model_id
         for engine in engines:
             await asyncio.to_thread(engine.warmup)
@@ -87,11 +100,12 @@ async def load_model(
     batcher.start()
     meta = bundle.meta
     log.info(
-        "model %s ready: %s %s engine from %s, %d context(s), max batch %d (engine %d), sequence lengths %s",
+        "model %s ready: %s %s engine from %s%s, %d context(s), max batch %d (engine %d), sequence lengths %s",
         model_id,
         meta.backend,
         meta.precision,
         spec.engine_dir,
+        " in the engine process" if remote is not None else "",
         contexts,
         batcher.max_batch_size,
         meta.max_batch_size,

@@ -56,6 +56,7 @@ INLINE_DECODE_WINDOWS = 2  # decoding logits takes ~0.5 ms per window: more than
 # Ranking device spans costs ~0.14 ms per SQuAD question on the 2-core box (decode_cpu_bench: 1-2 windows),
 # and grows only with the candidates read (k per window) until n-best distinct spans are found.
 INLINE_SPAN_DECODE_WINDOWS = 16
+STOP_READ_SETTLE_S = 0.2  # on shutdown, how long a stream's pending read may still deliver what already arrived
 
 
 class QuestionAnsweringService(qa_pb2_grpc.QuestionAnsweringServicer):
@@ -298,6 +299,11 @@ class StreamSession:
             raise
         finally:
             stop.cancel()
+        if not task.done():
+            # Shutdown began while a read was pending. A client that already half-closed has its end of stream
+            # (or last question) waiting in the transport: give the read a moment to deliver it, so such a
+            # stream is finished, not refused (on a loaded host the signal can be handled first).
+            await asyncio.wait({task}, timeout=STOP_READ_SETTLE_S)
         if task.done():
             return True, task.result()
         task.cancel()

@@ -33,12 +33,13 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
-from realtime_qa.services.config import ServerConfig
+from realtime_qa.services.config import EngineAddress, ServerConfig
 from realtime_qa.services.server import MULTIPROC_ENV
 
 log = logging.getLogger("qa-serve")
 
 STOP_MARGIN_S = 5.0  # beyond the grace period, how long a worker gets before it is killed
+EXIT_ENGINE = 3  # as qa-serve's: an engine that cannot be used
 
 
 @contextlib.contextmanager
@@ -57,8 +58,13 @@ def reserved_port(host: str, port: int) -> Iterator[int]:
 
 
 def worker_config(config: ServerConfig, port: int) -> ServerConfig:
-    """One worker's settings: the shared port, SO_REUSEPORT, no metrics endpoint of its own."""
-    return dataclasses.replace(config, port=port, workers=1, reuse_port=True, metrics_port=None)
+    """One worker's settings: the shared port, SO_REUSEPORT, no metrics endpoint of its own; `--gpu-sync auto`
+    blocks where several workers each hold the GPU (spinning there burnt a core per worker for the whole of
+    the others' time slices: benchmarks/results/serve_h200_workers.md)."""
+    gpu_sync = config.gpu_sync
+    if gpu_sync == "auto":
+        gpu_sync = "block" if config.workers > 1 and not config.engine_process else "spin"
+    return dataclasses.replace(config, port=port, workers=1, reuse_port=True, metrics_port=None, gpu_sync=gpu_sync)
 
 
 def _worker_main(config: ServerConfig) -> None:
@@ -104,6 +110,8 @@ def run_workers(config: ServerConfig) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     metrics_server = None
     workers: list[Any] = []
+    engine_hosts: list[Any] = []  # --engine-process: one process per engine directory, started before the workers
+    socket_dir: Path | None = None
     signal.signal(signal.SIGHUP, lambda *_: _signal_all(workers, signal.SIGHUP))  # each re-reads its token file
     try:
         with reserved_port(config.host, config.port) as port:
@@ -112,6 +120,10 @@ def run_workers(config: ServerConfig) -> int:
                 log.info("metrics on http://%s:%d/metrics (merged over %d workers)", config.metrics_host,
                          metrics_port, config.workers)  # fmt: skip
             context = multiprocessing.get_context("spawn")
+            if config.engine_process:
+                socket_dir = Path(tempfile.mkdtemp(prefix="qa-serve-engines-"))  # mode 0700
+                addresses = start_engine_hosts(context, config, engine_hosts, socket_dir)
+                config = dataclasses.replace(config, remote_engines=addresses)
             for index in range(config.workers):
                 worker = context.Process(
                     target=_worker_main, args=(worker_config(config, port),), name=f"qa-serve-worker-{index}"
@@ -119,12 +131,18 @@ def run_workers(config: ServerConfig) -> int:
                 worker.start()
                 workers.append(worker)
             log.info("qa-serve: %d workers sharing port %d", config.workers, port)
-            code = _supervise(workers, stop)
+            code = _supervise([*workers, *engine_hosts], stop)
+    except EngineHostError as exc:
+        log.error("cannot serve: %s", exc)
+        code = EXIT_ENGINE
     except OSError as exc:
         log.error("cannot serve: %s", exc)
         code = 1
     finally:
         _stop_all(workers, config.grace_s + STOP_MARGIN_S)
+        _stop_engine_hosts(engine_hosts)
+        if socket_dir is not None:
+            shutil.rmtree(socket_dir, ignore_errors=True)
         if metrics_server is not None:
             metrics_server.shutdown()
             metrics_server.server_close()
@@ -133,14 +151,73 @@ def run_workers(config: ServerConfig) -> int:
     return code
 
 
+class EngineHostError(Exception):
+    """An engine process could not load its engine or open its socket (the message is the one line)."""
+
+
+def start_engine_hosts(
+    context: Any, config: ServerConfig, hosts: list[Any], socket_dir: Path
+) -> tuple[EngineAddress, ...]:
+    """Start one engine process per engine directory (appended to `hosts` as they start; sockets in
+    `socket_dir`, which only this user may enter) and wait until each has loaded and warmed its engine;
+    returns the addresses the workers connect to."""
+    from realtime_qa.qacore.bundle import decoder_defaults
+    from realtime_qa.qacore.engine import EngineMeta
+    from realtime_qa.qacore.factory import EngineOptions
+    from realtime_qa.services.engine_host import EngineHostConfig, host_main
+
+    options = EngineOptions(
+        intra_op_threads=config.intra_op_threads,
+        allow_spinning=config.engine_spinning,
+        gpu_blocking_sync=config.gpu_sync == "block",  # auto: the engine process is the GPU's only one: spin
+    )
+    addresses = []
+    for index, spec in enumerate(config.engines):
+        address = EngineAddress(spec.engine_dir, str(socket_dir / f"engine-{index}.sock"), os.urandom(32))
+        answer_length = None
+        if config.span_search:
+            answer_length = decoder_defaults(EngineMeta.read(spec.engine_dir)).max_answer_length
+        ready, ready_child = context.Pipe(duplex=False)
+        host = context.Process(
+            target=host_main,
+            args=(EngineHostConfig(address, options, answer_length), ready_child),
+            name=f"qa-serve-engine-{index}",
+        )
+        host.start()
+        ready_child.close()
+        hosts.append(host)
+        try:
+            status = ready.recv()
+        except EOFError:  # it died before reporting (killed, out of memory, a crash in native code)
+            host.join(5)
+            status = f"the engine process exited with {host.exitcode}"
+        if status != "ok":
+            raise EngineHostError(f"{spec.engine_dir}: {status}")
+        addresses.append(address)
+        log.info("engine process %s (pid %s) holds %s", host.name, host.pid, spec.engine_dir)
+    return tuple(addresses)
+
+
+def _stop_engine_hosts(hosts: list[Any]) -> None:
+    """After the workers: they drained through the engine processes, which hold no state of their own."""
+    for host in hosts:
+        if host.is_alive():
+            host.terminate()
+        host.join(STOP_MARGIN_S)
+        if host.is_alive():
+            host.kill()
+            host.join()
+
+
 def _supervise(workers: list[Any], stop: threading.Event) -> int:
-    """Wait for a stop signal (0) or for a worker to exit on its own (1)."""
+    """Wait for a stop signal (0) or for a worker (or an engine process) to exit on its own (1)."""
     while not stop.is_set():
         ended = wait([worker.sentinel for worker in workers], timeout=0.2)
         if ended:
             for worker in workers:
-                if not worker.is_alive():
-                    log.error("worker %s (pid %s) exited with %s: stopping all workers", worker.name, worker.pid,
+                if worker.sentinel in ended:
+                    worker.join(5)  # its sentinel closes a moment before its exit status can be read
+                    log.error("%s (pid %s) exited with %s: stopping all workers", worker.name, worker.pid,
                               worker.exitcode)  # fmt: skip
             return 1
     log.info("signal received: stopping %d workers", len(workers))

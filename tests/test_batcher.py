@@ -324,3 +324,25 @@ def test_config_rejects_nonsense() -> None:
         BatcherConfig(max_batch_size=0)
     with pytest.raises(ValueError, match="max_queue_windows"):
         BatcherConfig(max_queue_windows=0)
+
+
+async def test_a_few_window_question_of_a_lone_caller_never_yields(
+    answerer: QuestionAnswerer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With one window per batch, a 3-window question is not a backlog: its later windows run at once instead
+    of yielding to the caller's own previous request (the yield is made an hour long, so a wrong rule hangs)."""
+    import realtime_qa.services.batcher as batcher_module
+
+    monkeypatch.setattr(batcher_module, "LIGHT_YIELD_NS", 3_600 * 10**9)
+    monkeypatch.setattr(batcher_module, "BACKLOG_STARVATION_NS", 3_600 * 10**9)
+    windows = windows_for(answerer, QUESTIONS[0], " ".join([PASSAGE] * 12))[:3]
+    assert len(windows) == 3
+    batcher = Batcher([answerer.engine], answerer.featurizer, BatcherConfig(max_batch_size=1, max_queue_delay_us=0))
+    batcher.start()
+    async with asyncio.timeout(30):
+        await batcher.run(windows[:1])  # the client's previous (light) request ends: the yield would start now
+        result = await batcher.run(windows)
+    await batcher.close()
+    assert result.batch_sizes == (1, 1, 1)
+    # A real backlog still yields: five windows from one caller are more than BACKLOG_MIN_WINDOWS.
+    assert batcher_module.BACKLOG_MIN_WINDOWS < 5

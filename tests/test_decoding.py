@@ -183,3 +183,46 @@ def test_window_logic_at_100000_words_without_an_engine(featurizer: Featurizer) 
     start, end = logits_for(features, {"Ferdinand Oakley": 12.0})
     assert decode(features, start, end).text == "Ferdinand Oakley"
     assert _fastest_ms(lambda: decode(features, start, end), repeats=3) < 500.0
+
+
+def test_device_spans_keep_the_best_of_each_character_span_in_order(featurizer: Featurizer) -> None:
+    """`decode_spans` (the device span search's rows): best first, ties to the earlier window and slot, one
+    entry per character span (two windows may find the same span), at most n_best_size."""
+    from realtime_qa.qacore.decoding import decode_spans
+    from realtime_qa.qacore.engine import EngineSpans
+
+    small = Featurizer(featurizer.tokenizer, FeaturizerConfig(max_seq_length=24, doc_stride=6, max_query_length=6))
+    features = small.featurize("Where was it played?", PASSAGE)
+    assert len(features.windows) >= 2
+    rng = np.random.default_rng(7)
+    k = 12
+    shape = (len(features.windows), k)
+    starts, ends = np.full(shape, -1, np.int32), np.full(shape, -1, np.int32)
+    logits = np.full(shape, -np.inf, np.float32)
+    for row, window in enumerate(features.windows):
+        first = window.context_offset
+        for slot in range(k - 2):  # the last two slots stay empty, as when a window has few valid spans
+            start = int(rng.integers(0, window.length - 1))
+            starts[row, slot] = first + start
+            ends[row, slot] = first + min(window.length - 1, start + int(rng.integers(0, 3)))
+            logits[row, slot] = float(rng.integers(0, 6))  # few distinct values: many ties
+    # The same passage tokens found by two windows: one character span, the better logit kept.
+    shared = features.windows[1].passage_start
+    for row, logit in ((0, 9.0), (1, 9.5)):
+        window = features.windows[row]
+        starts[row, 0] = ends[row, 0] = window.context_offset + shared - window.passage_start
+        logits[row, 0] = logit
+    spans = EngineSpans(starts, ends, logits, np.zeros(len(features.windows), np.float32))
+
+    expected: list[tuple[int, int, float]] = []  # the rule, one candidate at a time
+    offsets = features.passage.offsets
+    flat = [(-float(logits[r, s]), r, s) for r in range(shape[0]) for s in range(k) if starts[r, s] >= 0]
+    for _, row, slot in sorted(flat):
+        shift = features.windows[row].passage_start - features.windows[row].context_offset
+        span = (int(offsets[starts[row, slot] + shift, 0]), int(offsets[ends[row, slot] + shift, 1]))
+        if span not in [(start, end) for start, end, _ in expected]:
+            expected.append((*span, float(logits[row, slot])))
+    for n_best in (3, 20):
+        prediction = decode_spans(features, spans, DecoderConfig(n_best_size=n_best))
+        assert [(span.start, span.end, span.logit) for span in prediction.nbest] == expected[:n_best]
+    assert prediction.nbest[0].logit == 9.5

@@ -86,3 +86,15 @@ def test_every_setting_is_declared_once_and_reaches_flag_and_environment() -> No
     assert (config.max_stream_questions, config.reflection) == (5, False)
     assert config_from_args(["--max-request-windows", "7"], environ={}).batcher.max_request_windows == 7
     assert config_from_args(["--no-reflection"], environ={}).reflection is False
+
+
+def test_gpu_sync_auto_blocks_only_where_workers_each_hold_the_gpu() -> None:
+    from realtime_qa.services.workers import worker_config
+
+    assert config_from_args([]).gpu_sync == "auto"
+    assert worker_config(config_from_args(["--workers", "8"]), 1).gpu_sync == "block"  # 8 contexts on one GPU
+    assert worker_config(config_from_args(["--workers", "8", "--engine-process"]), 1).gpu_sync == "spin"
+    assert worker_config(config_from_args(["--workers", "8", "--gpu-sync", "spin"]), 1).gpu_sync == "spin"
+    assert worker_config(config_from_args(["--workers", "1", "--gpu-sync", "block"]), 1).gpu_sync == "block"
+    with pytest.raises(SystemExit):
+        config_from_args(["--gpu-sync", "sometimes"])

@@ -143,6 +143,25 @@ def test_gpu_fp16_graphs_match_onnxruntime(
 
 @pytest.mark.gpu
 @needs_cuda
+def test_gpu_blocking_sync_waits_for_the_same_results(fp16_engine_dir: Path, real_batches: list[EngineInputs]) -> None:
+    """`EngineOptions(gpu_blocking_sync=True)` (qa-serve --gpu-sync block): the thread sleeps on an event instead
+    of spinning, and reads the same results, logits and device spans alike."""
+    with (
+        load_engine(fp16_engine_dir, EngineOptions(gpu_blocking_sync=True)) as sleeping,
+        load_engine(fp16_engine_dir, EngineOptions()) as spinning,
+    ):
+        assert isinstance(sleeping, TorchCudaEngine) and isinstance(spinning, TorchCudaEngine)
+        assert sleeping._done is not None and spinning._done is None
+        for batch in real_batches:
+            np.testing.assert_array_equal(sleeping.infer(batch).start_logits, spinning.infer(batch).start_logits)
+            may = batch.input_mask.astype(bool)
+            got, expected = sleeping.infer_spans(batch, may, may, 30), spinning.infer_spans(batch, may, may, 30)
+            np.testing.assert_array_equal(got.starts, expected.starts)
+            np.testing.assert_array_equal(got.logits, expected.logits)
+
+
+@pytest.mark.gpu
+@needs_cuda
 def test_gpu_padding_to_buckets_does_not_change_a_row(fp16_engine_dir: Path, real_batches: list[EngineInputs]) -> None:
     batch = real_batches[1]  # 3 rows, padded by the engine to 4 x (next multiple of 64)
     with load_engine(fp16_engine_dir, EngineOptions(use_cuda_graphs=True)) as engine:

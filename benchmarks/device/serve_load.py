@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
+import itertools
 import json
 import os
 import sys
@@ -26,7 +28,7 @@ from realtime_qa.qacore.latency import STAGES
 
 
 def _client(target: str, squad: str, questions: int, concurrency: int, duration: float, warmup: float,
-            passage_ids: bool, offset: int) -> dict[str, Any]:  # fmt: skip
+            passage_ids: bool, offset: int, channels: int) -> dict[str, Any]:  # fmt: skip
     from realtime_qa.benchmarks.serve_bench import ServeBenchConfig, closed_loop, load_questions
     from realtime_qa.pipeline.client import ClientConfig, QAClient, Question, RetryPolicy
 
@@ -34,20 +36,30 @@ def _client(target: str, squad: str, questions: int, concurrency: int, duration:
         config = ServeBenchConfig(target=target, duration_s=duration, warmup_s=warmup)
         pairs = load_questions(Path(squad), questions)
         pairs = pairs[offset % len(pairs) :] + pairs[: offset % len(pairs)]
-        client = QAClient(target, ClientConfig(retry=RetryPolicy(max_attempts=1), timeout_s=60))
+        # Several channels (connections) per process: `--workers` processes share the port by SO_REUSEPORT,
+        # which spreads connections, not calls; with one connection per load process, 8 connections left 3 of
+        # 8 workers without any load (profile_load_h200: cpu_by_process).
+        clients = [QAClient(target, ClientConfig(retry=RetryPolicy(max_attempts=1), timeout_s=60))
+                   for _ in range(channels)]  # fmt: skip
+        client = clients[0]
+        turn = itertools.cycle(clients)
         try:
-            await client.wait_ready(120)
+            for each in clients:
+                await each.wait_ready(120)
             asked = [Question(q, p) for q, p in pairs]
             if passage_ids:
                 stored = {p: (await client.put_passage(p)).passage_id for p in {p for _, p in pairs}}
                 asked = [Question(q, passage_id=stored[p]) for q, p in pairs]
 
             async def send(question: Question) -> Any:
-                return await client.answer(question, timeout_s=60)
+                return await next(turn).answer(question, timeout_s=60)
 
+            gc.collect()
+            gc.freeze()  # as qa-bench serve does: no full collection walks the questions while measuring
             samples = await closed_loop(send, asked, concurrency, config)
         finally:
-            await client.close()
+            for each in clients:
+                await each.close()
         kept = samples.timings[:2000]
         server_ms = {stage: [t.stage_ns(stage) / 1e6 for t in kept] for stage in (*STAGES, "total")}
         return {"latencies_ns": samples.latencies_ns, "codes": dict(samples.codes), "server_ms": server_ms}
@@ -65,11 +77,12 @@ def main() -> int:
     parser.add_argument("--duration-s", type=float, default=6.0)
     parser.add_argument("--warmup-s", type=float, default=2.0)
     parser.add_argument("--passage-ids", action="store_true")
+    parser.add_argument("--channels", type=int, default=4, help="gRPC channels (connections) per client process")
     parser.add_argument("--label", default="")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    if args.processes < 1 or args.concurrency < args.processes:
-        print("serve_load: need 1 <= processes <= concurrency", file=sys.stderr)
+    if args.processes < 1 or args.concurrency < args.processes or not 1 <= args.channels <= 64:
+        print("serve_load: need 1 <= processes <= concurrency and 1 <= channels <= 64", file=sys.stderr)
         return 2
     shares = [
         args.concurrency // args.processes + (i < args.concurrency % args.processes) for i in range(args.processes)
@@ -77,7 +90,7 @@ def main() -> int:
     with ProcessPoolExecutor(args.processes) as pool:
         futures = [
             pool.submit(_client, args.target, args.squad, args.questions, share, args.duration_s, args.warmup_s,
-                        args.passage_ids, index * 97)
+                        args.passage_ids, index * 97, args.channels)
             for index, share in enumerate(shares)
         ]  # fmt: skip
         parts = [future.result() for future in futures]
@@ -91,6 +104,7 @@ def main() -> int:
         "target": args.target,
         "concurrency": args.concurrency,
         "client_processes": args.processes,
+        "channels_per_process": args.channels,
         "passage_ids": args.passage_ids,
         "answers_per_s": round(latencies.size / args.duration_s, 1),
         "client_ms": percentile_summary(latencies),

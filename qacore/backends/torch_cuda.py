@@ -45,6 +45,7 @@ class TorchEngineConfig:
     device: str = "cuda:0"
     precision: str | None = None  # "fp16" | "bf16" | "fp32"; None = the precision in meta.json
     cuda_graphs: bool = True
+    blocking_sync: bool = False  # wait for results sleeping on a blocking-sync event instead of spinning
     fused: bool = True  # FusedBertForQA; False runs the training network BertForQA unchanged
     use_triton: bool = True  # the fused path's Triton kernels (else plain torch ops)
     compile_mode: str | None = None  # torch.compile mode, e.g. "max-autotune-no-cudagraphs"; None = eager
@@ -152,9 +153,12 @@ class _GraphedShape:
 
         return top_spans(logits, self.inputs[3], *self.spans)
 
-    def run(self, inputs: EngineInputs, stream: Any, span_flags: np.ndarray | None = None) -> np.ndarray:
+    def run(
+        self, inputs: EngineInputs, stream: Any, span_flags: np.ndarray | None = None, done: Any = None
+    ) -> np.ndarray:
         """Logits [batch, seq, 2] of `inputs` (smaller than or equal to this shape) on the host; with spans,
-        the span search's [batch, 1 + 3k] for `span_flags` instead."""
+        the span search's [batch, 1 + 3k] for `span_flags` instead. `done`: a blocking-sync CUDA event to
+        wait on (None: spin on the stream)."""
         host = self.host_inputs.numpy()
         rows, width = inputs.batch_size, inputs.seq_len
         host[:, rows:] = 0  # padding rows and columns: pad id 0, segment 0, mask 0, no span flags
@@ -170,7 +174,12 @@ class _GraphedShape:
             self.inputs.copy_(self.host_inputs, non_blocking=True)
             self.graph.replay()
             self.host_outputs.copy_(self.outputs, non_blocking=True)
-        stream.synchronize()
+            if done is not None:
+                done.record(stream)
+        if done is not None:
+            done.synchronize()  # the thread sleeps until the driver signals the event
+        else:
+            stream.synchronize()  # spins
         if self.spans is not None:
             return np.array(self.host_outputs.numpy()[:rows])
         return np.array(self.host_outputs.numpy()[:rows, :width])
@@ -203,6 +212,7 @@ class TorchCudaEngine(Engine):
         self._lock = threading.Lock()
         if self.device.type == "cuda":
             self.stream: Any = torch.cuda.Stream(self.device)
+            self._done: Any = torch.cuda.Event(blocking=True) if config.blocking_sync else None
             self._pool = torch.cuda.graph_pool_handle() if config.cuda_graphs else None
 
     def _make_module(self, weights: Mapping[str, np.ndarray]) -> Any:
@@ -238,7 +248,7 @@ class TorchCudaEngine(Engine):
         shape = (bucket(inputs.batch_size, self.batch_buckets), bucket(inputs.seq_len, self.seq_buckets))
         if self.device.type == "cuda" and self.config.cuda_graphs:
             with self._lock:
-                logits = self._graphed(shape).run(inputs, self.stream)
+                logits = self._graphed(shape).run(inputs, self.stream, done=self._done)
         else:
             logits = self._eager(inputs)
         return EngineOutputs(np.ascontiguousarray(logits[..., 0]), np.ascontiguousarray(logits[..., 1]))
@@ -258,7 +268,7 @@ class TorchCudaEngine(Engine):
         shape = (bucket(inputs.batch_size, self.batch_buckets), bucket(inputs.seq_len, self.seq_buckets))
         if self.device.type == "cuda" and self.config.cuda_graphs:
             with self._lock:
-                found = self._graphed(shape, spans=True).run(inputs, self.stream, flags)
+                found = self._graphed(shape, spans=True).run(inputs, self.stream, flags, self._done)
         else:
             found = self._eager_spans(inputs, flags)
         return spans_from_device(found, self.config.span_top_k)
@@ -378,5 +388,9 @@ def load_weights(path: Path) -> dict[str, np.ndarray]:
 
 def open_engine(engine_dir: Path, meta: EngineMeta, options: EngineOptions) -> TorchCudaEngine:
     """The backend entry point `qacore.factory.load_engine` calls."""
-    config = TorchEngineConfig(device=f"cuda:{options.device_id}", cuda_graphs=options.use_cuda_graphs)
+    config = TorchEngineConfig(
+        device=f"cuda:{options.device_id}",
+        cuda_graphs=options.use_cuda_graphs,
+        blocking_sync=options.gpu_blocking_sync,
+    )
     return TorchCudaEngine(meta, load_weights(engine_dir / meta.engine_file), config)

@@ -1,0 +1,117 @@
+"""`qa-serve --workers N --engine-process`: the workers answer through one engine process (services/engine_host.py).
+
+The engine process is real (spawned), the engine real (ONNX Runtime on this CPU; the GPU host runs the torch
+engine the same way), and answers are compared with the in-process prediction of the same engine."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import re
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from answers import assert_same_best
+from deploy_support import BIN, LISTENING, spawn, wait_for
+from realtime_qa.pipeline.client import Answer, ClientConfig, QAClient, QAClientError, RetryPolicy
+from realtime_qa.qacore.answerer import QuestionAnswerer
+from realtime_qa.qacore.engine import EngineMeta
+from realtime_qa.qacore.errors import EngineError
+from realtime_qa.qacore.factory import EngineOptions, load_engine
+from realtime_qa.services.config import EngineAddress
+from realtime_qa.services.engine_host import EngineHostConfig, RemoteEngine, host_main
+
+PASSAGE = (
+    "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, a region "
+    "in France. They were descended from Norse raiders and pirates from Denmark, Iceland and Norway."
+)
+QUESTIONS = ["In what country is Normandy located?", "From which countries did the Norse originate?"]
+ENGINE_HOST = re.compile(r"engine process qa-serve-engine-0 \(pid (\d+)\)")
+
+
+@pytest.fixture
+def host(engine_dir: Path, tmp_path: Path) -> Iterator[EngineAddress]:
+    """An engine process serving `engine_dir` on a socket under tmp_path; yields its address."""
+    context = multiprocessing.get_context("spawn")
+    address = EngineAddress(engine_dir, str(tmp_path / "engine.sock"), os.urandom(32))
+    ready, ready_child = context.Pipe(duplex=False)
+    process = context.Process(
+        target=host_main, args=(EngineHostConfig(address, EngineOptions(intra_op_threads=1), None), ready_child)
+    )
+    process.start()
+    ready_child.close()
+    try:
+        assert ready.poll(120), "the engine process did not report within 120 s"
+        assert ready.recv() == "ok"
+        yield address
+    finally:
+        process.kill()
+        process.join(10)
+
+
+def test_a_remote_engine_returns_what_the_engine_returns_and_refuses_a_wrong_key(
+    host: EngineAddress, engine_dir: Path
+) -> None:
+    with QuestionAnswerer.from_engine_dir(engine_dir) as answerer:
+        inputs = answerer.featurizer.batch(answerer.featurizer.featurize(QUESTIONS[0], PASSAGE).windows)
+    local = load_engine(engine_dir, EngineOptions(intra_op_threads=1))
+    try:
+        expected = local.infer(inputs)
+    finally:
+        local.close()
+    stranger = EngineAddress(host.engine_dir, host.socket_path, b"not the key")
+    with pytest.raises(EngineError, match="cannot reach the engine process"):
+        RemoteEngine(stranger)
+    with RemoteEngine(host) as remote:  # the process still serves after refusing the stranger
+        assert remote.meta == EngineMeta.read(engine_dir)
+        got = remote.infer(inputs)
+        np.testing.assert_allclose(got.start_logits, expected.start_logits, atol=1e-4)
+        np.testing.assert_allclose(got.end_logits, expected.end_logits, atol=1e-4)
+        bad = type(inputs)(inputs.input_ids[:, :0], inputs.segment_ids[:, :0], inputs.input_mask[:, :0])
+        with pytest.raises(EngineError):  # the engine's own refusal crosses the socket as an EngineError
+            remote.infer(bad)
+        assert remote.infer(inputs).start_logits.shape == expected.start_logits.shape  # and the connection lives
+
+
+@pytest.mark.slow
+async def test_workers_answer_through_one_engine_process_and_stop_when_it_dies(
+    engine_dir: Path, tmp_path: Path
+) -> None:
+    argv = [str(BIN / "qa-serve"), "--workers", "2", "--engine-process", "--port", "0", "--engine", str(engine_dir),
+            "--intra-op-threads", "1", "--grace-s", "2"]  # fmt: skip
+    server = spawn("qa-engine-process", argv, tmp_path)
+    try:
+        host_pid = int(server.wait_log(ENGINE_HOST, 120).group(1))
+        wait_for(lambda: len(re.findall(r"serving .* after", server.log_text())) >= 2, 120, "both workers")
+        log = server.log_text()
+        assert log.count("in the engine process") == 2  # each worker's model runs on the engine process
+        assert len(re.findall(r"loading onnxruntime \S+ engine", log)) == 1  # the engine was loaded once
+        (port,) = {int(match.group(2)) for match in LISTENING.finditer(log)}
+        with QuestionAnswerer.from_engine_dir(engine_dir) as answerer:
+            expected = [answerer.answer(question, PASSAGE).prediction for question in QUESTIONS]
+        config = ClientConfig(retry=RetryPolicy(max_attempts=1), timeout_s=30)
+        clients = [QAClient(f"127.0.0.1:{port}", config) for _ in range(6)]  # connections spread over workers
+        try:
+            replies = await asyncio.gather(
+                *(client.answer(QUESTIONS[index % 2], PASSAGE) for index, client in enumerate(clients))
+            )
+            for index, reply in enumerate(replies):
+                assert isinstance(reply, Answer)
+                assert_same_best(reply, expected[index % 2], PASSAGE)
+            os.kill(host_pid, signal.SIGKILL)
+            # The unit stops as a whole (exit 1), like when a worker dies; a call meanwhile fails, never hangs.
+            with pytest.raises(QAClientError):
+                for _ in range(100):
+                    await clients[0].answer(QUESTIONS[0], PASSAGE)
+            wait_for(lambda: server.popen.poll() is not None, 60, "the server to stop after its engine process died")
+        finally:
+            for client in clients:
+                await client.close()
+    finally:
+        code = server.stop(signal.SIGTERM, timeout_s=30)
+    assert code == 1
+    assert "qa-serve-engine-0" in server.log_text() and "stopping all workers" in server.log_text()
