@@ -160,9 +160,7 @@ def decode_spans(features: Features, spans: EngineSpans, config: DecoderConfig |
     char_starts = offsets[spans.starts[rows, slots] + shift, 0]
     char_ends = offsets[spans.ends[rows, slots] + shift, 1]
     logits = spans.logits[rows, slots]
-    # Best first (ties: the earlier window and slot), then the first of each character span: in numpy, since
-    # this runs on the event loop once per question (a Python loop over the candidates cost ~20 % of a
-    # --workers process's loop at concurrency 256: benchmarks/results/profile_h200.md).
+    # Best first (ties: the earlier window and slot), then the first of each character span.
     order = np.argsort(-logits, kind="stable")
     keys = (char_starts[order].astype(np.int64) << 32) | char_ends[order].astype(np.int64)
     _, first_seen = np.unique(keys, return_index=True)

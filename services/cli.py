@@ -26,9 +26,15 @@ class EventLoopUnavailable(Exception):  # noqa: N818 - reads as what happened
 
 def event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     """How to make the event loop `name` (`ServerConfig.event_loop`); None: asyncio's own. uvloop is imported
-    here, only when asked for, since it is an optional extra."""
+    here, only when asked for ("auto" or "uvloop"); "auto" falls back to asyncio where it is not installed."""
     if name == "asyncio":
         return None
+    if name == "auto":
+        try:
+            import uvloop
+        except ImportError:  # e.g. Windows, where uvloop does not exist
+            return None
+        return uvloop.new_event_loop
     if name == "uvloop":
         try:
             import uvloop

@@ -36,7 +36,7 @@ NESTED_KEY = "qa_settings_of"  # metadata key of a field whose value is a datacl
 MAX_THREADS = 64  # cap of every thread-count setting: more threads than this only thrash on any host we serve
 MAX_ENGINE_CONTEXTS = 16  # each context holds a copy of the engine's memory
 GPU_SYNC_MODES = ("auto", "spin", "block")
-EVENT_LOOPS = ("asyncio", "uvloop")  # uvloop: the optional extra `realtime-qa[uvloop]`
+EVENT_LOOPS = ("auto", "asyncio", "uvloop")  # auto: uvloop where it is installed (a dependency but on Windows)
 
 
 @dataclass(frozen=True)
@@ -225,11 +225,11 @@ class ServerConfig:
         3600, "seconds a passage lives in the shared store", parse=int, minimum=1, maximum=30 * 24 * 3600
     )
     # uvloop measured +59 % answers/s over asyncio on the H200 at concurrency 256 (--workers 8, same run:
-    # benchmarks/results/serve_h200_workers.md). The calls it once left unanswered were a race in the batcher, which
-    # uvloop's early timers exposed (fixed; tests/test_uvloop_hang.py). It stays opt-in: an optional extra.
+    # benchmarks/results/serve_h200_workers.md) and the same latency at concurrency 1. The calls it once left
+    # unanswered were a race in the batcher that uvloop's early timers exposed (fixed; tests/test_uvloop_hang.py).
     event_loop: str = setting(
-        "asyncio", "the event loop each server process runs on; uvloop (`pip install 'realtime-qa[uvloop]'`) "
-        "served +59 % answers/s at concurrency 256 on the GPU host", choices=EVENT_LOOPS,
+        "auto", "the event loop each server process runs on: uvloop (+59 % answers/s at concurrency 256 on the "
+        "GPU host), asyncio, or auto: uvloop where it is installed, else asyncio", choices=EVENT_LOOPS,
     )  # fmt: skip
     workers: int = setting(
         1, "server processes sharing the port (SO_REUSEPORT), metrics merged on --metrics-port", parse=int,

@@ -1,4 +1,4 @@
-"""`qa-serve --event-loop {asyncio,uvloop}`: the setting, a server answering on uvloop, and the one-line error
+"""`qa-serve --event-loop {auto,asyncio,uvloop}`: the setting, a server answering on uvloop, and the one-line error
 when uvloop is asked for but not installed."""
 
 from __future__ import annotations
@@ -20,8 +20,12 @@ PASSAGE = (
 )
 
 
-def test_the_setting_defaults_to_asyncio_and_takes_flag_or_environment() -> None:
-    assert config_from_args([], environ={}).event_loop == "asyncio"
+def test_the_setting_defaults_to_auto_and_takes_flag_or_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert config_from_args([], environ={}).event_loop == "auto"
+    uvloop = pytest.importorskip("uvloop")  # a dependency wherever it exists
+    assert event_loop_factory("auto") is uvloop.new_event_loop
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # not installed: auto falls back to asyncio's own loop
+    assert event_loop_factory("auto") is None
     assert config_from_args(["--event-loop", "uvloop"], environ={}).event_loop == "uvloop"
     assert config_from_args([], environ={"QA_SERVE_EVENT_LOOP": "uvloop"}).event_loop == "uvloop"
     with pytest.raises(SystemExit) as exited:
