@@ -224,12 +224,14 @@ class ServerConfig:
     passage_ttl_s: int = setting(
         3600, "seconds a passage lives in the shared store", parse=int, minimum=1, maximum=30 * 24 * 3600
     )
-    # uvloop measured +59 % answers/s over asyncio on the H200 at concurrency 256 (--workers 8, same run:
-    # benchmarks/results/serve_h200_workers.md) and the same latency at concurrency 1. The calls it once left
-    # unanswered were a race in the batcher that uvloop's early timers exposed (fixed; tests/test_uvloop_hang.py).
+    # uvloop against asyncio on the H200 at concurrency 256 (--workers 8, each pair in one device call):
+    # +59 % and +2 % answers/s (benchmarks/results/serve_h200_workers.md); the same latency at concurrency 1.
+    # The calls it once left unanswered were a race in the batcher that uvloop's early timers exposed (fixed;
+    # tests/test_uvloop_hang.py).
     event_loop: str = setting(
-        "auto", "the event loop each server process runs on: uvloop (+59 % answers/s at concurrency 256 on the "
-        "GPU host), asyncio, or auto: uvloop where it is installed, else asyncio", choices=EVENT_LOOPS,
+        "auto", "the event loop each server process runs on: uvloop (as fast or faster: +2 % to +59 % answers/s "
+        "at concurrency 256 on the GPU host), asyncio, or auto: uvloop where it is installed, else asyncio",
+        choices=EVENT_LOOPS,
     )  # fmt: skip
     workers: int = setting(
         1, "server processes sharing the port (SO_REUSEPORT), metrics merged on --metrics-port", parse=int,
