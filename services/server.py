@@ -59,6 +59,16 @@ def default_engine_specs(precision: str = DEFAULT_PRECISION) -> tuple[EngineSpec
     return (EngineSpec(resolve_default_engine(DefaultEngineSpec(precision=precision))),)
 
 
+def engine_options(config: ServerConfig) -> EngineOptions:
+    """How this process runs its engines (a worker's, or the `--engine-process` process's)."""
+    return EngineOptions(
+        intra_op_threads=config.intra_op_threads,
+        allow_spinning=config.engine_spinning,
+        # "auto" spins: one process holds the GPU (`--workers` resolves it to "block" for workers that each do).
+        gpu_blocking_sync=config.gpu_sync == "block",
+    )
+
+
 class QAServer:
     """One running server; `start()` then `stop()` (or use `async with`)."""
 
@@ -168,11 +178,7 @@ class QAServer:
     async def load_models(self) -> None:
         config = self.config
         specs = config.engines or await asyncio.to_thread(default_engine_specs, config.precision)
-        options = EngineOptions(
-            intra_op_threads=config.intra_op_threads,
-            allow_spinning=config.engine_spinning,
-            gpu_blocking_sync=config.gpu_sync == "block",  # `--workers` resolved "auto" for its processes
-        )
+        options = engine_options(config)
         started = time.perf_counter_ns()
         remote_engines = {address.engine_dir: address for address in config.remote_engines}
         for spec in specs:

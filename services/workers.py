@@ -122,7 +122,7 @@ def run_workers(config: ServerConfig) -> int:
             context = multiprocessing.get_context("spawn")
             if config.engine_process:
                 socket_dir = Path(tempfile.mkdtemp(prefix="qa-serve-engines-"))  # mode 0700
-                addresses = start_engine_hosts(context, config, engine_hosts, socket_dir)
+                addresses = start_engine_hosts(context, config, engine_hosts, socket_dir, stop)
                 config = dataclasses.replace(config, remote_engines=addresses)
             for index in range(config.workers):
                 worker = context.Process(
@@ -132,6 +132,9 @@ def run_workers(config: ServerConfig) -> int:
                 workers.append(worker)
             log.info("qa-serve: %d workers sharing port %d", config.workers, port)
             code = _supervise([*workers, *engine_hosts], stop)
+    except StoppedDuringStart:
+        log.info("signal received while the engine processes were loading: stopping")
+        code = 0
     except EngineHostError as exc:
         log.error("cannot serve: %s", exc)
         code = EXIT_ENGINE
@@ -155,22 +158,22 @@ class EngineHostError(Exception):
     """An engine process could not load its engine or open its socket (the message is the one line)."""
 
 
+class StoppedDuringStart(Exception):  # noqa: N818 - reads as what happened
+    """SIGTERM or SIGINT arrived while the engine processes were loading."""
+
+
 def start_engine_hosts(
-    context: Any, config: ServerConfig, hosts: list[Any], socket_dir: Path
+    context: Any, config: ServerConfig, hosts: list[Any], socket_dir: Path, stop: threading.Event
 ) -> tuple[EngineAddress, ...]:
     """Start one engine process per engine directory (appended to `hosts` as they start; sockets in
     `socket_dir`, which only this user may enter) and wait until each has loaded and warmed its engine;
     returns the addresses the workers connect to."""
     from realtime_qa.qacore.bundle import decoder_defaults
     from realtime_qa.qacore.engine import EngineMeta
-    from realtime_qa.qacore.factory import EngineOptions
     from realtime_qa.services.engine_host import EngineHostConfig, host_main
+    from realtime_qa.services.server import engine_options
 
-    options = EngineOptions(
-        intra_op_threads=config.intra_op_threads,
-        allow_spinning=config.engine_spinning,
-        gpu_blocking_sync=config.gpu_sync == "block",  # auto: the engine process is the GPU's only one: spin
-    )
+    options = engine_options(config)  # "auto" spins here: the engine process is the GPU's only user
     addresses = []
     for index, spec in enumerate(config.engines):
         address = EngineAddress(spec.engine_dir, str(socket_dir / f"engine-{index}.sock"), os.urandom(32))
@@ -186,6 +189,9 @@ def start_engine_hosts(
         host.start()
         ready_child.close()
         hosts.append(host)
+        while not ready.poll(0.2):  # loading can take minutes (a GPU engine captures its graphs): stay stoppable
+            if stop.is_set():
+                raise StoppedDuringStart
         try:
             status = ready.recv()
         except EOFError:  # it died before reporting (killed, out of memory, a crash in native code)

@@ -9,6 +9,7 @@ import asyncio
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,3 +116,20 @@ async def test_workers_answer_through_one_engine_process_and_stop_when_it_dies(
         code = server.stop(signal.SIGTERM, timeout_s=30)
     assert code == 1
     assert "qa-serve-engine-0" in server.log_text() and "stopping all workers" in server.log_text()
+
+
+def test_an_engine_the_engine_process_cannot_load_is_one_line_and_exit_3(engine_dir: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "engine"
+    shutil.copytree(engine_dir, broken)
+    engine_file = broken / EngineMeta.read(broken).engine_file
+    engine_file.write_bytes(engine_file.read_bytes()[:-64] + b"\0" * 64)  # corrupted: its SHA-256 no longer matches
+    argv = [str(BIN / "qa-serve"), "--workers", "2", "--engine-process", "--port", "0", "--engine", str(broken)]
+    server = spawn("qa-broken-engine", argv, tmp_path)
+    try:
+        code = server.popen.wait(120)
+    finally:
+        server.stop()
+    assert code == 3
+    errors = [line for line in server.log_text().splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "cannot load the engine" in errors[0], server.log_text()[-2000:]
+    assert "qa-serve: 2 workers" not in server.log_text()  # no worker was started
