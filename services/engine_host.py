@@ -21,7 +21,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from multiprocessing import AuthenticationError
-from multiprocessing.connection import Client, Connection, Listener
+from multiprocessing.connection import Client, Connection, Listener, answer_challenge, deliver_challenge
 from typing import Any
 
 import numpy as np
@@ -59,7 +59,7 @@ def host_main(config: EngineHostConfig, ready: Connection) -> None:
         engine.warmup()
         if config.warm_span_answer_length is not None:
             warm_span_search(engine, config.warm_span_answer_length)
-        listener = Listener(address.socket_path, "AF_UNIX", authkey=address.authkey)
+        listener = Listener(address.socket_path, "AF_UNIX")  # authenticated per connection, in its thread
     except QAError as exc:
         ready.send(f"cannot load the engine: {exc}")
         return
@@ -73,14 +73,23 @@ def host_main(config: EngineHostConfig, ready: Connection) -> None:
     while True:
         try:
             connection = listener.accept()
-        except (OSError, EOFError, AuthenticationError) as exc:  # a client without the key: refuse it, go on
-            log.warning("engine process refused a connection: %s", exc)
+        except OSError as exc:
+            log.warning("engine process could not accept a connection: %s", exc)
             continue
-        threading.Thread(target=_serve, args=(connection, engine, calls), daemon=True).start()
+        threading.Thread(target=_serve, args=(connection, address.authkey, engine, calls), daemon=True).start()
 
 
-def _serve(connection: Connection, engine: Engine, calls: threading.Lock) -> None:
-    """Answer one worker connection's calls until it closes."""
+def _serve(connection: Connection, authkey: bytes, engine: Engine, calls: threading.Lock) -> None:
+    """Answer one worker connection's calls until it closes. The connection proves it holds the key first
+    (both ways, as `Listener(authkey=...)` does, but here, so a client that never answers the challenge holds
+    up only its own thread); nothing it sends is unpickled before that."""
+    try:
+        deliver_challenge(connection, authkey)
+        answer_challenge(connection, authkey)
+    except (OSError, EOFError, AuthenticationError) as exc:
+        log.warning("engine process refused a connection: %s", exc or type(exc).__name__)
+        connection.close()
+        return
     try:
         connection.send((engine.meta.to_json(), engine.span_search_limits()))
         while True:
