@@ -160,16 +160,15 @@ def decode_spans(features: Features, spans: EngineSpans, config: DecoderConfig |
     char_starts = offsets[spans.starts[rows, slots] + shift, 0]
     char_ends = offsets[spans.ends[rows, slots] + shift, 1]
     logits = spans.logits[rows, slots]
-    # Best first (ties: the earlier window and slot), then the first of each character span.
-    order = np.argsort(-logits, kind="stable")
-    keys = (char_starts[order].astype(np.int64) << 32) | char_ends[order].astype(np.int64)
-    _, first_seen = np.unique(keys, return_index=True)
-    chosen = order[np.sort(first_seen)[: config.n_best_size]]
-    candidates = list(
-        zip(
-            char_starts[chosen].tolist(), char_ends[chosen].tolist(), logits[chosen].astype(float).tolist(), strict=True
-        )
-    )
+    candidates: list[tuple[int, int, float]] = []
+    seen: set[tuple[int, int]] = set()
+    for index in np.argsort(-logits, kind="stable"):
+        span = (int(char_starts[index]), int(char_ends[index]))
+        if span not in seen:
+            seen.add(span)
+            candidates.append((*span, float(logits[index])))
+            if len(candidates) == config.n_best_size:
+                break
     return _prediction(features, candidates, float(np.min(spans.null_logits)), config)
 
 
