@@ -29,21 +29,17 @@ def event_loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | N
     here, only when asked for ("auto" or "uvloop"); "auto" falls back to asyncio where it is not installed."""
     if name == "asyncio":
         return None
-    if name == "auto":
-        try:
-            import uvloop
-        except ImportError:  # e.g. Windows, where uvloop does not exist
+    if name not in ("auto", "uvloop"):
+        raise ValueError(f"unknown event loop {name!r}")
+    try:
+        import uvloop
+    except ImportError:
+        if name == "auto":  # e.g. Windows, where uvloop does not exist
             return None
-        return uvloop.new_event_loop
-    if name == "uvloop":
-        try:
-            import uvloop
-        except ImportError:
-            raise EventLoopUnavailable(
-                "--event-loop uvloop needs the uvloop package: pip install 'realtime-qa[uvloop]'"
-            ) from None
-        return uvloop.new_event_loop
-    raise ValueError(f"unknown event loop {name!r}")
+        raise EventLoopUnavailable(
+            "--event-loop uvloop needs the uvloop package: pip install 'realtime-qa[uvloop]'"
+        ) from None
+    return uvloop.new_event_loop
 
 
 def run_server(config: ServerConfig) -> int:

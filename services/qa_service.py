@@ -287,8 +287,9 @@ class StreamSession:
         if self.stopped.is_set():
             log.info("stream finished during shutdown: %d answers written to %d questions", self.written, self.read)
 
-    async def _until_stopped(self, awaitable: Any) -> tuple[bool, Any]:
-        """(True, result) when `awaitable` completes first, (False, None) when shutdown stops the reading."""
+    async def _until_stopped(self, awaitable: Any, settle_s: float = 0.0) -> tuple[bool, Any]:
+        """(True, result) when `awaitable` completes first, (False, None) when shutdown stops the reading;
+        once shutdown began, `awaitable` still gets `settle_s` to complete."""
         task = asyncio.ensure_future(awaitable)
         stop = asyncio.create_task(self.stopped.wait())
         try:
@@ -299,11 +300,11 @@ class StreamSession:
             raise
         finally:
             stop.cancel()
-        if not task.done():
+        if not task.done() and settle_s:
             # Shutdown began while a read was pending. A client that already half-closed has its end of stream
             # (or last question) waiting in the transport: give the read a moment to deliver it, so such a
             # stream is finished, not refused (on a loaded host the signal can be handled first).
-            await asyncio.wait({task}, timeout=STOP_READ_SETTLE_S)
+            await asyncio.wait({task}, timeout=settle_s)
         if task.done():
             return True, task.result()
         task.cancel()
@@ -318,7 +319,7 @@ class StreamSession:
                 if not got_slot:
                     break
                 try:
-                    got, request = await self._until_stopped(anext(iterator))
+                    got, request = await self._until_stopped(anext(iterator), STOP_READ_SETTLE_S)
                 except StopAsyncIteration:
                     self.slots.release()
                     self.half_closed = True
