@@ -16,7 +16,9 @@ def _row(name: str, summary: dict[str, Any], which: str) -> str:
         "–" if which == "start" else ", ".join(summary["negative_examples"]) + f" ({summary['negative_windows']:,} w)"
     )
     config = summary["config"]
-    if which == "start" or config["distill_alpha"] >= 1:
+    if which == "tuned" and summary.get("soup_of"):
+        distil = "mean of the weights of " + " + ".join(f"`{part['run']}`" for part in summary["soup_of"])
+    elif which == "start" or config["distill_alpha"] >= 1:
         distil = "–"
     else:
         teacher = f"teacher `{config['teacher']}`" if config.get("teacher") else "self"

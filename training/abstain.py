@@ -122,7 +122,7 @@ def run_abstain(
     teacher_dir: Path | None = None,
 ) -> dict[str, Any]:
     from realtime_qa.qacore.backends.torch_network import BertForQA
-    from realtime_qa.training.finetune import METRICS, Distillation, StudentQA, train
+    from realtime_qa.training.finetune import Distillation, StudentQA, train
 
     begin = time.perf_counter()
     if config.model != "student":
@@ -177,30 +177,49 @@ def run_abstain(
     windows = WindowArrays.concatenate([positives, negatives])
     summary = train(model, config, windows, None, paths.run_dir, device, distillation, save_checkpoints=False)
     weights = {name: value.detach().float().cpu().numpy() for name, value in net.state_dict().items()}
-    rounded = {name: value.astype(np.float16).astype(np.float32) for name, value in weights.items()}
-    rounded_net = BertForQA(checkpoint.config)
-    rounded_net.load_weights(rounded)
-    tuned, tuned_v2 = _evaluate(StudentQA(rounded_net).to(device), dev_v1, dev_v2, config, device)
-    write_scores(paths.run_dir / V2_SCORES, tuned_v2)
-    log.info("tuned (float16): %s", tuned)
     summary.update(
         start_model=str(paths.base_dir),
         start_model_sha256=checkpoint.source_sha256,
         start=start_scores,
-        tuned=tuned,
         teacher=teacher,
         positive_windows=len(positives),
         negative_windows=len(negatives),
         negative_examples=per_kind,
         negatives=asdict(negative_stats),
         train_questions=stats.questions,
-        wall_seconds=time.perf_counter() - begin,
     )
+    return score_and_export(weights, checkpoint.config, paths, dev_v1, dev_v2, config, device, summary, begin)
+
+
+def score_and_export(
+    weights: dict[str, np.ndarray],
+    model_config: Any,
+    paths: RunPaths,
+    dev_v1: EvalSet,
+    dev_v2: EvalSet,
+    config: TrainConfig,
+    device: Any,
+    summary: dict[str, Any],
+    begin: float,
+) -> dict[str, Any]:
+    """Score the float16-rounded `weights` (what would ship) on v1.1 dev and both halves of v2.0 dev, then write
+    the run's metrics.json (`summary` + `tuned`), per-question v2.0 scores, `model/` and its `export/` parts."""
+    from realtime_qa.qacore.backends.torch_network import BertForQA
+    from realtime_qa.training.finetune import METRICS, StudentQA
+
+    rounded = {name: value.astype(np.float16).astype(np.float32) for name, value in weights.items()}
+    rounded_net = BertForQA(model_config)
+    rounded_net.load_weights(rounded)
+    tuned, tuned_v2 = _evaluate(StudentQA(rounded_net).to(device), dev_v1, dev_v2, config, device)
+    paths.run_dir.mkdir(parents=True, exist_ok=True)
+    write_scores(paths.run_dir / V2_SCORES, tuned_v2)
+    log.info("tuned (float16): %s", tuned)
+    summary.update(tuned=tuned, wall_seconds=time.perf_counter() - begin)
     (paths.run_dir / METRICS).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     model_dir = paths.run_dir / MODEL_DIR
     if model_dir.exists():
         shutil.rmtree(model_dir)
     card = f"# minilm-l6-squad tuned to abstain ({config.name})\n\nThe model card is written by `qa-train ship`.\n"
-    save_hf_model(model_dir, checkpoint.config, weights, paths.base_dir, model_card=card)
+    save_hf_model(model_dir, model_config, weights, paths.base_dir, model_card=card)
     pack_export(model_dir, paths.run_dir / EXPORT_DIR)
     return summary

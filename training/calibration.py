@@ -144,7 +144,17 @@ def calibrate(dataset: SquadDataset, scores: Mapping[str, QuestionScore]) -> dic
         "reliability_second_half": reliability_table(second, scores, threshold),
         "platt_first_half": platt,
         "reliability_second_half_platt": reliability_table(second, scores, threshold, platt),
+        "second_half_answerable_refused": answerable_refused(second, scores, threshold),
     }
+
+
+def answerable_refused(dataset: SquadDataset, scores: Mapping[str, QuestionScore], threshold: float) -> float:
+    """The share of `dataset`'s answerable questions on which the model abstains at `threshold` (what the model
+    card calls refused answerable questions; 1 - NoAns_f1 / 100 is the other side, unanswerable ones answered)."""
+    answerable = [question for _, question in dataset.questions() if question.has_answer]
+    if not answerable:
+        return 0.0
+    return sum(scores[question.id].null_margin > threshold for question in answerable) / len(answerable)
 
 
 def write_scores(path: Path, scores: Mapping[str, QuestionScore]) -> None:

@@ -13,6 +13,8 @@ Commands (see training/README.md for the whole recipe):
   abstain       tune a trained model (--base) on SQuAD v1.1 plus a hard-negatives file (optionally distilled
                 from itself, or from a teacher run trained with the same negatives: --teacher-dir); tune the
                 abstention threshold on the first half of v2.0 dev articles, report on the second
+  soup          average the weights of finished `abstain` runs of one start model (--runs), then score and
+                export the average exactly as `abstain` scores a run
 """
 
 from __future__ import annotations
@@ -71,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="the model/ folder of the run the config's `teacher` names (born-again teacher)",
     )
+    soup = commands.add_parser("soup", help="average finished abstain runs' weights; score and export it")
+    soup.add_argument("--name", required=True, help="the soup's run name (its metrics.json config name)")
+    soup.add_argument("--runs", type=Path, nargs="+", required=True, help="run directories of `qa-train abstain`")
+    soup.add_argument("--squad-dir", type=Path, default=DEFAULT_SQUAD_DIR, help="holds dev-v1.1 and dev-v2.0 .json.gz")
+    soup.add_argument("--base", type=Path, required=True, help="the start model (its tokenizer files are used)")
+    soup.add_argument("--run-dir", type=Path, required=True, help="metrics, per-question scores and the export")
     ship = commands.add_parser("ship", help="install an exported run as the shipped model")
     ship.add_argument("--export-dir", type=Path, required=True, help="holds model.tar.partNN and export.json")
     ship.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"model directory (default {DEFAULT_OUT})")
@@ -116,6 +124,11 @@ def run(args: argparse.Namespace) -> None:
         config = TrainConfig.from_file(args.config)
         summary = run_abstain(config, _paths(args), args.negatives, args.score_start, args.teacher_dir)
         print(json.dumps({"name": config.name, "start": summary["start"], "tuned": summary["tuned"]}))
+    elif args.command == "soup":
+        from realtime_qa.training.soup import run_soup
+
+        summary = run_soup(args.name, args.runs, RunPaths(args.squad_dir, args.base, args.run_dir, args.run_dir))
+        print(json.dumps({"name": args.name, "tuned": summary["tuned"]}))
     elif args.command == "pack-teacher":
         from realtime_qa.training.teacher import pack_teacher
 

@@ -120,6 +120,21 @@ def _teacher_recipe(config: dict[str, Any], teacher: dict[str, Any]) -> str:
     )
 
 
+def _loss_sentence(config: dict[str, Any], teacher: dict[str, Any] | None) -> str:
+    """How one abstention run's loss treats the negatives (plain CE, self-distillation or a teacher's)."""
+    if config["distill_alpha"] >= 1.0:
+        return "; plain cross-entropy."
+    if teacher and "config" in teacher:
+        return _teacher_recipe(config, teacher)
+    if teacher:
+        return f"; distilled from run `{teacher['run']}`."
+    return (
+        f"; loss {config['distill_alpha']} x CE(gold) + {1 - config['distill_alpha']:.1f} x T^2 x KL at T = "
+        f"{config['distill_temperature']} against the start model's own logits on the positive windows "
+        "([CLS] on the negative ones), so it keeps its answers while it learns to abstain."
+    )
+
+
 def render_abstention_section(
     summary: dict[str, Any],
     calibration: dict[str, Any],
@@ -131,15 +146,20 @@ def render_abstention_section(
     shipped threshold, and every figure (`evals`: rows of where/weights/command and the scores measured)."""
     config = summary["config"]
     tuned = summary["tuned"]["v2.0"]
-    teacher = summary.get("teacher")
-    self_distilled = config["distill_alpha"] < 1.0 and not teacher
+    soup = summary.get("soup_of")
+    if soup:
+        how = (
+            f"the **mean of the weights of {len(soup)} runs** (`qa-train soup`, config name `{config['name']}`), "
+            "each tuned from the distilled model above by `qa-train abstain` for"
+        )
+    else:
+        how = f"tuned from the distilled model above by `qa-train abstain` (config `{config['name']}`):"
     lines = [
         "## Abstention (SQuAD 2.0 behaviour without SQuAD 2.0 training data)",
         "",
-        f"Tuned from the distilled model above by `qa-train abstain` (config `{config['name']}`): one epoch over all "
-        f"{summary['positive_windows']:,} SQuAD v1.1 train windows plus {summary['negative_windows']:,} windows of "
-        "synthetic unanswerable questions made from SQuAD v1.1 train (`training/negatives.py`), each targeting "
-        "[CLS] (the null answer):",
+        f"These weights are {how} one epoch over all {summary['positive_windows']:,} SQuAD v1.1 train windows plus "
+        f"{summary['negative_windows']:,} windows of synthetic unanswerable questions made from SQuAD v1.1 train "
+        "(`training/negatives.py`), each targeting [CLS] (the null answer):",
         "",
     ]
     for kind, count in summary["negative_examples"].items():
@@ -147,17 +167,32 @@ def render_abstention_section(
     lines += [
         "",
         f"Learning rate {config['learning_rate']}, batch {config['batch_size']}, warm-up {config['warmup_ratio']:.0%}, "
-        f"dropout {config['dropout']}, seed {config['seed']}"
+        f"dropout {config['dropout']}"
         + (
-            f"; loss {config['distill_alpha']} x CE(gold) + {1 - config['distill_alpha']:.1f} x T^2 x KL at T = "
-            f"{config['distill_temperature']} against the start model's own logits on the positive windows "
-            "([CLS] on the negative ones), so it keeps its answers while it learns to abstain."
-            if self_distilled
-            else _teacher_recipe(config, teacher)
-            if teacher
-            else "; plain cross-entropy."
+            "; the runs averaged:"
+            if soup
+            else f", seed {config['seed']}" + _loss_sentence(config, summary.get("teacher"))
         ),
-        f"{summary['device']}, PyTorch {summary['torch']}: {summary['train_seconds'] / 60:.1f} min of training.",
+    ]
+    if soup:
+        lines.append("")
+        for part in soup:
+            part_config, part_v2 = part["config"], part["tuned"]["v2.0"]
+            lines.append(
+                f"- `{part['run']}`: seed {part_config['seed']}"
+                + _loss_sentence(part_config, {"run": part_config["teacher"]} if part_config.get("teacher") else None)
+                + f" Alone: SQuAD v1.1 dev F1 {part['tuned']['v1.1']['f1']:.2f}, first-half v2.0 F1 "
+                f"{part_v2['first_half']['f1']:.2f}."
+            )
+        lines += [
+            "",
+            "The mean is taken in float32 over the runs' float16 weights and rounded to float16; runs tuned for one "
+            "short epoch from one start model stay in one basin of the loss, so their mean is itself a model "
+            '(a uniform "model soup", Wortsman et al. 2022), of the same size and speed as each run.',
+        ]
+    lines += [
+        f"{summary['device']}, PyTorch {summary['torch']}: {summary['train_seconds'] / 60:.1f} min of training"
+        + (" (the runs side by side on one GPU)." if soup else "."),
         "SQuAD v2.0 dev was never trained on.",
         "",
         f"**Abstention threshold `qa_null_threshold` = {threshold:.4f}** (config.json): the decoder abstains when the "
@@ -220,8 +255,8 @@ def render_abstention_section(
 
 
 SHIPPED_RESULTS = Path(__file__).resolve().parent / "results"
-SHIPPED_ABSTAIN_RUN = "abstain_all_sd"
-CPU_EVALS = "cpu_evals.json"  # {"rows": [...], "comparison": {...}} of `render_abstention_section`: CPU engines
+SHIPPED_ABSTAIN_RUN = "soup/soup_4"  # the shipped weights' run under SHIPPED_RESULTS (metrics.json, calibration.json)
+CPU_EVALS = "cpu_evals.json"  # beside that run: {"rows": [...], "comparison": {...}} of `render_abstention_section`
 
 
 def render_shipped_card(
@@ -252,8 +287,9 @@ def render_shipped_card(
         "v1.1, which has no unanswerable questions).",
         "English extractive QA over passages. It answers with a span, or abstains where `allow_null` is on and the\n"
         "null logit beats the best span by more than `qa_null_threshold`. Its unanswerable training questions are\n"
-        "synthetic: SQuAD 2.0's own are harder. At the shipped threshold a third of answerable questions are\n"
-        "refused (32.6 % on the held-out half) and 27 % of unanswerable ones still get an answer.",
+        "synthetic: SQuAD 2.0's own are harder. At the shipped threshold, on the held-out half,\n"
+        f"{100 * calibration['second_half_answerable_refused']:.1f} % of answerable questions are refused and "
+        f"{100 - calibration['second_half']['NoAns_f1']:.1f} % of unanswerable ones still get an answer.",
     )
     base = base.replace(
         "Base model and teacher: Apache-2.0. SQuAD v1.1: CC BY-SA 4.0.",
@@ -270,9 +306,11 @@ def main() -> None:
         return json.loads(path.read_text(encoding="utf-8"))
 
     model_dir = Path(__file__).resolve().parents[1] / "models" / "minilm-l6-squad"
-    abstain = read(SHIPPED_RESULTS / "abstain" / SHIPPED_ABSTAIN_RUN / "metrics.json")
+    run_dir = SHIPPED_RESULTS / SHIPPED_ABSTAIN_RUN
+    abstain = read(run_dir / "metrics.json")
+    script = "soup" if abstain.get("soup_of") else "abstain"
     threshold = float(read(model_dir / "config.json")["qa_null_threshold"])
-    cpu_path = SHIPPED_RESULTS / "abstain" / CPU_EVALS
+    cpu_path = run_dir.parent / CPU_EVALS
     evals = [
         {
             "what": "float16 weights, PyTorch bf16 autocast (training-time evaluation)",
@@ -280,7 +318,7 @@ def main() -> None:
             "v1_f1": abstain["tuned"]["v1.1"]["f1"],
             "v1_em": abstain["tuned"]["v1.1"]["exact_match"],
             "v2": abstain["tuned"]["v2.0"]["second_half"],
-            "command": "`bash training/device/abstain.sh` (training/README.md)",
+            "command": f"`bash training/device/{script}.sh` (training/README.md)",
         }
     ]
     cpu = read(cpu_path) if cpu_path.is_file() else {"rows": [], "comparison": None}
@@ -288,7 +326,7 @@ def main() -> None:
         read(SHIPPED_RESULTS / "distill_a0_t2_10ep" / "metrics.json"),
         read(SHIPPED_RESULTS / "teacher" / "metrics.json"),
         abstain,
-        read(SHIPPED_RESULTS / "abstain" / SHIPPED_ABSTAIN_RUN / "calibration.json"),
+        read(run_dir / "calibration.json"),
         threshold,
         evals + cpu["rows"],
         cpu["comparison"],
