@@ -9,12 +9,20 @@ on the same weights right beside it:
     hf_eager      transformers BertForQuestionAnswering, fp16, eager (SDPA attention)
     torch_graphs  the training network BertForQA, fp16, CUDA graphs (TorchCudaEngine fused=False)
     fused         FusedBertForQA, fp16, cuBLAS GEMMs + SDPA + three Triton kernels per layer, CUDA graphs
-                  (TorchCudaEngine layer_fusion=False: the previous engine, the baseline of goal 4)
+                  (TorchEngineConfig splitk_gemm=False: the previous engine, the baseline of goal 4)
     fused_lt      the same, GEMMs captured through cuBLASLt (torch.backends.cuda.preferred_blas_library)
     compiled      FusedBertForQA through torch.compile(mode), then CUDA graphs (only with --compile-mode)
     fused_spans   `fused` with the device span search in the same graph (what `infer_spans` replays)
     layer         four Triton kernels per layer (torch_layer_kernels), CUDA graphs (experiment)
     layer_spans   `layer` with the device span search in the same graph
+    splitk        `fused` with split-K Triton GEMMs (torch_gemm) where its measured table lists the shape
+                  (the engine's default since issue 12's goal 4 work)
+    splitk_spans  `splitk` with the device span search in the same graph
+
+`--gemm-sweep M,...` first times every tile/split config of `torch_gemm` against cuBLAS on each encoder
+projection of the models, at those token counts (each GEMM with the kernel that consumes it), checks
+their numbers against float32, prints the table of winners and uses it for the `splitk` variants of the
+same run (`torch_gemm.TABLE` holds the committed table).
 
 `--e2e` adds end-to-end latency on SQuAD dev questions (tokenize + infer + decode, one question at a
 time) through `QuestionAnswerer` with each engine. Writes JSON (--out) and prints a table.
@@ -49,7 +57,19 @@ MODEL_SHAPES = {
     "bert-base": ModelConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "bert-large": ModelConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
 }
-VARIANTS = ("hf_eager", "torch_graphs", "fused", "fused_lt", "compiled", "fused_spans", "layer", "layer_spans")
+VARIANTS = (
+    "hf_eager",
+    "torch_graphs",
+    "fused",
+    "fused_lt",
+    "compiled",
+    "fused_spans",
+    "layer",
+    "layer_spans",
+    "splitk",
+    "splitk_spans",
+)
+SPAN_VARIANTS = ("fused_spans", "layer_spans", "splitk_spans")
 PRODUCT = "fused"  # the variant the speed-up and seq/s columns describe
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 DEFAULT_SEQUENCE_LENGTHS = (128, 384)
@@ -78,6 +98,7 @@ class BenchConfig:
     e2e_questions: int = 300
     profile_shapes: tuple[tuple[int, int], ...] = ()  # (batch, seq) whose kernels are listed per model
     block_sweep: tuple[tuple[int, int], ...] = ()  # (batch, seq) where the layer kernels' tile sizes are swept
+    gemm_sweep: tuple[int, ...] = ()  # token counts M where torch_gemm's configs are timed against cuBLAS
     seed: int = 0
 
 
@@ -214,6 +235,7 @@ def make_engine(model: BenchModel, config: BenchConfig, variant: str) -> Any:
         compile_mode=config.compile_mode if variant == "compiled" else None,
         blas_library="cublaslt" if variant == "fused_lt" else None,
         layer_fusion=variant in ("layer", "layer_spans"),
+        splitk_gemm=variant in ("splitk", "splitk_spans"),
     )
     return TorchCudaEngine(bench_meta(model, config), model.weights, engine_config)
 
@@ -259,7 +281,7 @@ def bench_model(model: BenchModel, config: BenchConfig, rng: np.random.Generator
                             float(np.abs(outputs.start_logits - reference[0]).max()),
                             float(np.abs(outputs.end_logits - reference[1]).max()),
                         )
-                        spans = variant in ("fused_spans", "layer_spans")
+                        spans = variant in SPAN_VARIANTS
                         step = engine.graphed_shape(batch, seq, spans=spans).graph.replay
                     setup = time.perf_counter() - began
                     times = time_device(step, stream, config)
@@ -405,7 +427,7 @@ def bench_e2e(model: BenchModel, config: BenchConfig) -> list[E2ETiming]:
         engine: Engine
         if variant == "hf_eager":
             engine = HFEagerEngine(bench_meta(model, config), model.hf)
-        elif variant in ("fused_spans", "layer_spans"):  # the answerer finds the device span search and uses it
+        elif variant in SPAN_VARIANTS:  # the answerer finds the device span search and uses it
             engine = make_engine(model, config, variant)
         else:  # logits decoded on the CPU, as before
             engine = LogitsOnly(make_engine(model, config, variant))
@@ -477,7 +499,7 @@ def table(results: list[Timing]) -> str:
 def goal_lines(results: list[Timing]) -> list[str]:
     lines = []
     for (model, batch, seq), (metric, target) in GOALS.items():
-        for variant in ("fused", "fused_lt", "compiled", "fused_spans", "layer", "layer_spans"):
+        for variant in ("fused", "fused_lt", "compiled", "fused_spans", "layer", "layer_spans", *VARIANTS[-2:]):
             found = [t for t in results if (t.model, t.batch, t.seq, t.variant) == (model, batch, seq, variant)]
             if not found:
                 continue
@@ -537,12 +559,23 @@ def run(config: BenchConfig, out: Path | None, argv: Sequence[str]) -> dict[str,
         "results": [],
         "e2e": [],
     }
+    if config.gemm_sweep:
+        from realtime_qa.benchmarks import gemm_sweep
+        from realtime_qa.qacore.backends import torch_gemm
+
+        sweep = gemm_sweep.sweep(gemm_sweep.model_shapes(config.models, config.shipped_model), config.gemm_sweep)
+        report["gemm_sweep"] = sweep
+        torch_gemm.TABLE = gemm_sweep.winners_table(sweep)  # the splitk variants of this run use the winners
+        report["gemm_table"] = gemm_sweep.table_json(torch_gemm.TABLE)
+        print(gemm_sweep.table_literal(torch_gemm.TABLE), flush=True)
+        if out is not None:
+            out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     for name in config.models:
         began = time.perf_counter()
         model = load_bench_model(name, config)
         report["results"] += [asdict(t) for t in bench_model(model, config, rng)]
         for batch, seq in config.profile_shapes:
-            for variant in ("fused", "layer"):
+            for variant in ("fused", *(v for v in ("layer", "splitk") if v in config.variants)):
                 try:
                     profiled = kernel_profile(model, config, batch, seq, rng, variant)
                     report.setdefault("kernel_profiles", []).append(profiled)
@@ -612,6 +645,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--e2e-questions", type=int, default=300)
     parser.add_argument("--profile-shapes", type=_shapes, default=(), help="BxS,... list the fused kernels there")
     parser.add_argument("--block-sweep", type=_shapes, default=(), help="BxS,... sweep the layer kernels' tiles there")
+    parser.add_argument(
+        "--gemm-sweep", type=_ints, default=(), help="M,...: time torch_gemm's configs vs cuBLAS at these token counts"
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
 
 
@@ -641,6 +677,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         e2e_questions=args.e2e_questions,
         profile_shapes=args.profile_shapes,
         block_sweep=args.block_sweep,
+        gemm_sweep=args.gemm_sweep,
     )
 
 

@@ -194,7 +194,7 @@ def test_gpu_layer_fused_graphs_match_the_previous_engine(
     batch = windows_batch[0]
     with (
         open_torch_engine(fp16_engine_dir, TorchEngineConfig(layer_fusion=True)) as layered,
-        open_torch_engine(fp16_engine_dir, TorchEngineConfig(layer_fusion=False)) as previous,
+        open_torch_engine(fp16_engine_dir, TorchEngineConfig(layer_fusion=False, splitk_gemm=False)) as previous,
         open_torch_engine(fp16_engine_dir, TorchEngineConfig(layer_fusion=True, cuda_graphs=False)) as eager,
     ):
         assert layered.module.runs_layer_kernels and not previous.module.runs_layer_kernels

@@ -48,7 +48,7 @@ def average_weights(ingredients: list[dict[str, np.ndarray]]) -> dict[str, np.nd
                     f"ingredient {index}: {name} is {weights[name].shape}, not {ingredients[0][name].shape}"
                 )
     return {
-        name: np.mean([weights[name].astype(np.float32) for weights in ingredients], axis=0, dtype=np.float32)
+        name: np.asarray(np.mean([weights[name] for weights in ingredients], axis=0, dtype=np.float32))
         for name in sorted(names)
     }
 

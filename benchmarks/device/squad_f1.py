@@ -3,8 +3,10 @@
     python3 -m realtime_qa.benchmarks.device.squad_f1 --squad dev-v1.1.json.gz --out squad_f1.json [--with-onnxruntime]
 
 Paths: the previous engine (`layer_fusion=False`, logits decoded on the CPU), the layer-fused engine
-with logits decoded on the CPU, and the layer-fused engine with the span search on the device (what
-`QuestionAnswerer` uses when the engine offers it). ONNX Runtime fp32 on the host's cores is the
+and the split-K GEMM engine (`splitk_gemm=True`), each with logits decoded on the CPU and with the span
+search on the device (what `QuestionAnswerer` uses when the engine offers it). `--gemm-table REPORT`
+runs the split-K paths with the table of a `qa-bench engine --gemm-sweep` report instead of the
+committed `torch_gemm.TABLE`. ONNX Runtime fp32 on the host's cores is the
 reference (`--with-onnxruntime`; otherwise the recorded 86.71 of the same model is quoted).
 """
 
@@ -37,7 +39,13 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=0, help="first N questions only (0: all)")
     parser.add_argument("--with-onnxruntime", action="store_true")
     parser.add_argument("--paths", default="", help="comma-separated indices of the paths to run (default: all)")
+    parser.add_argument("--gemm-table", type=Path, default=None, help="engine_bench JSON report with a gemm_table")
     args = parser.parse_args()
+    if args.gemm_table is not None:
+        from realtime_qa.benchmarks.gemm_sweep import table_from_json
+        from realtime_qa.qacore.backends import torch_gemm
+
+        torch_gemm.TABLE = table_from_json(json.loads(args.gemm_table.read_text(encoding="utf-8"))["gemm_table"])
     dataset = read_dataset(args.squad)
     if args.limit:
         dataset = dataset.head(args.limit)
@@ -49,8 +57,8 @@ def main() -> int:
     meta = EngineMeta.read(torch_dir)
     weights = load_weights(torch_dir / meta.engine_file)
 
-    def torch_engine(layer_fusion: bool) -> TorchCudaEngine:
-        return TorchCudaEngine(meta, weights, TorchEngineConfig(layer_fusion=layer_fusion))
+    def torch_engine(layer_fusion: bool, splitk_gemm: bool = False) -> TorchCudaEngine:
+        return TorchCudaEngine(meta, weights, TorchEngineConfig(layer_fusion=layer_fusion, splitk_gemm=splitk_gemm))
 
     paths: list[tuple[str, Engine, Path]] = [
         (
@@ -61,6 +69,8 @@ def main() -> int:
         ("previous engine (fused), device span search", torch_engine(layer_fusion=False), torch_dir),
         ("layer-fused engine, CPU decode", LogitsOnly(torch_engine(layer_fusion=True)), torch_dir),
         ("layer-fused engine, device span search", torch_engine(layer_fusion=True), torch_dir),
+        ("split-K GEMM engine, CPU decode", LogitsOnly(torch_engine(False, splitk_gemm=True)), torch_dir),
+        ("split-K GEMM engine, device span search", torch_engine(False, splitk_gemm=True), torch_dir),
     ]
     if args.paths:
         paths = [paths[int(index)] for index in args.paths.split(",")]
@@ -83,6 +93,10 @@ def main() -> int:
     for name, entry in record["paths"].items():  # type: ignore[attr-defined]
         difference = float(entry["scores"]["f1"]) - reference
         print(f"{name}: F1 - ONNX Runtime fp32 = {difference:+.3f} ({'OK' if abs(difference) <= 0.1 else 'OVER 0.1'})")
+    first = next(iter(record["paths"].values()))  # type: ignore[attr-defined]
+    for name, entry in record["paths"].items():  # type: ignore[attr-defined]
+        difference = float(entry["scores"]["f1"]) - float(first["scores"]["f1"])
+        print(f"{name}: F1 - first path = {difference:+.3f} ({'OK' if abs(difference) <= 0.1 else 'OVER 0.1'})")
     args.out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return 0
 

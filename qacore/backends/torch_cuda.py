@@ -4,8 +4,9 @@ The engine directory holds meta.json and the HF-named weights (`model.safetensor
 `qa-build --backend torch`). At load time the weights become a `FusedBertForQA` (one QKV GEMM,
 SDPA attention, Triton bias+GELU and residual+LayerNorm kernels) or, with `fused=False`, the training
 network `BertForQA` itself. With `layer_fusion` the fused module runs four Triton kernels per encoder
-layer (`torch_layer_kernels`) instead (an experiment: correct, slower on the H200). Each padded shape (batch bucket x
-sequence bucket) is captured once into a CUDA graph with static input and output buffers; `infer` copies
+layer (`torch_layer_kernels`) instead (an experiment: correct, slower on the H200). With `splitk_gemm` (the
+default) the encoder's GEMMs at small token counts are split-K Triton GEMMs (`torch_gemm`). Each padded shape
+(batch bucket x sequence bucket) is captured once into a CUDA graph with static input and output buffers; `infer` copies
 the batch into pinned host memory, into the static inputs, replays the graph and copies the logits back:
 two copies and one graph launch per call. Batches are padded up to the bucket and the logits sliced back, so callers
 see the shape they passed, exactly as with the other backends.
@@ -55,6 +56,11 @@ class TorchEngineConfig:
     # Four Triton kernels per layer (torch_layer_kernels) where the shape allows. Off by default: correct
     # (SQuAD F1 equal) but slower than cuBLAS + SDPA on the H200 (benchmarks/results/engine_h200.md).
     layer_fusion: bool = False
+    # Split-K Triton GEMMs (torch_gemm) for the encoder projections whose shape and token count its
+    # measured table lists (batch 1-8 at sequence 128, batch 1 at 384 on the H200), cuBLAS for the rest;
+    # token counts the table does not cover run exactly the previous path. On by default: faster at batch 1,
+    # equal elsewhere, same SQuAD F1 (benchmarks/results/engine_h200_splitk.md). Not with compile_mode.
+    splitk_gemm: bool = True
     # Device span search: spans kept per window (twice the default n-best: distinct token spans may share a
     # character span) and the longest answer, in tokens, it searches.
     span_top_k: int = 40
@@ -228,7 +234,11 @@ class TorchCudaEngine(Engine):
             if self.config.fused:
                 use_triton = self.config.use_triton and self.config.compile_mode is None
                 module = FusedBertForQA.from_weights(
-                    config, as_float32, use_triton=use_triton, layer_fusion=self.config.layer_fusion
+                    config,
+                    as_float32,
+                    use_triton=use_triton,
+                    layer_fusion=self.config.layer_fusion,
+                    splitk_gemm=self.config.splitk_gemm and self.config.compile_mode is None,
                 )
             else:
                 network = BertForQA(config)

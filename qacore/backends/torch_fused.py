@@ -10,13 +10,18 @@ state dict (or the canonical numpy weights) and runs the same function with fewe
   activation dtype.
 
 Per encoder layer that is 4 GEMMs, one attention call and 3 small kernels (the plain network launches
-about 14). Without Triton (CPU, or `use_triton=False`) the same stages run as plain torch ops, so the
-module is testable on CPU in float32. Importing this module imports torch; Triton is imported only
-when the kernels are first used on a CUDA device.
+about 14). With `splitk_gemm` the GEMMs whose (N, K, M) the measured table of `torch_gemm` lists run as
+split-K Triton GEMMs instead of cuBLAS: they write float32 partial sums that the LayerNorm / activation
+kernel after them adds up (or, unsplit, apply bias and activation in their own epilogue).
+
+Without Triton (CPU, or `use_triton=False`) the same stages run as plain torch ops (split-K as split
+sums too), so the module is testable on CPU in float32. Importing this module imports torch; Triton is
+imported only when the kernels are first used on a CUDA device.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -66,12 +71,16 @@ class FusedBertForQA(nn.Module):
         tensors: Mapping[str, torch.Tensor],
         use_triton: bool = True,
         layer_fusion: bool = False,
+        splitk_gemm: bool = False,
     ) -> None:
         super().__init__()
         self.config = config
         self.use_triton = use_triton
         # Four Triton kernels per layer (`torch_layer_kernels`) instead of GEMMs + SDPA + three small kernels.
         self.layer_fusion = layer_fusion
+        # Split-K Triton GEMMs where `gemm_table` (by default torch_gemm.TABLE) lists the shape and token count.
+        self.splitk_gemm = splitk_gemm
+        self.gemm_table: Mapping[tuple[int, int], tuple[tuple[int, Any], ...]] | None = None
         for name, tensor in tensors.items():
             self.register_buffer(name, tensor.detach().clone(), persistent=True)
         # A LayerNorm that changes nothing (the layer-fused forward's first layer reads normalized input).
@@ -82,7 +91,12 @@ class FusedBertForQA(nn.Module):
 
     @classmethod
     def from_weights(
-        cls, config: ModelConfig, weights: Mapping[str, np.ndarray], use_triton: bool = True, layer_fusion: bool = False
+        cls,
+        config: ModelConfig,
+        weights: Mapping[str, np.ndarray],
+        use_triton: bool = True,
+        layer_fusion: bool = False,
+        splitk_gemm: bool = False,
     ) -> FusedBertForQA:
         """From canonical numpy weights (`builder.checkpoint.Checkpoint.weights`, HF names)."""
         return cls.from_state_dict(
@@ -90,11 +104,17 @@ class FusedBertForQA(nn.Module):
             {name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in weights.items()},
             use_triton,
             layer_fusion,
+            splitk_gemm,
         )
 
     @classmethod
     def from_state_dict(
-        cls, config: ModelConfig, state: Mapping[str, torch.Tensor], use_triton: bool = True, layer_fusion: bool = False
+        cls,
+        config: ModelConfig,
+        state: Mapping[str, torch.Tensor],
+        use_triton: bool = True,
+        layer_fusion: bool = False,
+        splitk_gemm: bool = False,
     ) -> FusedBertForQA:
         """From a `BertForQA` / HF `BertForQuestionAnswering` state dict; every needed tensor must be there."""
 
@@ -132,7 +152,7 @@ class FusedBertForQA(nn.Module):
                 "ffn_ln_bias": get(prefix + "output.LayerNorm.bias"),
             }
             packed.update({f"layer{index}_{name}": tensor for name, tensor in parts.items()})
-        return cls(config, packed, use_triton, layer_fusion)
+        return cls(config, packed, use_triton, layer_fusion, splitk_gemm)
 
     def tensor(self, name: str) -> torch.Tensor:
         """One of the packed weights by buffer name (e.g. "word_embeddings", "layer0_qkv_weight")."""
@@ -170,7 +190,13 @@ class FusedBertForQA(nn.Module):
         hidden = config.hidden_size
         heads = config.num_attention_heads
         eps = config.layer_norm_eps
-        ops = _triton_ops() if self._kernels else _TORCH_OPS
+        # Split-K only at token counts its table covers: elsewhere (large batches) exactly the previous path.
+        splitk = (
+            self.splitk_gemm
+            and _split_k_covers(batch * seq, config, self.gemm_table)
+            and (not self._kernels or _hopper_or_newer(input_ids.device))
+        )
+        ops = _triton_ops(pdl=splitk) if self._kernels else _TORCH_OPS
         dtype = self.tensor("word_embeddings").dtype
 
         x = ops.embed(
@@ -186,29 +212,52 @@ class FusedBertForQA(nn.Module):
         # Additive key mask, broadcast over heads and query positions, as in BertForQA.
         mask = ((1.0 - input_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min).to(dtype)
         act = _activation(config.hidden_act)
+        gemm = _Gemm(self.gemm_table, self._kernels) if splitk else None
         for index in range(config.num_hidden_layers):
             prefix = f"layer{index}_"
 
             def w(name: str, prefix: str = prefix) -> torch.Tensor:
                 return self.tensor(prefix + name)
 
-            qkv = F.linear(x, w("qkv_weight"), w("qkv_bias")).view(batch, seq, 3, heads, hidden // heads)
+            if gemm is None:
+                qkv = F.linear(x, w("qkv_weight"), w("qkv_bias"))
+            else:
+                qkv = gemm.bias_activation(x, w("qkv_weight"), w("qkv_bias"), "none", ops)
+            qkv = qkv.view(batch, seq, 3, heads, hidden // heads)
             q, k, v = (qkv[:, :, part].transpose(1, 2) for part in range(3))  # [B, heads, S, d] views
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             context = context.transpose(1, 2).reshape(batch * seq, hidden)
+            # Without split-K: plain GEMM outputs; with it, possibly float32 partial sums [splits, rows, n].
+            project = F.linear if gemm is None else gemm.partial_products
             x = ops.residual_layernorm(
-                F.linear(context, w("attn_out_weight")),
+                project(context, w("attn_out_weight")),
                 w("attn_out_bias"),
                 x,
                 w("attn_ln_weight"),
                 w("attn_ln_bias"),
                 eps,
             )
-            inner = ops.bias_activation(F.linear(x, w("ffn_in_weight")), w("ffn_in_bias"), act)
+            if gemm is None:
+                inner = ops.bias_activation(F.linear(x, w("ffn_in_weight")), w("ffn_in_bias"), act)
+            else:
+                inner = gemm.bias_activation(x, w("ffn_in_weight"), w("ffn_in_bias"), act, ops)
             x = ops.residual_layernorm(
-                F.linear(inner, w("ffn_out_weight")), w("ffn_out_bias"), x, w("ffn_ln_weight"), w("ffn_ln_bias"), eps
+                project(inner, w("ffn_out_weight")), w("ffn_out_bias"), x, w("ffn_ln_weight"), w("ffn_ln_bias"), eps
             )
         return F.linear(x, self.tensor("qa_weight"), self.tensor("qa_bias")).float().view(batch, seq, 2)
+
+
+def _split_k_covers(tokens: int, config: ModelConfig, table: Any) -> bool:
+    from realtime_qa.qacore.backends import torch_gemm
+
+    hidden, inner = config.hidden_size, config.intermediate_size
+    return torch_gemm.covers(tokens, ((3 * hidden, hidden), (hidden, hidden), (inner, hidden), (hidden, inner)), table)
+
+
+def _hopper_or_newer(device: torch.device) -> bool:
+    """Programmatic dependent launch (`griddepcontrol`) needs compute capability 9.0, and the split-K table was
+    measured on an H200: older GPUs keep the previous path (cuBLAS), whatever `splitk_gemm` says."""
+    return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def _activation(name: str) -> str:
@@ -243,11 +292,20 @@ def _torch_embed(
 def _torch_residual_layernorm(
     y: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, ln_bias: torch.Tensor, eps: float
 ) -> torch.Tensor:
-    return F.layer_norm(y + bias + residual, (y.shape[-1],), weight, ln_bias, eps)
+    if y.dim() == 3:  # float32 split-K partial sums [splits, rows, n]
+        y = y.sum(0)
+    summed = (y + bias + residual).to(residual.dtype)
+    return F.layer_norm(summed, (y.shape[-1],), weight, ln_bias, eps)
 
 
-def _torch_bias_activation(y: torch.Tensor, bias: torch.Tensor, activation: str) -> torch.Tensor:
-    y = y + bias
+def _torch_bias_activation(
+    y: torch.Tensor, bias: torch.Tensor, activation: str, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    if y.dim() == 3:  # float32 split-K partial sums [splits, rows, n]
+        y = y.sum(0)
+    y = (y + bias).to(out_dtype or y.dtype)
+    if activation == "none":
+        return y
     if activation == "relu":
         return F.relu(y)
     return F.gelu(y, approximate="none" if activation == "gelu" else "tanh")
@@ -256,20 +314,60 @@ def _torch_bias_activation(y: torch.Tensor, bias: torch.Tensor, activation: str)
 _TORCH_OPS = _Ops(_torch_embed, _torch_residual_layernorm, _torch_bias_activation)
 
 
+class _Gemm:
+    """The encoder's projections with split-K GEMMs where the table has a config, else cuBLAS (`F.linear`).
+
+    On CUDA with Triton the table's configs run as Triton kernels; otherwise (CPU tests) the same split
+    sums are computed with `torch_gemm.torch_partials`, so the consumers' partial-sum math is testable."""
+
+    def __init__(self, table: Any, kernels: bool) -> None:
+        from realtime_qa.qacore.backends import torch_gemm
+
+        self._gemm = torch_gemm
+        self._table = table
+        self._kernels = kernels
+
+    def _config(self, x: torch.Tensor, weight: torch.Tensor) -> Any:
+        return self._gemm.config_for(x.shape[0], weight.shape[0], weight.shape[1], self._table)
+
+    def partial_products(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x @ weight.T as float32 partial sums [splits, rows, n], or unsplit [rows, n] from cuBLAS."""
+        config = self._config(x, weight)
+        if config is None:
+            return F.linear(x, weight)
+        if self._kernels:
+            return cast(torch.Tensor, self._gemm.partials(x, weight, config))
+        return cast(torch.Tensor, self._gemm.torch_partials(x, weight, config.split_k))
+
+    def bias_activation(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, activation: str, ops: _Ops
+    ) -> torch.Tensor:
+        """activation(x @ weight.T + bias) in x's dtype: one epilogue kernel unsplit, else partials + ops."""
+        config = self._config(x, weight)
+        if config is None:
+            y = F.linear(x, weight, bias) if activation == "none" else F.linear(x, weight)
+            return y if activation == "none" else ops.bias_activation(y, bias, activation)
+        if self._kernels and config.split_k == 1:
+            return cast(torch.Tensor, self._gemm.linear_epilogue(x, weight, bias, config, activation))
+        return ops.bias_activation(self.partial_products(x, weight), bias, activation, x.dtype)
+
+
 # -- Triton stages (CUDA) -----------------------------------------------------------------------
 
-_TRITON_OPS: _Ops | None = None
+_TRITON_OPS: dict[bool, _Ops] = {}
 
 
-def _triton_ops() -> _Ops:
-    global _TRITON_OPS
-    if _TRITON_OPS is None:
+def _triton_ops(pdl: bool = False) -> _Ops:
+    """The Triton stages; with `pdl` (the split-K path) the consumers use programmatic dependent launch."""
+    if pdl not in _TRITON_OPS:
         from realtime_qa.qacore.backends import torch_kernels
 
-        _TRITON_OPS = _Ops(
-            torch_kernels.embed_layernorm, torch_kernels.residual_layernorm, torch_kernels.bias_activation
+        _TRITON_OPS[pdl] = _Ops(
+            torch_kernels.embed_layernorm,
+            functools.partial(torch_kernels.residual_layernorm, pdl=pdl),
+            functools.partial(torch_kernels.bias_activation, pdl=pdl),
         )
-    return _TRITON_OPS
+    return _TRITON_OPS[pdl]
 
 
 def state_dict_for(network: Any) -> dict[str, torch.Tensor]:

@@ -4,16 +4,22 @@
 Each kernel reads its inputs once, computes in float32 and writes its output once in the activation
 dtype: one row (token) per program for the LayerNorm kernels, flat blocks for the activation. They
 replace two to five separate torch kernels each (and their intermediate tensors in device memory).
-Importing this module imports Triton.
+The residual + LayerNorm and bias + activation kernels also take the float32 split-K partial sums of the
+GEMM before them (`torch_gemm.partials`, `[splits, rows, n]`) and add them up as they load, so a split-K
+GEMM needs no memset and no reduction kernel of its own. Importing this module imports Triton.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-_ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "relu": 2}
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
+_ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "none": 3}
 
 
 def _row_warps(block: int) -> int:
@@ -45,11 +51,29 @@ def layernorm_store(x, cols, mask, n, eps, gamma_ptr, beta_ptr, out_row_ptr):
 
 
 @triton.jit
-def _residual_layernorm_kernel(y_ptr, bias_ptr, res_ptr, gamma_ptr, beta_ptr, out_ptr, n, eps, BLOCK: tl.constexpr):
+def _residual_layernorm_kernel(
+    y_ptr,
+    bias_ptr,
+    res_ptr,
+    gamma_ptr,
+    beta_ptr,
+    out_ptr,
+    n,
+    eps,
+    split_stride,
+    SPLITS: tl.constexpr,
+    PDL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
+    if PDL:  # let the next kernel launch (and prefetch its weights) now; wait for the previous one
+        gdc_launch_dependents()
+        gdc_wait()
     y = tl.load(y_ptr + row * n + cols, mask=mask, other=0.0).to(tl.float32)
+    for split in tl.static_range(1, SPLITS):  # split-K partial sums of the GEMM, if any
+        y += tl.load(y_ptr + split * split_stride + row * n + cols, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     r = tl.load(res_ptr + row * n + cols, mask=mask, other=0.0).to(tl.float32)
     layernorm_store(y + b + r, cols, mask, n, eps, gamma_ptr, beta_ptr, out_ptr + row * n)
@@ -78,30 +102,139 @@ def _embed_layernorm_kernel(
 
 
 @triton.jit
-def _bias_activation_kernel(y_ptr, bias_ptr, out_ptr, total, n, ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
+def _bias_activation_kernel(
+    y_ptr,
+    bias_ptr,
+    out_ptr,
+    total,
+    n,
+    SPLITS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    PDL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < total
+    if PDL:  # as in _residual_layernorm_kernel
+        gdc_launch_dependents()
+        gdc_wait()
     x = tl.load(y_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    for split in tl.static_range(1, SPLITS):  # split-K partial sums of the GEMM, if any
+        x += tl.load(y_ptr + split * total + offsets, mask=mask, other=0.0).to(tl.float32)
     x += tl.load(bias_ptr + offsets % n, mask=mask, other=0.0).to(tl.float32)
     if ACTIVATION == 0:  # exact GELU, as nn.GELU(approximate="none")
         x = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
     elif ACTIVATION == 1:  # tanh approximation; tanh(u) = 2 sigmoid(2u) - 1
         u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
         x = 0.5 * x * (1.0 + (2.0 * tl.sigmoid(2.0 * u) - 1.0))
-    else:
+    elif ACTIVATION == 2:
         x = tl.maximum(x, 0.0)
     tl.store(out_ptr + offsets, x.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _skinny_gemm_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    k_split,
+    K_STEPS: tl.constexpr,
+    PARTIALS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
+    """x [M, K] @ w[N, K]^T over one K slice (`torch_gemm`): float32 partials, or + bias + activation.
+
+    With PDL (programmatic dependent launch) the kernel may start while the previous kernel still runs:
+    it touches nothing that kernel writes before `gdc_wait`, and with PREFETCH it first asks L2 for its
+    whole weight slice (which no kernel writes), so the weight stream overlaps the previous kernel."""
+    # Grid (N tiles, K splits, M tiles): neighbouring programs stream neighbouring weight rows.
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = pid_k * k_split + tl.arange(0, BLOCK_K)
+    row_ok = rows[:, None] < M
+    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * K + ks[None, :]
+    w_ptrs = w_ptr + cols[:, None].to(tl.int64) * K + ks[None, :]  # N and K are tile multiples: no masks
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if PDL:
+        if PREFETCH:  # one prefetch per 128-byte line of this program's [BLOCK_N, k_split] weight slice
+            lines = (
+                w_ptr + cols[:, None].to(tl.int64) * K + (pid_k * k_split + tl.arange(0, BLOCK_K // 64) * 64)[None, :]
+            )
+            for _ in range(0, k_split, BLOCK_K):
+                tl.inline_asm_elementwise(
+                    "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [lines], dtype=tl.int32, is_pure=False, pack=1
+                )
+                lines += BLOCK_K
+        gdc_wait()
+    # A run-time trip count (one compiled kernel for every split of a config), software-pipelined over
+    # num_stages. K_STEPS > 0 only under Triton's interpreter, whose run-time scalars cannot bound a range.
+    for _ in range(0, K_STEPS * BLOCK_K if K_STEPS > 0 else k_split, BLOCK_K):
+        x = tl.load(x_ptrs, mask=row_ok, other=0.0)
+        w = tl.load(w_ptrs)
+        acc = tl.dot(x, tl.trans(w), acc)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    if PDL:
+        gdc_launch_dependents()
+    offsets = rows[:, None].to(tl.int64) * N + cols[None, :]
+    if PARTIALS:
+        tl.store(out_ptr + pid_k.to(tl.int64) * M * N + offsets, acc, mask=row_ok)
+    else:
+        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+        if ACTIVATION == 0:  # exact GELU, as nn.GELU(approximate="none")
+            acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+        elif ACTIVATION == 1:  # tanh approximation; tanh(u) = 2 sigmoid(2u) - 1
+            u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
+            acc = 0.5 * acc * (1.0 + (2.0 * tl.sigmoid(2.0 * u) - 1.0))
+        elif ACTIVATION == 2:
+            acc = tl.maximum(acc, 0.0)
+        tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
 def residual_layernorm(
-    y: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float
+    y: torch.Tensor,
+    bias: torch.Tensor,
+    residual: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    eps: float,
+    pdl: bool = False,
 ) -> torch.Tensor:
-    """LayerNorm(y + bias + residual) over the last dim of 2-D contiguous [rows, n] tensors."""
-    rows, n = y.shape
-    out = torch.empty_like(y)
+    """LayerNorm(y + bias + residual) over the last dim of contiguous [rows, n] tensors, in residual's dtype.
+
+    `y` may also be float32 split-K partial sums `[splits, rows, n]` (summed first). `pdl`: launched with
+    programmatic dependent launch (the split-K path; see `_skinny_gemm_kernel`)."""
+    rows, n = residual.shape
+    splits = y.shape[0] if y.dim() == 3 else 1
+    out = torch.empty_like(residual)
     block = triton.next_power_of_2(n)
     _residual_layernorm_kernel[(rows,)](
-        y, bias, residual, gamma, beta, out, n, eps, BLOCK=block, num_warps=_row_warps(block)
+        y,
+        bias,
+        residual,
+        gamma,
+        beta,
+        out,
+        n,
+        eps,
+        rows * n,
+        SPLITS=splits,
+        PDL=pdl and not _INTERPRETED,
+        BLOCK=block,
+        num_warps=_row_warps(block),
+        launch_pdl=pdl and not _INTERPRETED,
     )
     return out
 
@@ -139,11 +272,73 @@ def embed_layernorm(
     return out
 
 
-def bias_activation(y: torch.Tensor, bias: torch.Tensor, activation: str) -> torch.Tensor:
-    """activation(y + bias) for a contiguous [rows, n] tensor; written in place over `y`."""
-    total = y.numel()
+def bias_activation(
+    y: torch.Tensor, bias: torch.Tensor, activation: str, out_dtype: torch.dtype | None = None, pdl: bool = False
+) -> torch.Tensor:
+    """activation(y + bias) for a contiguous [rows, n] tensor; written in place over `y`.
+
+    `y` may also be float32 split-K partial sums `[splits, rows, n]`: they are summed, and the result is
+    a new [rows, n] tensor of `out_dtype` (activation "none" adds the bias only)."""
+    if y.dim() == 3:
+        splits = y.shape[0]
+        out = torch.empty(y.shape[1:], dtype=out_dtype or y.dtype, device=y.device)
+    else:
+        splits, out = 1, y
+    total = out.numel()
     block = 2048
     _bias_activation_kernel[(triton.cdiv(total, block),)](
-        y, bias, y, total, y.shape[-1], ACTIVATION=_ACTIVATIONS[activation], BLOCK=block, num_warps=8
+        y,
+        bias,
+        out,
+        total,
+        out.shape[-1],
+        SPLITS=splits,
+        ACTIVATION=_ACTIVATIONS[activation],
+        PDL=pdl and not _INTERPRETED,
+        BLOCK=block,
+        num_warps=8,
+        launch_pdl=pdl and not _INTERPRETED,
     )
-    return y
+    return out
+
+
+def skinny_gemm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    block_m: int,
+    block_n: int,
+    block_k: int,
+    split_k: int,
+    warps: int,
+    stages: int,
+    activation: str = "none",
+    pdl: bool = False,
+    prefetch: bool = False,
+) -> None:
+    """out = x @ weight.T, split over K: float32 partials [split_k, M, N] when `bias` is None, else
+    activation(. + bias) [M, N] (split_k 1). N must be a multiple of block_n, K of block_k * split_k."""
+    m, k = x.shape
+    n = weight.shape[0]
+    _skinny_gemm_kernel[(n // block_n, split_k, triton.cdiv(m, block_m))](
+        x,
+        weight,
+        out if bias is None else bias,  # not read when PARTIALS
+        out,
+        m,
+        n,
+        k,
+        k // split_k,
+        K_STEPS=k // split_k // block_k if _INTERPRETED else 0,
+        PARTIALS=bias is None,
+        ACTIVATION=_ACTIVATIONS[activation],
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        PDL=pdl and not _INTERPRETED,
+        PREFETCH=prefetch,
+        num_warps=warps,
+        num_stages=stages,
+        launch_pdl=pdl and not _INTERPRETED,
+    )
