@@ -210,6 +210,7 @@ def calibration_key(
         # Without --squad-json a cache is reused whatever data it came from: the user asked for that.
         "squad_sha256": squad,
         "calib_num": config.calibration_questions if squad else None,
+        "calib_selection": "spread" if squad else None,  # builder.calibration.spread_questions
         "max_seq_length": config.max_seq_length if squad else None,
         "onnxruntime": onnxruntime.__version__,
     }

@@ -356,3 +356,23 @@ def test_calibration_batches_fit_short_engines(shipped_model_dir: Path, squad_di
     assert [feed["input_ids"].shape for feed in iter(reader.get_next, None)] == [
         batch.input_ids.shape for batch in batches[1:3]
     ]
+
+
+def test_calibration_questions_are_spread_over_the_file(squad_dir: Path) -> None:
+    from realtime_qa.builder.calibration import spread_questions
+    from realtime_qa.qacore.squad import read_dataset
+
+    dataset = read_dataset(squad_dir / "dev-v1.1.json.gz")
+    picked = spread_questions(dataset, 48)
+    assert len(picked) == len({question.id for _, question in picked}) == 48
+    # the first 48 questions of the file come from one article; the spread ones from most of its 48
+    titles = {
+        article.title
+        for article in dataset.articles
+        for paragraph in article.paragraphs
+        if paragraph in {p for p, _ in picked}
+    }
+    assert len(titles) >= 30
+    assert len({paragraph.context for paragraph, _ in dataset.questions(limit=48)}) < 10
+    small = dataset.head(7)  # fewer paragraphs than asked for: the questions in file order
+    assert spread_questions(small, 20) == list(small.questions())

@@ -217,8 +217,9 @@ def render_abstention_section(
         "",
         "`E` = `qa-build --default --precision fp32`, `E8` = `qa-build --default` (the default INT8 engine, "
         "activation ranges from the shipped `calibration.json`, made by `make calibration`: MinMax over 100 train "
-        "questions); every `qa-eval` with `--batch-size 16`, the datasets from `../shared/data/squad/`; all four "
-        "runs by `benchmarks/cpu_accuracy.sh` (`benchmarks/results/cpu_accuracy.md`).",
+        "questions spread over the file); every `qa-eval` with `--batch-size 16`, the datasets from "
+        "`../shared/data/squad/`; all four runs by `benchmarks/cpu_accuracy.sh` "
+        "(`benchmarks/results/cpu_accuracy.md`).",
     ]
     if comparison:
         lines += [

@@ -27,6 +27,19 @@ def _row_warps(block: int) -> int:
 
 
 @triton.jit
+def activate(x, ACTIVATION: tl.constexpr):
+    """The activation ACTIVATION (_ACTIVATIONS) of float32 `x`."""
+    if ACTIVATION == 0:  # exact GELU, as nn.GELU(approximate="none")
+        x = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+    elif ACTIVATION == 1:  # tanh approximation; tanh(u) = 2 sigmoid(2u) - 1
+        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        x = 0.5 * x * (1.0 + (2.0 * tl.sigmoid(2.0 * u) - 1.0))
+    elif ACTIVATION == 2:
+        x = tl.maximum(x, 0.0)
+    return x
+
+
+@triton.jit
 def embedding_sum(ids_ptr, seg_ptr, word_ptr, pos_ptr, type_ptr, row, seq, n, cols, mask):
     """Word + position + token-type embedding of token `row` (position `row % seq`), in float32."""
     token = tl.load(ids_ptr + row).to(tl.int64)
@@ -122,13 +135,7 @@ def _bias_activation_kernel(
     for split in tl.static_range(1, SPLITS):  # split-K partial sums of the GEMM, if any
         x += tl.load(y_ptr + split * total + offsets, mask=mask, other=0.0).to(tl.float32)
     x += tl.load(bias_ptr + offsets % n, mask=mask, other=0.0).to(tl.float32)
-    if ACTIVATION == 0:  # exact GELU, as nn.GELU(approximate="none")
-        x = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
-    elif ACTIVATION == 1:  # tanh approximation; tanh(u) = 2 sigmoid(2u) - 1
-        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-        x = 0.5 * x * (1.0 + (2.0 * tl.sigmoid(2.0 * u) - 1.0))
-    elif ACTIVATION == 2:
-        x = tl.maximum(x, 0.0)
+    x = activate(x, ACTIVATION)
     tl.store(out_ptr + offsets, x.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -193,13 +200,7 @@ def _skinny_gemm_kernel(
         tl.store(out_ptr + pid_k.to(tl.int64) * M * N + offsets, acc, mask=row_ok)
     else:
         acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
-        if ACTIVATION == 0:  # exact GELU, as nn.GELU(approximate="none")
-            acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
-        elif ACTIVATION == 1:  # tanh approximation; tanh(u) = 2 sigmoid(2u) - 1
-            u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
-            acc = 0.5 * acc * (1.0 + (2.0 * tl.sigmoid(2.0 * u) - 1.0))
-        elif ACTIVATION == 2:
-            acc = tl.maximum(acc, 0.0)
+        acc = activate(acc, ACTIVATION)
         tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
-from realtime_qa.qacore.backends.torch_kernels import embedding_sum, layernorm_store
+from realtime_qa.qacore.backends.torch_kernels import activate, embedding_sum, layernorm_store
 
 ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "none": 3}
 MASKED_SCORE = tl.constexpr(-1.0e30)  # a padded key: exp() gives 0 unless every key of the row is padding
@@ -58,18 +58,6 @@ def _normalized_tile(x_ptr, rows, row_mask, cols, col_mask, width, mean, rstd, g
     beta = tl.load(beta_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
     y = (x - mean[:, None]) * rstd[:, None] * gamma[None, :] + beta[None, :]
     return tl.where(mask, y, 0.0)
-
-
-@triton.jit
-def _activate(x, ACTIVATION: tl.constexpr):
-    if ACTIVATION == 0:  # exact GELU, as nn.GELU(approximate="none")
-        x = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
-    elif ACTIVATION == 1:  # tanh approximation; tanh(u) = 2 sigmoid(2u) - 1
-        u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-        x = 0.5 * x * (1.0 + (2.0 * tl.sigmoid(2.0 * u) - 1.0))
-    elif ACTIVATION == 2:
-        x = tl.maximum(x, 0.0)
-    return x
 
 
 @triton.jit
@@ -156,7 +144,7 @@ def _linear_kernel(
         )
         acc = tl.dot(a.to(w.dtype), w, acc)
     acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    acc = _activate(acc, ACTIVATION)
+    acc = activate(acc, ACTIVATION)
     mask = row_mask[:, None] & col_mask[None, :]
     if RESIDUAL:
         r_mean, r_rstd = _row_stats(r_stats_ptr, rows, row_mask, N, eps)
