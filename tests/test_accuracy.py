@@ -2,7 +2,8 @@
 
 Full-set figures (README, benchmarks/results/cpu_accuracy.md): EM 78.34 / F1 86.26 with the fp32 engine of the
 abstention-tuned model soup. The slice is the first SLICE_QUESTIONS questions in file order (measured for the
-single-run model shipped before it, with 150 questions: fp32 EM 84.00 / F1 89.48, INT8 EM 84.67 / F1 89.66; with 300: fp32 F1 87.43, INT8 F1 87.52);
+single-run model shipped before it, with 150 questions: fp32 EM 84.00 / F1 89.48, INT8 EM 84.67 / F1 89.66;
+with 300: fp32 F1 87.43, INT8 F1 87.52);
 the floors sit a few points under the full-set figures, so a regression in featurization, decoding,
 the builder or the weights fails CI.
 """
