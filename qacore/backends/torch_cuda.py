@@ -59,7 +59,8 @@ class TorchEngineConfig:
     # Split-K Triton GEMMs (torch_gemm) for the encoder projections whose shape and token count its
     # measured table lists (batch 1-8 at sequence 128, batch 1 at 384 on the H200), cuBLAS for the rest;
     # token counts the table does not cover run exactly the previous path. On by default: faster at batch 1,
-    # equal elsewhere, same SQuAD F1 (benchmarks/results/engine_h200_splitk.md). Not with compile_mode.
+    # equal elsewhere, same SQuAD F1 (benchmarks/results/engine_h200_splitk.md). Not with compile_mode, and
+    # only on compute capability 9.0 and newer (programmatic dependent launch; the table was measured on Hopper).
     splitk_gemm: bool = True
     # Device span search: spans kept per window (twice the default n-best: distinct token spans may share a
     # character span) and the longest answer, in tokens, it searches.
