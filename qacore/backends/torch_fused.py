@@ -212,37 +212,35 @@ class FusedBertForQA(nn.Module):
         # Additive key mask, broadcast over heads and query positions, as in BertForQA.
         mask = ((1.0 - input_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min).to(dtype)
         act = _activation(config.hidden_act)
-        gemm = _Gemm(self.gemm_table, self._kernels) if splitk else None
+        gemm = _Gemm(self.gemm_table, self._kernels, enabled=splitk)
         for index in range(config.num_hidden_layers):
             prefix = f"layer{index}_"
 
             def w(name: str, prefix: str = prefix) -> torch.Tensor:
                 return self.tensor(prefix + name)
 
-            if gemm is None:
-                qkv = F.linear(x, w("qkv_weight"), w("qkv_bias"))
-            else:
-                qkv = gemm.bias_activation(x, w("qkv_weight"), w("qkv_bias"), "none", ops)
+            qkv = gemm.bias_activation(x, w("qkv_weight"), w("qkv_bias"), "none", ops)
             qkv = qkv.view(batch, seq, 3, heads, hidden // heads)
             q, k, v = (qkv[:, :, part].transpose(1, 2) for part in range(3))  # [B, heads, S, d] views
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             context = context.transpose(1, 2).reshape(batch * seq, hidden)
-            # Without split-K: plain GEMM outputs; with it, possibly float32 partial sums [splits, rows, n].
-            project = F.linear if gemm is None else gemm.partial_products
+            # Plain GEMM outputs, or with split-K float32 partial sums [splits, rows, n] the consumer adds up.
             x = ops.residual_layernorm(
-                project(context, w("attn_out_weight")),
+                gemm.partial_products(context, w("attn_out_weight")),
                 w("attn_out_bias"),
                 x,
                 w("attn_ln_weight"),
                 w("attn_ln_bias"),
                 eps,
             )
-            if gemm is None:
-                inner = ops.bias_activation(F.linear(x, w("ffn_in_weight")), w("ffn_in_bias"), act)
-            else:
-                inner = gemm.bias_activation(x, w("ffn_in_weight"), w("ffn_in_bias"), act, ops)
+            inner = gemm.bias_activation(x, w("ffn_in_weight"), w("ffn_in_bias"), act, ops)
             x = ops.residual_layernorm(
-                project(inner, w("ffn_out_weight")), w("ffn_out_bias"), x, w("ffn_ln_weight"), w("ffn_ln_bias"), eps
+                gemm.partial_products(inner, w("ffn_out_weight")),
+                w("ffn_out_bias"),
+                x,
+                w("ffn_ln_weight"),
+                w("ffn_ln_bias"),
+                eps,
             )
         return F.linear(x, self.tensor("qa_weight"), self.tensor("qa_bias")).float().view(batch, seq, 2)
 
@@ -317,17 +315,21 @@ _TORCH_OPS = _Ops(_torch_embed, _torch_residual_layernorm, _torch_bias_activatio
 class _Gemm:
     """The encoder's projections with split-K GEMMs where the table has a config, else cuBLAS (`F.linear`).
 
-    On CUDA with Triton the table's configs run as Triton kernels; otherwise (CPU tests) the same split
-    sums are computed with `torch_gemm.torch_partials`, so the consumers' partial-sum math is testable."""
+    Not `enabled`, every projection is cuBLAS: exactly the previous path. On CUDA with Triton the table's
+    configs run as Triton kernels; otherwise (CPU tests) the same split sums are computed with
+    `torch_gemm.torch_partials`, so the consumers' partial-sum math is testable."""
 
-    def __init__(self, table: Any, kernels: bool) -> None:
+    def __init__(self, table: Any, kernels: bool, enabled: bool) -> None:
         from realtime_qa.qacore.backends import torch_gemm
 
         self._gemm = torch_gemm
         self._table = table
         self._kernels = kernels
+        self._enabled = enabled
 
     def _config(self, x: torch.Tensor, weight: torch.Tensor) -> Any:
+        if not self._enabled:
+            return None
         return self._gemm.config_for(x.shape[0], weight.shape[0], weight.shape[1], self._table)
 
     def partial_products(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -345,8 +347,9 @@ class _Gemm:
         """activation(x @ weight.T + bias) in x's dtype: one epilogue kernel unsplit, else partials + ops."""
         config = self._config(x, weight)
         if config is None:
-            y = F.linear(x, weight, bias) if activation == "none" else F.linear(x, weight)
-            return y if activation == "none" else ops.bias_activation(y, bias, activation)
+            if activation == "none":
+                return F.linear(x, weight, bias)
+            return ops.bias_activation(F.linear(x, weight), bias, activation)
         if self._kernels and config.split_k == 1:
             return cast(torch.Tensor, self._gemm.linear_epilogue(x, weight, bias, config, activation))
         return ops.bias_activation(self.partial_products(x, weight), bias, activation, x.dtype)

@@ -2,8 +2,9 @@
 # One call (carry .carry/abstain = train-v1.1, dev-v1.1, dev-v2.0 .json.gz and negatives.jsonl.xz of
 # `qa-train hard-negatives`): tune the shipped model under each CONFIG side by side on the one GPU (the first run
 # also scores the shipped model), then put results.tar.gz (every run's metrics.json, train_log.jsonl, console log
-# and per-question v2.0 scores) under $OUT, plus the float16 export of the run with the best first-half v2.0 F1
-# among those that keep SQuAD v1.1 dev F1 >= MIN_V1_F1 (none comes back when no run does).
+# and per-question v2.0 scores) and summary.txt under $OUT, plus the float16 export of the run with the best
+# first-half v2.0 F1 among those that keep SQuAD v1.1 dev F1 >= MIN_V1_F1 (`training.collect`; none comes back
+# when no run does).
 # Usage: abstain.sh MAX_SECONDS MIN_V1_F1 CONFIG...
 set -uo pipefail
 source training/device/common.sh
@@ -38,36 +39,6 @@ while [ $SECONDS -lt $deadline ]; do
   sleep 5
 done
 status
-python3 - "$OUT" "$W" "$min_v1" "$@" <<'PY'
-import json, shutil, sys, tarfile
-from pathlib import Path
-
-out, w, min_v1, names = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3]), sys.argv[4:]
-candidates = []
-with tarfile.open(out / "results.tar.gz", "w:gz") as tar:
-    for name in names:
-        run = w / "runs" / name
-        tar.add(w / "logs" / f"{name}.log", arcname=f"{name}/console.log")
-        for file in ("metrics.json", "train_log.jsonl", "v2_scores.json", "start_v2_scores.json"):
-            if (run / file).is_file():
-                tar.add(run / file, arcname=f"{name}/{file}")
-        if not (run / "metrics.json").is_file():
-            print(name, "did not finish")
-            continue
-        tuned = json.loads((run / "metrics.json").read_text())["tuned"]
-        v1, v2 = tuned["v1.1"]["f1"], tuned["v2.0"]
-        print(f"{name}: v1.1 F1 {v1:.2f}; v2.0 threshold {v2['null_threshold']:.3f} first-half F1 "
-              f"{v2['first_half']['f1']:.2f}; second half F1 {v2['second_half']['f1']:.2f} "
-              f"NoAns {v2['second_half'].get('NoAns_f1', 0):.2f} HasAns {v2['second_half'].get('HasAns_f1', 0):.2f}")
-        if v1 >= min_v1:
-            candidates.append((v2["first_half"]["f1"], name))
-if candidates:
-    best = max(candidates)[1]
-    for part in sorted((w / "runs" / best / "export").iterdir()):
-        shutil.copy(part, out / part.name)
-    (out / "chosen.txt").write_text(best + "\n")
-    print("export of", best, "comes back")
-else:
-    print("no run keeps v1.1 F1 >=", min_v1, ": no weights come back")
-PY
+# Every run is a candidate, and the best one comes back whatever the shipped model scores (BEAT -1: F1 >= 0).
+python3 -m realtime_qa.training.collect "$OUT" "$W" "$min_v1" -1 --runs "$@" --candidates "$@"
 ls -la "$OUT"
