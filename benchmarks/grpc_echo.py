@@ -1,11 +1,12 @@
 """The transport floor: a bare `grpc.aio` echo, measured like the QA service (`qa-bench serve --echo-floor`).
 
-A Python server process answers every call to `/echo.v1.Echo/Call` with a fixed 300-byte reply; the
-client sends 1.5 KB requests (about one question with an inline SQuAD passage) over unary calls on one
-channel, in the same closed loop as the service benchmark. What the service adds is its latency above
-this row's, at the same concurrency, in the same run. No protobuf: requests and replies are raw bytes.
-The echo server runs on the event loop `--event-loop` names (as `qa-serve --event-loop`); the client
-always on asyncio's, so only the server side changes between rows.
+A Python server process answers every call to `/echo.v1.Echo/Call` with a fixed 300-byte reply, and every
+message on a `/echo.v1.Echo/Stream` call with one such reply; the client sends 1.5 KB requests (about one
+question with an inline SQuAD passage) over unary calls or, as `qa-bench serve --api stream` does, over one
+bidirectional stream per concurrent caller with one message in flight on each, on one channel, in the same
+closed loop as the service benchmark. What the service adds is its latency above this row's, at the same
+concurrency and API, in the same run. No protobuf: requests and replies are raw bytes. The echo server runs
+on the event loop `--event-loop` names (as `qa-serve --event-loop`); the client on its caller's loop.
 
     python -m realtime_qa.benchmarks.grpc_echo serve [--event-loop uvloop]   # prints "listening on 127.0.0.1:PORT"
 """
@@ -31,6 +32,7 @@ from realtime_qa.services.config import EVENT_LOOPS
 
 SERVICE = "echo.v1.Echo"
 METHOD = f"/{SERVICE}/Call"
+STREAM_METHOD = f"/{SERVICE}/Stream"
 REQUEST_BYTES = 1536
 REPLY_BYTES = 300
 LISTENING = re.compile(r"listening on (\S+):(\d+)")
@@ -46,8 +48,15 @@ async def serve(host: str, port: int) -> None:
     async def call(request: bytes, context: Any) -> bytes:
         return reply
 
+    async def stream(requests: Any, context: Any) -> Any:
+        async for _ in requests:
+            yield reply
+
     server = grpc.aio.server()
-    handler = grpc.method_handlers_generic_handler(SERVICE, {"Call": grpc.unary_unary_rpc_method_handler(call)})
+    handler = grpc.method_handlers_generic_handler(
+        SERVICE,
+        {"Call": grpc.unary_unary_rpc_method_handler(call), "Stream": grpc.stream_stream_rpc_method_handler(stream)},
+    )
     server.add_generic_rpc_handlers((handler,))
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()
@@ -60,15 +69,19 @@ async def serve(host: str, port: int) -> None:
     await server.stop(grace=1)
 
 
-async def closed_loop(target: str, concurrency: int, duration_s: float, warmup_s: float) -> dict[str, Any]:
-    """`concurrency` callers, each sending its next request when the last reply arrives."""
+async def closed_loop(
+    target: str, concurrency: int, duration_s: float, warmup_s: float, api: str = "unary"
+) -> dict[str, Any]:
+    """`concurrency` callers, each sending its next request when the last reply arrives (over unary calls, or
+    over a stream of its own)."""
     import grpc
 
     request = b"q" * REQUEST_BYTES
     latencies: list[int] = []
     errors = 0
     async with grpc.aio.insecure_channel(target) as channel:
-        call = channel.unary_unary(METHOD)
+        unary = channel.unary_unary(METHOD)
+        streaming = channel.stream_stream(STREAM_METHOD)
         await asyncio.wait_for(channel.channel_ready(), 30)
         begin = time.perf_counter_ns()
         measure_from = begin + int(warmup_s * 1e9)
@@ -76,13 +89,18 @@ async def closed_loop(target: str, concurrency: int, duration_s: float, warmup_s
 
         async def caller(worker: int) -> None:
             nonlocal errors
+            call = streaming(timeout=duration_s + warmup_s + 30) if api == "stream" else None
             for _ in itertools.count():
                 started = time.perf_counter_ns()
                 if started >= measure_to:
-                    return
+                    break
                 try:
-                    reply = await call(request, timeout=30)
-                    ok = len(reply) == REPLY_BYTES
+                    if call is None:
+                        reply = await unary(request, timeout=30)
+                    else:
+                        await call.write(request)
+                        reply = await call.read()
+                    ok = isinstance(reply, bytes) and len(reply) == REPLY_BYTES
                 except grpc.aio.AioRpcError:
                     ok = False
                 done = time.perf_counter_ns()
@@ -91,23 +109,34 @@ async def closed_loop(target: str, concurrency: int, duration_s: float, warmup_s
                         latencies.append(done - started)
                     else:
                         errors += 1
+                if not ok and call is not None:
+                    call.cancel()
+                    call = streaming(timeout=duration_s + warmup_s + 30)
+            if call is not None:
+                call.cancel()
 
         await asyncio.gather(*(caller(worker) for worker in range(concurrency)))
     return {
         "batching": "echo",
+        "api": api,
         "concurrency": concurrency,
         "answered": len(latencies),
         "throughput_rps": round(len(latencies) / duration_s, 2),
         "client_ms": percentile_summary(np.asarray(latencies, dtype=np.float64) / 1e6),
         "errors": errors,
+        "client_loop": "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio",
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
 
 
 async def measure(
-    concurrency: Sequence[int], duration_s: float, warmup_s: float, event_loop: str = "asyncio"
+    concurrency: Sequence[int],
+    duration_s: float,
+    warmup_s: float,
+    event_loop: str = "asyncio",
+    apis: Sequence[str] = ("unary",),
 ) -> list[dict[str, Any]]:
-    """Start an echo server process on `event_loop`, run every concurrency level against it, stop it."""
+    """Start an echo server process on `event_loop`, run every API and concurrency level against it, stop it."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "realtime_qa.benchmarks.grpc_echo", "serve", "--event-loop", event_loop,
         cwd=REPO, stderr=asyncio.subprocess.PIPE,
@@ -119,7 +148,7 @@ async def measure(
         if match is None:
             raise RuntimeError(f"echo server did not start: {line!r}")
         target = f"{match.group(1)}:{match.group(2)}"
-        rows = [await closed_loop(target, level, duration_s, warmup_s) for level in concurrency]
+        rows = [await closed_loop(target, level, duration_s, warmup_s, api) for api in apis for level in concurrency]
         return [{**row, "event_loop": event_loop} for row in rows]
     finally:
         if process.returncode is None:
@@ -133,14 +162,15 @@ async def measure(
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| transport floor | server loop | concurrency | calls/s | p50 ms | p90 ms | p99 ms | errors | load avg |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| transport floor | server loop | client loop | api | concurrency | calls/s | p50 ms | p90 ms | p99 ms "
+        "| errors | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         client = row["client_ms"]
         lines.append(
             f"| grpc.aio echo ({REQUEST_BYTES} B -> {REPLY_BYTES} B) | {row.get('event_loop', 'asyncio')} | "
-            f"{row['concurrency']} | "
+            f"{row.get('client_loop', 'asyncio')} | {row.get('api', 'unary')} | {row['concurrency']} | "
             f"{row['throughput_rps']:.1f} | {client.get('p50', float('nan')):.2f} | "
             f"{client.get('p90', float('nan')):.2f} | {client.get('p99', float('nan')):.2f} | {row['errors']} | "
             f"{row['load_avg_1m']} |"
@@ -162,6 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_parser.add_argument("--duration-s", type=float, default=5.0)
     run_parser.add_argument("--warmup-s", type=float, default=1.0)
     run_parser.add_argument("--event-loop", choices=EVENT_LOOPS, default="asyncio")
+    run_parser.add_argument("--api", default="unary", help="unary, stream, or unary,stream")
     args = parser.parse_args(argv)
     if args.command == "serve":
         from realtime_qa.services.cli import event_loop_factory
@@ -174,7 +205,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError:
         print(f"python -m realtime_qa.benchmarks.grpc_echo: bad --concurrency {args.concurrency!r}", file=sys.stderr)
         return 2
-    print(markdown_table(asyncio.run(measure(levels, args.duration_s, args.warmup_s, args.event_loop))))
+    apis = tuple(api for api in args.api.split(",") if api)
+    if not apis or not set(apis) <= {"unary", "stream"}:
+        print(f"python -m realtime_qa.benchmarks.grpc_echo: --api must list unary and/or stream, got {args.api!r}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    print(markdown_table(asyncio.run(measure(levels, args.duration_s, args.warmup_s, args.event_loop, apis))))
     return 0
 
 

@@ -56,6 +56,7 @@ from realtime_qa.pipeline.client import (
     RetryPolicy,
 )
 from realtime_qa.qacore.latency import STAGES, StageTimings
+from realtime_qa.services.config import EVENT_LOOPS
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class ServeBenchConfig:
     concurrency: tuple[int, ...] = (1, 8, 32, 128)
     rates: tuple[float, ...] = (20.0,)  # open loop: requests per second
     arrivals: str = "poisson"  # "constant" | "poisson"
-    api: str = "unary"  # "unary" | "stream"
+    apis: tuple[str, ...] = ("unary",)  # each point over unary `Answer` calls and/or `AnswerStream`
     streams: int = 8  # open loop over streams: this many streams share the arrivals
     passage_forms: tuple[str, ...] = ("inline",)  # "inline": text in every question; "ids": PutPassage first
     duration_s: float = 10.0  # measured time per point
@@ -87,6 +88,7 @@ class ServeBenchConfig:
     server_args: tuple[str, ...] = ()  # extra qa-serve flags for started servers
     variants: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (label, extra qa-serve flags): one started server each
     echo_event_loops: tuple[str, ...] = ("asyncio",)  # --echo-floor: the echo server's event loop(s)
+    client_event_loop: str = "auto"  # the load generator's own loop (and the echo client's): auto = uvloop if installed
     cpu_steps: bool = True  # time the service's CPU steps in process first (started servers only)
     timeout_s: float = 60.0
     seed: int = 0
@@ -94,8 +96,12 @@ class ServeBenchConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("closed", "open"):
             raise ValueError(f"--mode must be closed or open, got {self.mode!r}")
-        if self.api not in ("unary", "stream"):
-            raise ValueError(f"--api must be unary or stream, got {self.api!r}")
+        if not self.apis or not set(self.apis) <= {"unary", "stream"}:
+            raise ValueError(f"--api must list unary and/or stream, got {','.join(self.apis)!r}")
+        if self.client_event_loop not in EVENT_LOOPS:
+            raise ValueError(
+                f"--client-event-loop must be one of {', '.join(EVENT_LOOPS)}, got {self.client_event_loop!r}"
+            )
         if self.arrivals not in ("constant", "poisson"):
             raise ValueError(f"--arrivals must be constant or poisson, got {self.arrivals!r}")
         if self.compare_batching and self.target is not None:
@@ -353,6 +359,11 @@ def summarize(samples: Samples, duration_s: float) -> dict[str, Any]:
     }
 
 
+def loop_name() -> str:
+    """The running event loop's kind, for the results: "uvloop" or "asyncio"."""
+    return "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
+
+
 @dataclass
 class Target:
     """One server under test: where it is, its label in the results, its prepared questions by passage form."""
@@ -374,8 +385,9 @@ async def prepare(target: Target, pairs: list[tuple[str, str]], config: ServeBen
 
 
 async def run_point(
-    target: Target, kind: str, value: float, config: ServeBenchConfig, passages: str = "inline"
+    target: Target, kind: str, value: float, config: ServeBenchConfig, passages: str = "inline", api: str = "unary"
 ) -> dict[str, Any]:
+    # Closed loop over streams: one stream per concurrent client, one question in flight on each.
     streams = int(value) if kind == "concurrency" else config.streams
     before = await asyncio.to_thread(scrape_batches, target.metrics_url)
     questions = target.questions[passages]
@@ -383,7 +395,7 @@ async def run_point(
     # the load generator for up to 23 ms (profile_h200.md), which would be counted as the server's latency.
     gc.collect()
     gc.freeze()
-    async with sender(target.client, config.api, streams, config.timeout_s) as send:
+    async with sender(target.client, api, streams, config.timeout_s) as send:
         if kind == "concurrency":
             samples = await closed_loop(send, questions, int(value), config)
         else:
@@ -394,14 +406,15 @@ async def run_point(
         "server": target.label,
         "batching": target.batching,
         "passages": passages,
-        "api": config.api,
+        "api": api,
         kind: value,
         **summarize(samples, config.duration_s),
         "mean_batch_windows": round((after[0] - before[0]) / batches, 2) if batches else None,
+        "client_loop": loop_name(),
         # Other work on a shared host skews every number: the 1-minute load average says how much.
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
-    log.info("%s %s=%s (%s): %.1f answers/s", target.label, kind, value, passages, row["throughput_rps"])
+    log.info("%s %s=%s (%s, %s): %.1f answers/s", target.label, kind, value, passages, api, row["throughput_rps"])
     return row
 
 
@@ -439,7 +452,8 @@ async def run(config: ServeBenchConfig) -> list[dict[str, Any]]:
             else [("rate_rps", r) for r in config.rates]
         )
         rows = [
-            await run_point(target, kind, value, config, passages)
+            await run_point(target, kind, value, config, passages, api)
+            for api in config.apis
             for passages in config.passage_forms
             for kind, value in points
             for target in targets
@@ -504,7 +518,7 @@ def measure_cpu_offload(engine_dir: Path, pairs: list[tuple[str, str]]) -> dict[
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     kind = "concurrency" if rows and "concurrency" in rows[0] else "rate_rps"
     header = (
-        f"| server | {kind} | passages | answers/s | p50 ms | p90 ms | p95 ms | p99 ms | "
+        f"| server | {kind} | passages | api | answers/s | p50 ms | p90 ms | p95 ms | p99 ms | "
         "server queue p50 | tokenize p50 | infer p50 | decode p50 | total p50 | mean batch | errors | load avg |"
     )
     lines = table_head(header)
@@ -512,7 +526,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         client, server = row["client_ms"], row["server_ms"]
         lines.append(
-            f"| {row['server']} | {row[kind]:g} | {row['passages']} | {row['throughput_rps']:.1f} | "
+            f"| {row['server']} | {row[kind]:g} | {row['passages']} | {row['api']} | {row['throughput_rps']:.1f} | "
             f"{client.get('p50', nan):.2f} | {client.get('p90', nan):.2f} | "
             f"{client.get('p95', nan):.2f} | {client.get('p99', nan):.2f} | "
             f"{server['queue'].get('p50', nan):.2f} | {server['tokenize'].get('p50', nan):.2f} | "
@@ -562,7 +576,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--concurrency", type=number_list, default=defaults.concurrency, help="closed loop levels, e.g. 1,8,32,128")
     add("--rate", type=lambda t: number_list(t, float), default=defaults.rates, help="open loop requests/s, e.g. 10,50")
     add("--arrivals", choices=("constant", "poisson"), default=defaults.arrivals, help="open loop arrival process")
-    add("--api", choices=("unary", "stream"), default=defaults.api, help="unary Answer calls or AnswerStream")
+    add(
+        "--api",
+        type=lambda text: tuple(part for part in text.split(",") if part),
+        default=defaults.apis,
+        help="unary Answer calls, AnswerStream, or both at every point: unary, stream, or unary,stream",
+    )
+    add(
+        "--client-event-loop",
+        choices=EVENT_LOOPS,
+        default=defaults.client_event_loop,
+        help="the load generator's event loop (and the echo floor's client): auto = uvloop where installed",
+    )
     add("--streams", type=int, default=defaults.streams, help="open loop over streams: number of streams")
     add("--passage-ids", action="store_true", help="PutPassage first, then ask by passage id (= --passages ids)")
     add(
@@ -607,7 +632,8 @@ def config_from_args(args: argparse.Namespace) -> ServeBenchConfig:
         concurrency=tuple(args.concurrency),
         rates=tuple(args.rate),
         arrivals=args.arrivals,
-        api=args.api,
+        apis=args.api,
+        client_event_loop=args.client_event_loop,
         streams=args.streams,
         passage_forms=args.passages or (("ids",) if args.passage_ids else ("inline",)),
         duration_s=args.duration_s,
@@ -645,15 +671,25 @@ def run_from_args(args: argparse.Namespace, argv: Sequence[str]) -> int:
         pairs = benchmark_questions(config, min(config.questions, 500))
         offload = measure_cpu_offload(config.engine or ensure_default_engine(), pairs)
     echo_rows = None
-    if args.echo_floor:  # the transport floor, same run, same levels (benchmarks.grpc_echo)
-        from realtime_qa.benchmarks import grpc_echo
+    from realtime_qa.services.cli import EventLoopUnavailable, event_loop_factory
 
-        echo_rows = [
-            row
-            for loop in config.echo_event_loops
-            for row in asyncio.run(grpc_echo.measure(config.concurrency, config.duration_s, config.warmup_s, loop))
-        ]
-    rows = asyncio.run(run(config))
+    try:
+        client_loop = event_loop_factory(config.client_event_loop)
+    except EventLoopUnavailable as exc:
+        print(f"qa-bench serve: {str(exc).replace('--event-loop', '--client-event-loop')}", file=sys.stderr)
+        return 2
+    with asyncio.Runner(loop_factory=client_loop) as runner:
+        if args.echo_floor:  # the transport floor, same run, same levels and APIs (benchmarks.grpc_echo)
+            from realtime_qa.benchmarks import grpc_echo
+
+            echo_rows = [
+                row
+                for loop in config.echo_event_loops
+                for row in runner.run(
+                    grpc_echo.measure(config.concurrency, config.duration_s, config.warmup_s, loop, config.apis)
+                )
+            ]
+        rows = runner.run(run(config))
     result = report(config, rows, argv, offload)
     if echo_rows is not None:
         result["echo_floor"] = echo_rows

@@ -18,9 +18,13 @@ from realtime_qa.qacore.errors import EngineError, InvalidInputError
 
 log = logging.getLogger(__name__)
 
+# Questions (spread over SQuAD v1.1 train) whose activation ranges the shipped calibration.json holds: 200 gave
+# INT8 F1 closer to fp32 than 100 on both tuning sets (benchmarks/results/cpu_accuracy.md). Regenerate it with
+# --calib-num this many.
+SHIPPED_CALIBRATION_QUESTIONS = 200
 DEFAULT_CALIBRATION_HINT = (
     "make calibration  (or qa-build -m MODEL -o DIR --int8 --squad-json train-v1.1.json.gz "
-    "--calib-path MODEL/calibration.json --force)"
+    f"--calib-num {SHIPPED_CALIBRATION_QUESTIONS} --calib-path MODEL/calibration.json --force)"
 )
 
 

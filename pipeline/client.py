@@ -122,6 +122,10 @@ class ClientConfig:
     tls_server_name: str | None = None  # the name to verify in the server's certificate, if not the target's
     token: str | None = field(default=None, repr=False)  # bearer token (never printed)
     load_balancing: str = "round_robin"  # gRPC policy over the target's addresses ("pick_first" also works)
+    # gRPC shares one connection among every channel of a process to the same target with the same options, so
+    # several QAClients are still one connection, and `qa-serve --workers` (SO_REUSEPORT spreads connections,
+    # not calls) serves them all from one worker. True: this client opens a connection of its own.
+    own_connection: bool = False
 
     def __post_init__(self) -> None:
         if (self.tls_client_cert is None) != (self.tls_client_key is None):
@@ -304,6 +308,8 @@ class QAClient:
             ("grpc.enable_retries", 1),
             ("grpc.service_config", config.retry.service_config(config.load_balancing)),
         ]
+        if config.own_connection:
+            options.append(("grpc.use_local_subchannel_pool", 1))
         self.channel, self._auth_metadata = open_channel(self.target, config, options)
         self._stub = qa_pb2_grpc.QuestionAnsweringStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)

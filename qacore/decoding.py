@@ -110,12 +110,13 @@ def _prediction(
     passage = features.passage
     ranked = candidates[: config.n_best_size]
     logits = np.array([logit for _, _, logit in ranked] + ([null_logit] if config.allow_null else []))
-    probabilities = _softmax(logits) if logits.size else logits
+    probabilities = (_softmax(logits) if logits.size else logits).tolist()  # Python floats, converted at once
+    text = passage.text
     nbest = [
-        Span(passage.text[start:end], start, end, float(probabilities[i]), logit)
-        for i, (start, end, logit) in enumerate(ranked)
+        Span(text[start:end], start, end, probability, logit)
+        for (start, end, logit), probability in zip(ranked, probabilities, strict=False)
     ]
-    null_probability = float(probabilities[-1]) if config.allow_null and logits.size else 0.0
+    null_probability = probabilities[-1] if config.allow_null and probabilities else 0.0
     best: Span | None = nbest[0] if nbest else None
     confidence = best.score if best is not None else 0.0
     if config.allow_null:
@@ -160,13 +161,17 @@ def decode_spans(features: Features, spans: EngineSpans, config: DecoderConfig |
     char_starts = offsets[spans.starts[rows, slots] + shift, 0]
     char_ends = offsets[spans.ends[rows, slots] + shift, 1]
     logits = spans.logits[rows, slots]
+    order = np.argsort(-logits, kind="stable")
     candidates: list[tuple[int, int, float]] = []
     seen: set[tuple[int, int]] = set()
-    for index in np.argsort(-logits, kind="stable"):
-        span = (int(char_starts[index]), int(char_ends[index]))
+    # Python ints and floats converted at once (per-element numpy scalar conversions cost more than the loop).
+    for start, end, logit in zip(
+        char_starts[order].tolist(), char_ends[order].tolist(), logits[order].tolist(), strict=True
+    ):
+        span = (start, end)
         if span not in seen:
             seen.add(span)
-            candidates.append((*span, float(logits[index])))
+            candidates.append((start, end, logit))
             if len(candidates) == config.n_best_size:
                 break
     return _prediction(features, candidates, float(np.min(spans.null_logits)), config)

@@ -246,12 +246,17 @@ class StreamSession:
         self.outbox: asyncio.Queue[qa_pb2.AnswerResponse | None] = asyncio.Queue()
         self.pending: set[asyncio.Task[None]] = set()
         self.stopped = asyncio.Event()  # set on shutdown: read no further
+        # Resolved on shutdown too: what a pending read or slot waits against (one future per stream, not a
+        # waiter task per question).
+        self.stop_signal: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.half_closed = False
         self.read = 0
         self.written = 0
 
     def drain(self) -> None:
         self.stopped.set()
+        if not self.stop_signal.done():
+            self.stop_signal.set_result(None)
 
     async def run(self, request_iterator: Any) -> None:
         reader = asyncio.create_task(self._read(request_iterator), name=f"stream-reader-{self.stream_id}")
@@ -291,15 +296,12 @@ class StreamSession:
         """(True, result) when `awaitable` completes first, (False, None) when shutdown stops the reading;
         once shutdown began, `awaitable` still gets `settle_s` to complete."""
         task = asyncio.ensure_future(awaitable)
-        stop = asyncio.create_task(self.stopped.wait())
         try:
-            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({task, self.stop_signal}, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             task.cancel()
             task.add_done_callback(_retrieve)  # its outcome (often the end of the stream) no longer matters
             raise
-        finally:
-            stop.cancel()
         if not task.done() and settle_s:
             # Shutdown began while a read was pending. A client that already half-closed has its end of stream
             # (or last question) waiting in the transport: give the read a moment to deliver it, so such a
@@ -315,9 +317,12 @@ class StreamSession:
         iterator = aiter(request_iterator)
         try:
             while not self.stopped.is_set():
-                got_slot, _ = await self._until_stopped(self.slots.acquire())
-                if not got_slot:
-                    break
+                if self.slots.locked():  # all slots taken: wait for an answer to be written (or shutdown)
+                    got_slot, _ = await self._until_stopped(self.slots.acquire())
+                    if not got_slot:
+                        break
+                else:
+                    await self.slots.acquire()  # a free slot: taken at once, without a waiter task
                 try:
                     got, request = await self._until_stopped(anext(iterator), STOP_READ_SETTLE_S)
                 except StopAsyncIteration:

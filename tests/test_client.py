@@ -216,3 +216,37 @@ async def test_round_robin_spreads_calls_and_routes_around_a_stopped_server(engi
     finally:
         for server in servers:
             await server.stop()
+
+
+@pytest.mark.parametrize(("own_connection", "connections"), [(False, 1), (True, 3)])
+async def test_own_connection_gives_each_client_its_tcp_connection(own_connection: bool, connections: int) -> None:
+    """gRPC shares one connection among a process's channels to a target; `qa-serve --workers` (SO_REUSEPORT)
+    spreads connections, so only clients with `own_connection` reach several workers. The server sees which
+    connection (client port) each health check came on."""
+    from grpc_health.v1 import health_pb2
+
+    peers: list[str] = []
+
+    async def check(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        peers.append(context.peer())
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING).SerializeToString()
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "grpc.health.v1.Health", {"Check": grpc.unary_unary_rpc_method_handler(check)}
+            ),
+        )
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        clients = [QAClient(f"127.0.0.1:{port}", ClientConfig(own_connection=own_connection)) for _ in range(3)]
+        for client in clients:
+            assert await client.health() == "SERVING"
+        for client in clients:
+            await client.close()
+    finally:
+        await server.stop(None)
+    assert len(peers) == 3 and len(set(peers)) == connections

@@ -1,5 +1,5 @@
-"""`qa-bench serve` options for side-by-side servers: --variant, --passages, --echo-event-loops (errors are one line),
-and rows for both passage forms from one run against a real in-process server."""
+"""`qa-bench serve` options for side-by-side servers: --variant, --passages, --api, --echo-event-loops (errors are one
+line), and rows for both passage forms and both APIs from one run against a real in-process server."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from realtime_qa.services.server import QAServer
         (["--variant", "no-equals-sign"], "must be LABEL=FLAGS"),
         (["--passages", "inline,files"], "--passages must list inline and/or ids"),
         (["--echo-event-loops", "trio"], "--echo-event-loops must list asyncio and/or uvloop"),
+        (["--api", "unary,rest"], "--api must list unary and/or stream"),
     ],
 )
 def test_bad_options_are_one_line_errors(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -44,3 +45,39 @@ async def test_both_passage_forms_at_every_point(engine_dir: Path, squad_dir: Pa
     for row in rows:
         assert row["server"] == "external" and row["answered"] > 0 and row["codes"] == {"OK": row["answered"]}
     assert "| external | 2 | ids |" in markdown_table(rows)
+
+
+async def test_unary_and_stream_rows_from_one_run(engine_dir: Path, squad_dir: Path) -> None:
+    async with QAServer(ServerConfig(port=0, engines=(EngineSpec(engine_dir),))) as server:
+        config = ServeBenchConfig(
+            target=server.target, squad=squad_dir / "dev-v1.1.json.gz", questions=10, concurrency=(1, 2),
+            apis=("unary", "stream"), duration_s=0.5, warmup_s=0.1,
+        )  # fmt: skip
+        rows = await run(config)
+    assert [(row["api"], row["concurrency"]) for row in rows] == [
+        ("unary", 1),
+        ("unary", 2),
+        ("stream", 1),
+        ("stream", 2),
+    ]
+    for row in rows:
+        assert row["answered"] > 0 and row["codes"] == {"OK": row["answered"]}
+        assert row["client_loop"] in ("asyncio", "uvloop")
+    assert "| external | 2 | inline | stream |" in markdown_table(rows)
+
+
+async def test_echo_floor_over_unary_calls_and_streams() -> None:
+    from realtime_qa.benchmarks.grpc_echo import markdown_table as echo_table
+    from realtime_qa.benchmarks.grpc_echo import measure
+
+    rows = await measure((1, 3), duration_s=0.3, warmup_s=0.1, apis=("unary", "stream"))
+    assert [(row["api"], row["concurrency"]) for row in rows] == [
+        ("unary", 1),
+        ("unary", 3),
+        ("stream", 1),
+        ("stream", 3),
+    ]
+    for row in rows:
+        assert row["errors"] == 0 and row["answered"] > 0 and row["client_ms"]["p50"] > 0
+    client_loop = rows[0]["client_loop"]  # the test's own loop
+    assert f"| asyncio | {client_loop} | stream | 3 |" in echo_table(rows)

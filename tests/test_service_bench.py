@@ -34,7 +34,7 @@ async def test_open_loop_over_streams(engine_dir: Path, squad_dir: Path) -> None
     async with QAServer(ServerConfig(port=0, engines=(EngineSpec(engine_dir),))) as server:
         config = ServeBenchConfig(
             target=server.target, squad=squad_dir / "dev-v1.1.json.gz", questions=20, mode="open",
-            rates=(10.0,), arrivals="constant", api="stream", streams=2, duration_s=1.0, warmup_s=0.2,
+            rates=(10.0,), arrivals="constant", apis=("stream",), streams=2, duration_s=1.0, warmup_s=0.2,
         )  # fmt: skip
         rows = await run(config)
     assert len(rows) == 1 and rows[0]["rate_rps"] == 10.0 and rows[0]["api"] == "stream"

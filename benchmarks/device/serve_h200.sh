@@ -8,8 +8,12 @@
 #    the bare grpc.aio echo floor measured by the first of them;
 # 2. concurrency 256 from 8 client processes: base --workers 8; new --workers 8; new --workers N --engine-process
 #    for N in 4 8 12 (one engine process holds the GPU; the workers send it their batches).
-# C1_VARIANTS / C256_VARIANTS (space-separated name:BASE|NEW:flags and name:BASE|NEW:workers:flags, '+' for a
-# space inside the flags; C1_VARIANTS=none skips concurrency 1) and CHANNELS (gRPC connections per load process; 1 in the first run) change the points.
+# C1_VARIANTS / C256_VARIANTS (space-separated name:BASE|NEW:flags and name:BASE|NEW:workers:flags[:API], '+' for a
+# space inside the flags, API unary (default) or stream; C1_VARIANTS=none skips concurrency 1), C1_APIS (default
+# unary: the APIs every concurrency-1 point runs, e.g. unary,stream), ECHO_LOOPS (the echo floor's server loops,
+# default asyncio), CLIENT_LOOP (the load generators' event loop, default asyncio as in the first runs; auto =
+# uvloop) and CHANNELS (gRPC connections per load process; 1 in the first run) change the points.
+# Each concurrency-256 point also samples the CPU use of every process for 3 s (cpu_<name>.txt).
 # Run from the repository root with .carry/gpu carried (whl/: grpcio 1.85.3, grpcio-health-checking and -reflection
 # 1.85.1, protobuf 7.36.2, prometheus-client 0.26.0, aiostream 0.8.1 for Python 3.12; dev-v1.1.json.gz), the
 # generated realtime_qa/{qa,asr,assistant,response} packages and BASE_DIR (default .carry/base). Results in
@@ -20,6 +24,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   .carry/gpu/whl/*.whl || exit 1
 export PATH=/tmp/site/bin:$PATH
 NEW=$PWD BASE=$PWD/${BASE_DIR:-.carry/base}
+[ -e $BASE/models ] || ln -s $NEW/models $BASE/models  # the base copy holds code only
 [ -d realtime_qa/qa/v1 ] || python3 scripts/gen_protos.py || exit 1  # carried when grpcio-tools is not
 R=/tmp/res; mkdir -p $R
 SQUAD=$PWD/.carry/gpu/dev-v1.1.json.gz
@@ -57,8 +62,9 @@ for variant in ${C1_VARIANTS:-base:BASE: new:NEW: base_b1:BASE:--max-batch-size+
   # shellcheck disable=SC2086 # flags is a list of words
   if start_server "c1_$name" 1 --port $port $flags; then
     code $NEW; echo_floor=""; [ $name = base ] && echo_floor=--echo-floor  # the floor once, in the same run
-    timeout 150 python3 -m realtime_qa.benchmarks.cli serve --target 127.0.0.1:$port --squad $SQUAD --concurrency 1 \
-      --passages inline,ids --duration-s 8 --warmup-s 1 --no-cpu-steps $echo_floor --json-out $R/c1_$name.json \
+    timeout 200 python3 -m realtime_qa.benchmarks.cli serve --target 127.0.0.1:$port --squad $SQUAD --concurrency 1 \
+      --passages inline,ids --api ${C1_APIS:-unary} --client-event-loop ${CLIENT_LOOP:-asyncio} --duration-s 8 \
+      --warmup-s 1 --no-cpu-steps $echo_floor --echo-event-loops ${ECHO_LOOPS:-asyncio} --json-out $R/c1_$name.json \
       2>&1 | grep -E "^\| (external|grpc)|rror" | sed "s/^| external/| $name/"
   fi
   stop_server
@@ -69,7 +75,7 @@ step concurrency 256
 for variant in ${C256_VARIANTS:-base_w8:BASE:8:--workers+8 new_w8:NEW:8:--workers+8 \
     new_w4_ep:NEW:4:--workers+4+--engine-process new_w8_ep:NEW:8:--workers+8+--engine-process \
     new_w12_ep:NEW:12:--workers+12+--engine-process}; do
-  IFS=: read -r name tree workers flags <<< "$variant"; port=$((port + 1)); began=$(date +%s)
+  IFS=: read -r name tree workers flags api <<< "$variant"; port=$((port + 1)); began=$(date +%s)
   flags=${flags//+/ }; tree=${!tree}
   code $tree
   # shellcheck disable=SC2086
@@ -77,10 +83,11 @@ for variant in ${C256_VARIANTS:-base_w8:BASE:8:--workers+8 new_w8:NEW:8:--worker
     echo "$name: serving after $(( $(date +%s) - began )) s"
     code $NEW
     (sleep 4; nvidia-smi dmon -s u -c 4 > $R/dmon_$name.txt 2>&1) & DMON=$!
+    (sleep 4; python3 -m realtime_qa.benchmarks.device.cpu_by_process --seconds 3 > $R/cpu_$name.txt 2>&1) & CPU=$!
     timeout 120 python3 -m realtime_qa.benchmarks.device.serve_load --target 127.0.0.1:$port --squad $SQUAD \
       --concurrency 256 --processes 8 --channels ${CHANNELS:-1} --duration-s 6 --warmup-s 2 --label "$name" \
-      --out "$R/c256_$name.json" 2>&1 | tail -1
-    wait $DMON; awk '$1 == 0 {s += $2; n++} END {if (n) printf "GPU SM busy %.0f %% (mean of %d samples)\n", s/n, n}' \
+      --api ${api:-unary} --event-loop ${CLIENT_LOOP:-asyncio} --out "$R/c256_$name.json" 2>&1 | tail -1
+    wait $DMON $CPU; awk '$1 == 0 {s += $2; n++} END {if (n) printf "GPU SM busy %.0f %% (mean of %d samples)\n", s/n, n}' \
       $R/dmon_$name.txt | tee -a $R/dmon_$name.txt
     uptime
   fi

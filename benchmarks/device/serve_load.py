@@ -2,11 +2,13 @@
 out near the bare grpc.aio echo rate, ~7,000 calls/s, so 10,000 answers/s needs more than one).
 
     python3 -m realtime_qa.benchmarks.device.serve_load --target 127.0.0.1:50051 --concurrency 256 --processes 8 \
-        --squad dev-v1.1.json.gz --out load.json [--passage-ids]
+        --squad dev-v1.1.json.gz --out load.json [--passage-ids] [--api stream] [--event-loop asyncio]
 
 Each process runs `qa-bench serve`'s closed loop (`benchmarks.serve_bench.closed_loop`) with its share
-of the concurrency on its own channel; latencies of all processes are pooled for the percentiles and the
-throughput is their summed completion rate inside the same measured window.
+of the concurrency over its own channels (`--channels`), as unary calls or, with `--api stream`, over one
+`AnswerStream` per concurrent caller (`qa-bench serve`'s `StreamPool`), on uvloop where installed;
+latencies of all processes are pooled for the percentiles and the throughput is their summed completion
+rate inside the same measured window.
 """
 
 from __future__ import annotations
@@ -28,18 +30,20 @@ from realtime_qa.qacore.latency import STAGES
 
 
 def _client(target: str, squad: str, questions: int, concurrency: int, duration: float, warmup: float,
-            passage_ids: bool, offset: int, channels: int) -> dict[str, Any]:  # fmt: skip
-    from realtime_qa.benchmarks.serve_bench import ServeBenchConfig, closed_loop, load_questions
+            passage_ids: bool, offset: int, channels: int, api: str, event_loop: str) -> dict[str, Any]:  # fmt: skip
+    from realtime_qa.benchmarks.serve_bench import ServeBenchConfig, StreamPool, closed_loop, load_questions
     from realtime_qa.pipeline.client import ClientConfig, QAClient, Question, RetryPolicy
+    from realtime_qa.services.cli import event_loop_factory
 
     async def run() -> dict[str, Any]:
         config = ServeBenchConfig(target=target, duration_s=duration, warmup_s=warmup)
         pairs = load_questions(Path(squad), questions)
         pairs = pairs[offset % len(pairs) :] + pairs[: offset % len(pairs)]
-        # Several channels (connections) per process: `--workers` processes share the port by SO_REUSEPORT,
-        # which spreads connections, not calls; with one connection per load process, 8 connections left 3 of
-        # 8 workers without any load (profile_load_h200: cpu_by_process).
-        clients = [QAClient(target, ClientConfig(retry=RetryPolicy(max_attempts=1), timeout_s=60))
+        # Several connections per process: `--workers` processes share the port by SO_REUSEPORT, which spreads
+        # connections, not calls; with one connection per load process, 8 connections left 3 of 8 workers without
+        # any load (profile_load_h200: cpu_by_process). Each client needs `own_connection`: without it gRPC gave
+        # all of a process's channels one connection (so `--channels` did nothing before 2026-12-02 19:10 UTC).
+        clients = [QAClient(target, ClientConfig(retry=RetryPolicy(max_attempts=1), timeout_s=60, own_connection=True))
                    for _ in range(channels)]  # fmt: skip
         client = clients[0]
         turn = itertools.cycle(clients)
@@ -51,12 +55,27 @@ def _client(target: str, squad: str, questions: int, concurrency: int, duration:
                 stored = {p: (await client.put_passage(p)).passage_id for p in {p for _, p in pairs}}
                 asked = [Question(q, passage_id=stored[p]) for q, p in pairs]
 
-            async def send(question: Question) -> Any:
+            async def ask_unary(question: Question) -> Any:
                 return await next(turn).answer(question, timeout_s=60)
 
+            # Streams: one AnswerStream per concurrent caller, spread over the channels.
+            sizes = [concurrency // channels + (index < concurrency % channels) for index in range(channels)]
+            pools = (
+                [StreamPool(each, size) for each, size in zip(clients, sizes, strict=True) if size]
+                if api == "stream"
+                else []
+            )
+            pool_turn = itertools.cycle(pools)
+
+            async def ask_stream(question: Question) -> Any:
+                return await next(pool_turn).ask(question)
+
+            send = ask_stream if pools else ask_unary
             gc.collect()
             gc.freeze()  # as qa-bench serve does: no full collection walks the questions while measuring
             samples = await closed_loop(send, asked, concurrency, config)
+            for pool in pools:
+                await pool.close()
         finally:
             for each in clients:
                 await each.close()
@@ -64,7 +83,8 @@ def _client(target: str, squad: str, questions: int, concurrency: int, duration:
         server_ms = {stage: [t.stage_ns(stage) / 1e6 for t in kept] for stage in (*STAGES, "total")}
         return {"latencies_ns": samples.latencies_ns, "codes": dict(samples.codes), "server_ms": server_ms}
 
-    return asyncio.run(run())
+    with asyncio.Runner(loop_factory=event_loop_factory(event_loop)) as runner:
+        return runner.run(run())
 
 
 def main() -> int:
@@ -78,6 +98,10 @@ def main() -> int:
     parser.add_argument("--warmup-s", type=float, default=2.0)
     parser.add_argument("--passage-ids", action="store_true")
     parser.add_argument("--channels", type=int, default=4, help="gRPC channels (connections) per client process")
+    parser.add_argument("--api", choices=("unary", "stream"), default="unary",
+                        help="unary Answer calls, or one AnswerStream per concurrent caller")  # fmt: skip
+    parser.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+                        help="the load processes' event loop (auto: uvloop where installed)")  # fmt: skip
     parser.add_argument("--label", default="")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -90,7 +114,7 @@ def main() -> int:
     with ProcessPoolExecutor(args.processes) as pool:
         futures = [
             pool.submit(_client, args.target, args.squad, args.questions, share, args.duration_s, args.warmup_s,
-                        args.passage_ids, index * 97, args.channels)
+                        args.passage_ids, index * 97, args.channels, args.api, args.event_loop)
             for index, share in enumerate(shares)
         ]  # fmt: skip
         parts = [future.result() for future in futures]
@@ -105,6 +129,8 @@ def main() -> int:
         "concurrency": args.concurrency,
         "client_processes": args.processes,
         "channels_per_process": args.channels,
+        "api": args.api,
+        "client_event_loop": args.event_loop,
         "passage_ids": args.passage_ids,
         "answers_per_s": round(latencies.size / args.duration_s, 1),
         "client_ms": percentile_summary(latencies),
@@ -118,7 +144,8 @@ def main() -> int:
     client, server = row["client_ms"], row["server_ms"]
     stages = ", ".join(f"{stage} {server[stage].get('p50', float('nan')):.2f}" for stage in (*STAGES, "total"))
     print(
-        f"{args.label}: c={args.concurrency} x{args.processes} procs: {row['answers_per_s']:,.0f} answers/s, "
+        f"{args.label}: {args.api} c={args.concurrency} x{args.processes} procs: "
+        f"{row['answers_per_s']:,.0f} answers/s, "
         f"p50 {client.get('p50', float('nan')):.2f} ms, p99 {client.get('p99', float('nan')):.2f} ms, codes {codes}; "
         f"server p50 ms: {stages}"
     )
