@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from realtime_qa.benchmarks.report import percentile_summary
+from realtime_qa.benchmarks.report import loop_name, percentile_summary
 from realtime_qa.services.config import EVENT_LOOPS
 
 SERVICE = "echo.v1.Echo"
@@ -124,7 +124,7 @@ async def closed_loop(
         "throughput_rps": round(len(latencies) / duration_s, 2),
         "client_ms": percentile_summary(np.asarray(latencies, dtype=np.float64) / 1e6),
         "errors": errors,
-        "client_loop": "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio",
+        "client_loop": loop_name(),
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import platform
 from collections.abc import Callable, Mapping
@@ -41,6 +42,11 @@ def number_list(text: str, kind: Callable[[str], Number] = int) -> tuple[Number,
         return tuple(kind(part) for part in text.split(",") if part)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def loop_name() -> str:
+    """The running event loop's kind, for the results: "uvloop" or "asyncio"."""
+    return "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
 
 
 def table_head(header: str) -> list[str]:

@@ -44,7 +44,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from realtime_qa.benchmarks.report import errors_cell, machine_description, number_list, percentile_summary, table_head
+from realtime_qa.benchmarks.report import (
+    errors_cell,
+    loop_name,
+    machine_description,
+    number_list,
+    percentile_summary,
+    table_head,
+)
 from realtime_qa.pipeline.client import (
     Answer,
     AnswerFailure,
@@ -357,11 +364,6 @@ def summarize(samples: Samples, duration_s: float) -> dict[str, Any]:
         "server_ms": server,
         "codes": dict(samples.codes),
     }
-
-
-def loop_name() -> str:
-    """The running event loop's kind, for the results: "uvloop" or "asyncio"."""
-    return "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
 
 
 @dataclass

@@ -245,16 +245,18 @@ class StreamSession:
         # Bounded by the slots: at most max_stream_questions answers wait here, plus the end marker.
         self.outbox: asyncio.Queue[qa_pb2.AnswerResponse | None] = asyncio.Queue()
         self.pending: set[asyncio.Task[None]] = set()
-        self.stopped = asyncio.Event()  # set on shutdown: read no further
-        # Resolved on shutdown too: what a pending read or slot waits against (one future per stream, not a
-        # waiter task per question).
+        # Resolved on shutdown: read no further. A pending read or slot waits against it (one future per stream,
+        # not a waiter task per question).
         self.stop_signal: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.half_closed = False
         self.read = 0
         self.written = 0
 
+    @property
+    def stopped(self) -> bool:
+        return self.stop_signal.done()
+
     def drain(self) -> None:
-        self.stopped.set()
         if not self.stop_signal.done():
             self.stop_signal.set_result(None)
 
@@ -283,13 +285,13 @@ class StreamSession:
             reader.cancel()
             for task in list(self.pending):
                 task.cancel()
-        if self.stopped.is_set() and not self.half_closed:
+        if self.stopped and not self.half_closed:
             log.info("stream ended by shutdown after writing %d answers to %d questions", self.written, self.read)
             raise NotServingError(
                 "server is shutting down: questions on this stream without an answer were not processed; "
                 "send them again on a new stream"
             )
-        if self.stopped.is_set():
+        if self.stopped:
             log.info("stream finished during shutdown: %d answers written to %d questions", self.written, self.read)
 
     async def _until_stopped(self, awaitable: Any, settle_s: float = 0.0) -> tuple[bool, Any]:
@@ -316,7 +318,7 @@ class StreamSession:
     async def _read(self, request_iterator: Any) -> None:
         iterator = aiter(request_iterator)
         try:
-            while not self.stopped.is_set():
+            while not self.stopped:
                 if self.slots.locked():  # all slots taken: wait for an answer to be written (or shutdown)
                     got_slot, _ = await self._until_stopped(self.slots.acquire())
                     if not got_slot:

@@ -29,41 +29,21 @@ def test_bad_options_are_one_line_errors(args: list[str], message: str, capsys: 
     assert message in err and err.count("\n") == 1
 
 
-async def test_both_passage_forms_at_every_point(engine_dir: Path, squad_dir: Path) -> None:
+async def test_both_apis_and_passage_forms_at_every_point(engine_dir: Path, squad_dir: Path) -> None:
     async with QAServer(ServerConfig(port=0, engines=(EngineSpec(engine_dir),))) as server:
         config = ServeBenchConfig(
             target=server.target, squad=squad_dir / "dev-v1.1.json.gz", questions=10, concurrency=(1, 2),
-            passage_forms=("inline", "ids"), duration_s=0.5, warmup_s=0.1,
+            passage_forms=("inline", "ids"), apis=("unary", "stream"), duration_s=0.5, warmup_s=0.1,
         )  # fmt: skip
         rows = await run(config)
-    assert [(row["passages"], row["concurrency"]) for row in rows] == [
-        ("inline", 1),
-        ("inline", 2),
-        ("ids", 1),
-        ("ids", 2),
+    assert [(row["api"], row["passages"], row["concurrency"]) for row in rows] == [
+        (api, passages, level) for api in ("unary", "stream") for passages in ("inline", "ids") for level in (1, 2)
     ]
     for row in rows:
         assert row["server"] == "external" and row["answered"] > 0 and row["codes"] == {"OK": row["answered"]}
-    assert "| external | 2 | ids |" in markdown_table(rows)
-
-
-async def test_unary_and_stream_rows_from_one_run(engine_dir: Path, squad_dir: Path) -> None:
-    async with QAServer(ServerConfig(port=0, engines=(EngineSpec(engine_dir),))) as server:
-        config = ServeBenchConfig(
-            target=server.target, squad=squad_dir / "dev-v1.1.json.gz", questions=10, concurrency=(1, 2),
-            apis=("unary", "stream"), duration_s=0.5, warmup_s=0.1,
-        )  # fmt: skip
-        rows = await run(config)
-    assert [(row["api"], row["concurrency"]) for row in rows] == [
-        ("unary", 1),
-        ("unary", 2),
-        ("stream", 1),
-        ("stream", 2),
-    ]
-    for row in rows:
-        assert row["answered"] > 0 and row["codes"] == {"OK": row["answered"]}
         assert row["client_loop"] in ("asyncio", "uvloop")
-    assert "| external | 2 | inline | stream |" in markdown_table(rows)
+    table = markdown_table(rows)
+    assert "| external | 2 | ids | unary |" in table and "| external | 2 | inline | stream |" in table
 
 
 async def test_echo_floor_over_unary_calls_and_streams() -> None:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from realtime_qa.benchmarks.report import percentile_summary
 from realtime_qa.qacore.latency import STAGES
+from realtime_qa.services.config import EVENT_LOOPS
 
 
 def _client(target: str, squad: str, questions: int, concurrency: int, duration: float, warmup: float,
@@ -100,7 +101,7 @@ def main() -> int:
     parser.add_argument("--channels", type=int, default=4, help="gRPC channels (connections) per client process")
     parser.add_argument("--api", choices=("unary", "stream"), default="unary",
                         help="unary Answer calls, or one AnswerStream per concurrent caller")  # fmt: skip
-    parser.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default="auto",
                         help="the load processes' event loop (auto: uvloop where installed)")  # fmt: skip
     parser.add_argument("--label", default="")
     parser.add_argument("--out", type=Path)
