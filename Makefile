@@ -49,7 +49,7 @@ MODEL_DIR := models/minilm-l6-squad
 calibration: install
 	rm -f $(MODEL_DIR)/calibration.json
 	$(BIN)/qa-build -m $(MODEL_DIR) -o $$(mktemp -d)/engine --int8 --squad-json $(SQUAD_TRAIN) \
-		--calib-num 200 --calib-path $(MODEL_DIR)/calibration.json
+		--calib-num 100 --calib-path $(MODEL_DIR)/calibration.json
 
 serve: install
 	$(BIN)/qa-serve
