@@ -7,9 +7,13 @@ starts one *engine process* per engine directory before the workers. It loads an
 (one context), and each worker's batcher reaches it through a `RemoteEngine`: the same `Engine` interface,
 where one call is one message each way over a local socket (`multiprocessing.connection`, AF_UNIX, in a
 directory only this user can enter, authenticated with a random key that travels to the workers with
-their configuration, never on a command line). The engine process runs the calls one at a time in arrival
-order (the device would serialize them anyway), so batches from all workers share one context; the
+their configuration, never on a command line). Batches from all workers share that one context; the
 workers keep what needs many cores: gRPC, tokenization, decoding.
+
+The engine process holds `--engine-contexts` engine instances (each with its own CUDA stream and graphs) and
+runs that many calls at once, each on a free instance. With one, a call's host work (unpickling, padding,
+the copy in, the launch, the copy out, pickling the reply) leaves the GPU idle; with two, the next batch is
+prepared while the previous one runs (measured in benchmarks/results/serve_h200_streams.md).
 
 If the engine process dies, every call on it fails (`EngineError`: the batcher fails the batch, the
 client sees INTERNAL) and the supervisor stops the whole unit (exit 1), as when a worker dies.
@@ -18,6 +22,7 @@ client sees INTERNAL) and the supervisor stops the whole unit (exit 1), as when 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from dataclasses import dataclass
 from multiprocessing import AuthenticationError
@@ -45,6 +50,7 @@ class EngineHostConfig:
     address: EngineAddress
     options: EngineOptions
     warm_span_answer_length: int | None  # capture the device span search's graphs at start (None: no search)
+    contexts: int = 1  # engine instances, so this many calls run at once
 
 
 def host_main(config: EngineHostConfig, ready: Connection) -> None:
@@ -54,11 +60,14 @@ def host_main(config: EngineHostConfig, ready: Connection) -> None:
 
     configure_logging("INFO")
     address = config.address
+    engines: list[Engine] = []
     try:
-        engine = load_engine(address.engine_dir, config.options)
-        engine.warmup()
-        if config.warm_span_answer_length is not None:
-            warm_span_search(engine, config.warm_span_answer_length)
+        for _ in range(config.contexts):
+            engine = load_engine(address.engine_dir, config.options)
+            engines.append(engine)
+            engine.warmup()
+            if config.warm_span_answer_length is not None:
+                warm_span_search(engine, config.warm_span_answer_length)
         listener = Listener(address.socket_path, "AF_UNIX")  # authenticated per connection, in its thread
     except QAError as exc:
         ready.send(f"cannot load the engine: {exc}")
@@ -68,21 +77,29 @@ def host_main(config: EngineHostConfig, ready: Connection) -> None:
         return
     ready.send("ok")
     ready.close()
-    log.info("engine process serving %s (%s %s)", address.engine_dir, engine.meta.backend, engine.meta.precision)
-    calls = threading.Lock()  # one call at a time on the one context
+    meta = engines[0].meta
+    log.info(
+        "engine process serving %s (%s %s, %d context(s))", address.engine_dir, meta.backend, meta.precision,
+        len(engines),
+    )  # fmt: skip
+    free: queue.SimpleQueue[Engine] = queue.SimpleQueue()  # a call takes a free instance and gives it back
+    for engine in engines:
+        free.put(engine)
+    greeting = (meta.to_json(), engines[0].span_search_limits())
     while True:
         try:
             connection = listener.accept()
         except OSError as exc:
             log.warning("engine process could not accept a connection: %s", exc)
             continue
-        threading.Thread(target=_serve, args=(connection, address.authkey, engine, calls), daemon=True).start()
+        threading.Thread(target=_serve, args=(connection, address.authkey, free, greeting), daemon=True).start()
 
 
-def _serve(connection: Connection, authkey: bytes, engine: Engine, calls: threading.Lock) -> None:
+def _serve(connection: Connection, authkey: bytes, free: queue.SimpleQueue[Engine], greeting: tuple[str, Any]) -> None:
     """Answer one worker connection's calls until it closes. The connection proves it holds the key first
     (both ways, as `Listener(authkey=...)` does, but here, so a client that never answers the challenge holds
-    up only its own thread); nothing it sends is unpickled before that."""
+    up only its own thread); nothing it sends is unpickled before that. `greeting` (the engine's meta.json and
+    span search limits) goes first; each call runs on an instance taken from `free` and given back after."""
     try:
         deliver_challenge(connection, authkey)
         answer_challenge(connection, authkey)
@@ -91,26 +108,28 @@ def _serve(connection: Connection, authkey: bytes, engine: Engine, calls: thread
         connection.close()
         return
     try:
-        connection.send((engine.meta.to_json(), engine.span_search_limits()))
+        connection.send(greeting)
         while True:
             try:
                 operation, arguments = connection.recv()
             except EOFError:
                 return
+            engine = free.get()
             try:
-                with calls:
-                    if operation == "infer":
-                        result: Any = engine.infer(*arguments)
-                    elif operation == "spans":
-                        result = engine.infer_spans(*arguments)
-                    else:
-                        raise EngineError(f"unknown engine call {operation!r}")
+                if operation == "infer":
+                    result: Any = engine.infer(*arguments)
+                elif operation == "spans":
+                    result = engine.infer_spans(*arguments)
+                else:
+                    raise EngineError(f"unknown engine call {operation!r}")
                 reply: tuple[Any, ...] = ("ok", result)
             except QAError as exc:
                 reply = ("error", type(exc).__name__, str(exc))
             except Exception as exc:  # reported to the worker, which fails the batch
                 log.exception("engine call failed")
                 reply = ("error", "EngineError", f"{type(exc).__name__}: {exc}")
+            finally:
+                free.put(engine)
             connection.send(reply)
     except OSError:  # the worker went away mid-call
         return

@@ -183,7 +183,7 @@ def start_engine_hosts(
         ready, ready_child = context.Pipe(duplex=False)
         host = context.Process(
             target=host_main,
-            args=(EngineHostConfig(address, options, answer_length), ready_child),
+            args=(EngineHostConfig(address, options, answer_length, config.engine_contexts), ready_child),
             name=f"qa-serve-engine-{index}",
         )
         host.start()

@@ -86,13 +86,19 @@ def serve_traced(argv: list[str]) -> int:
         marks.append(("infer_end", now()))
         return result
 
-    service.answer, service.Answer = traced_answer, traced_unary
-    qa_service.answer_to_pb = traced_to_pb
-    qa_service.StreamSession.__init__ = traced_session
-    batcher.Batcher._infer = traced_infer
-    batcher.Batcher.submit = marked("submit", batcher.Batcher.submit)
-    batcher.Batcher._take = marked("take", batcher.Batcher._take)
-    batcher.Batcher._deliver = marked("deliver", batcher.Batcher._deliver)
+    queue = batcher.Batcher
+    wrappers: list[tuple[Any, str, Any]] = [
+        (service, "answer", traced_answer),
+        (service, "Answer", traced_unary),
+        (qa_service, "answer_to_pb", traced_to_pb),
+        (qa_service.StreamSession, "__init__", traced_session),
+        (queue, "_infer", traced_infer),
+        (queue, "submit", marked("submit", queue.submit)),
+        (queue, "_take", marked("take", queue._take)),
+        (queue, "_deliver", marked("deliver", queue._deliver)),
+    ]
+    for owner, name, wrapper in wrappers:  # setattr: replacing methods is the point here
+        setattr(owner, name, wrapper)
     atexit.register(lambda: Path(os.environ["STEP_TRACE_OUT"]).write_text(json.dumps(marks)))
     return serve(argv)
 
