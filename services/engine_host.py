@@ -13,7 +13,8 @@ workers keep what needs many cores: gRPC, tokenization, decoding.
 The engine process holds `--engine-contexts` engine instances (each with its own CUDA stream and graphs) and
 runs that many calls at once, each on a free instance. With one, a call's host work (unpickling, padding,
 the copy in, the launch, the copy out, pickling the reply) leaves the GPU idle; with two, the next batch is
-prepared while the previous one runs (measured in benchmarks/results/serve_h200_streams.md).
+prepared while the previous one runs. Measured on the H200 at concurrency 256, two instances gave no more
+answers/s than one: the two calls share the GPU and each takes longer (benchmarks/results/serve_h200_contexts.md).
 
 If the engine process dies, every call on it fails (`EngineError`: the batcher fails the batch, the
 client sees INTERNAL) and the supervisor stops the whole unit (exit 1), as when a worker dies.
