@@ -86,16 +86,16 @@ def serve_traced(argv: list[str]) -> int:
         marks.append(("infer_end", now()))
         return result
 
-    queue = batcher.Batcher
+    batcher_class = batcher.Batcher
     wrappers: list[tuple[Any, str, Any]] = [
         (service, "answer", traced_answer),
         (service, "Answer", traced_unary),
         (qa_service, "answer_to_pb", traced_to_pb),
         (qa_service.StreamSession, "__init__", traced_session),
-        (queue, "_infer", traced_infer),
-        (queue, "submit", marked("submit", queue.submit)),
-        (queue, "_take", marked("take", queue._take)),
-        (queue, "_deliver", marked("deliver", queue._deliver)),
+        (batcher_class, "_infer", traced_infer),
+        (batcher_class, "submit", marked("submit", batcher_class.submit)),
+        (batcher_class, "_take", marked("take", batcher_class._take)),
+        (batcher_class, "_deliver", marked("deliver", batcher_class._deliver)),
     ]
     for owner, name, wrapper in wrappers:  # setattr: replacing methods is the point here
         setattr(owner, name, wrapper)
