@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import queue
 import re
 import shutil
 import signal
@@ -156,7 +157,7 @@ def test_with_two_contexts_a_call_runs_while_the_other_instance_is_busy(engine_d
     with QuestionAnswerer.from_engine_dir(engine_dir) as answerer:
         inputs = answerer.featurizer.batch(answerer.featurizer.featurize(QUESTIONS[0], PASSAGE).windows)
     expected = engines[0].infer(inputs)
-    free: engine_host.queue.SimpleQueue = engine_host.queue.SimpleQueue()
+    free: queue.SimpleQueue = queue.SimpleQueue()
     for engine in engines:
         free.put(engine)
     busy = free.get()  # a call in progress holds this instance
