@@ -6,7 +6,8 @@ tokenization, engine, decoding): the default engine (ONNX Runtime INT8 from the 
 with the model), the previous default (ONNX Runtime fp32), and, as the baseline measured in the same
 run, `transformers`' BertForQuestionAnswering on PyTorch eager fp32 behind the same featurizer and
 decoder. Both ONNX Runtime engines are built exactly as `qa-build --default [--precision fp32]` builds
-them. Prints a table of median and p95 per stage and writes JSON and a short Markdown table (with the
+them; `--engine LABEL=DIR` times more engine directories in the same run (a previous default, say).
+Prints a table of median and p95 per stage and writes JSON and a short Markdown table (with the
 machine and its load average, since a shared machine inflates every figure).
 """
 
@@ -49,6 +50,7 @@ class CpuBenchConfig:
     calib_num: int
     json_out: Path
     skip_transformers: bool
+    extra_engines: tuple[tuple[str, Path], ...] = ()  # (label, engine directory), timed after the defaults
 
 
 def time_answerer(answerer: QuestionAnswerer, config: CpuBenchConfig) -> tuple[list[dict[str, int]], str]:
@@ -136,7 +138,7 @@ def run(config: CpuBenchConfig, command: str) -> dict[str, object]:
     results: dict[str, dict[str, object]] = {}
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="qa-bench-cpu-") as scratch:
-        engines = build_cpu_engines(config, Path(scratch))
+        engines = {**build_cpu_engines(config, Path(scratch)), **dict(config.extra_engines)}
         baseline_answerer = None
         for name, engine_dir in engines.items():
             answerer = open_as_assistant(engine_dir, config)
@@ -223,11 +225,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib-num", type=int, default=100, help="(unused: INT8 uses the shipped calibration)")
     parser.add_argument("--json-out", type=Path, default=REPO / "benchmarks" / "results" / "cpu_latency.json")
     parser.add_argument("--skip-transformers", action="store_true", help="leave out the transformers baseline")
+    parser.add_argument(
+        "--engine",
+        dest="extra_engines",
+        metavar="LABEL=DIR",
+        action="append",
+        default=[],
+        help="also time this engine directory under LABEL (repeatable), e.g. the previous default engine",
+    )
+
+
+def parse_extra_engine(text: str) -> tuple[str, Path]:
+    """`LABEL=DIR` of `--engine`; the directory must hold an engine (meta.json)."""
+    label, sep, directory = text.partition("=")
+    if not sep or not label.strip() or not directory:
+        raise ValueError(f"--engine expects LABEL=DIR, got {text!r}")
+    if not (Path(directory) / "meta.json").is_file():
+        raise ValueError(f"--engine {label}: no engine (meta.json) in {directory}")
+    return label.strip(), Path(directory)
 
 
 def run_from_args(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.iterations < 1 or args.warmup < 0 or args.threads < 0:
         print("qa-bench cpu: error: --iterations must be >= 1, --warmup and --threads >= 0", file=sys.stderr)
+        return 2
+    try:
+        extra_engines = tuple(parse_extra_engine(text) for text in args.extra_engines)
+    except ValueError as exc:
+        print(f"qa-bench cpu: error: {exc}", file=sys.stderr)
         return 2
     config = CpuBenchConfig(
         model_dir=args.model_dir,
@@ -240,6 +265,7 @@ def run_from_args(args: argparse.Namespace, argv: Sequence[str]) -> int:
         calib_num=args.calib_num,
         json_out=args.json_out,
         skip_transformers=args.skip_transformers,
+        extra_engines=extra_engines,
     )
     try:
         report = run(config, " ".join(["qa-bench", "cpu", *argv]))

@@ -25,8 +25,8 @@ def spread_questions(dataset: SquadDataset, num_questions: int) -> list[tuple[Pa
     file, the same 100 questions gave INT8 F1 closer to fp32 on both sets the recipe was chosen on, 3,000
     held-out train questions (+0.08 against -0.20) and the first half of the v2.0 dev articles (-0.33 against
     -0.59), and 200 spread questions closer still on both (-0.00 and -0.20), but the shipped calibration keeps
-    100: 200 lost 2.5 F1 on the test suite's 150-question dev slice (tests/test_accuracy.py allows 1.5):
-    `benchmarks/results/cpu_accuracy.md`."""
+    100: 200 lost 2.5 F1 on the test suite's dev slice of that time (the first 150 questions, one article;
+    tests/test_accuracy.py allows 1.5): `benchmarks/results/cpu_accuracy.md`."""
     paragraphs = [paragraph for article in dataset.articles for paragraph in article.paragraphs if paragraph.questions]
     if num_questions >= len(paragraphs):
         return list(dataset.questions(limit=num_questions))

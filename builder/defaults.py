@@ -19,9 +19,9 @@ from realtime_qa.qacore.errors import EngineError, InvalidInputError
 log = logging.getLogger(__name__)
 
 # Questions (spread over SQuAD v1.1 train) whose activation ranges the shipped calibration.json holds. 200 were
-# closer to fp32 on both tuning sets, but lost 2.5 F1 on the test suite's 150-question dev slice
-# (tests/test_accuracy.py allows 1.5), so 100 stay (benchmarks/results/cpu_accuracy.md). Regenerate with
-# --calib-num this many.
+# closer to fp32 on both tuning sets, but lost 2.5 F1 on the test suite's dev slice of that time (the first 150
+# questions, one article; tests/test_accuracy.py allows 1.5), so 100 stay (benchmarks/results/cpu_accuracy.md).
+# Regenerate with --calib-num this many.
 SHIPPED_CALIBRATION_QUESTIONS = 100
 DEFAULT_CALIBRATION_HINT = (
     "make calibration  (or qa-build -m MODEL -o DIR --int8 --squad-json train-v1.1.json.gz "

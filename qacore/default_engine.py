@@ -36,10 +36,10 @@ CACHE_ENV = "QA_ENGINE_CACHE"
 DEFAULT_CACHE_ROOT = Path("~/.cache/realtime-qa/engines")
 HASH_PREFIX = 12
 # INT8 (calibration shipped with the model) is the default: about 1.5x faster than fp32 on CPU for
-# -0.1 F1 (benchmarks/results/cpu_latency.md, cpu_accuracy.md). fp32 stays one flag away.
+# -0.2 F1 (benchmarks/results/cpu_latency.md, cpu_accuracy.md). fp32 stays one flag away.
 DEFAULT_PRECISION = "int8"
 PRECISIONS = ("int8", "fp32")
-CALIBRATION_FILE = "calibration.json"  # ORT calibration ranges of the shipped model (builder's cache format)
+CALIBRATION_FILE = "calibration.json"  # ORT ranges and SmoothQuant maxima of the shipped model (builder's cache)
 BUILD_TIMEOUT_S = 1800.0
 
 

@@ -216,9 +216,9 @@ def render_abstention_section(
     lines += [
         "",
         "`E` = `qa-build --default --precision fp32`, `E8` = `qa-build --default` (the default INT8 engine, "
-        "activation ranges from the shipped `calibration.json`, made by `make calibration`: MinMax over 100 train "
-        "questions spread over the file); every `qa-eval` with `--batch-size 16`, the datasets from "
-        "`../shared/data/squad/`; all four runs by `benchmarks/cpu_accuracy.sh` "
+        "SmoothQuant on the FFN MatMuls, activation ranges and channel maxima from the shipped `calibration.json`, "
+        "made by `make calibration`: MinMax over 100 train questions spread over the file); every `qa-eval` with "
+        "`--batch-size 16`, the datasets from `../shared/data/squad/`; all four runs by `benchmarks/cpu_accuracy.sh` "
         "(`benchmarks/results/cpu_accuracy.md`).",
     ]
     if comparison:
