@@ -184,7 +184,8 @@ class ServerConfig:
     )  # fmt: skip
     # Idle engine threads spinning before they sleep take CPU from the event loop and the gRPC threads;
     # off by default: on 2 shared AMD EPYC cores (2026-11-27) it cost a quarter of the throughput; on an Intel Xeon
-    # instance it cost none and took 3 ms off a call at concurrency 1 (benchmarks/results/serve_cpu_spinning.md).
+    # instance it took 3 ms off a call at concurrency 1 and cost ~3 % with two workers on its two cores
+    # (benchmarks/results/serve_cpu_spinning.md).
     engine_spinning: bool = setting(
         False,
         "let idle engine threads spin before sleeping (faster only on cores nothing else needs; measured on 2 "
