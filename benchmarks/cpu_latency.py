@@ -28,7 +28,7 @@ import numpy as np
 from realtime_qa.benchmarks.report import IN_PROCESS_STAGES, machine_description, percentile_summary
 from realtime_qa.qacore.answerer import AnswerResult, QuestionAnswerer
 from realtime_qa.qacore.decoding import decode
-from realtime_qa.qacore.engine import EngineOutputs
+from realtime_qa.qacore.engine import META_FILE, EngineOutputs
 from realtime_qa.qacore.errors import QAError
 from realtime_qa.qacore.features import EngineInputs
 from realtime_qa.qacore.latency import LatencyTracker
@@ -236,12 +236,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_extra_engine(text: str) -> tuple[str, Path]:
-    """`LABEL=DIR` of `--engine`; the directory must hold an engine (meta.json)."""
+    """`LABEL=DIR` of `--engine`; the directory must hold an engine (its meta.json)."""
     label, sep, directory = text.partition("=")
     if not sep or not label.strip() or not directory:
         raise ValueError(f"--engine expects LABEL=DIR, got {text!r}")
-    if not (Path(directory) / "meta.json").is_file():
-        raise ValueError(f"--engine {label}: no engine (meta.json) in {directory}")
+    if not (Path(directory) / META_FILE).is_file():
+        raise ValueError(f"--engine {label}: no engine ({META_FILE}) in {directory}")
     return label.strip(), Path(directory)
 
 
