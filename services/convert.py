@@ -41,12 +41,23 @@ class QuestionRequest:
 
     def decoder_config(self, base: DecoderConfig) -> DecoderConfig:
         """The model's decoder defaults with this request's options (out-of-range values raise InvalidInputError)."""
+        if self.uses_defaults(base):  # most questions: no copy (a `replace` re-validates every field, per question)
+            return base
         return replace(
             base,
             n_best_size=base.n_best_size if self.n_best_size is None else self.n_best_size,
             max_answer_length=base.max_answer_length if self.max_answer_length is None else self.max_answer_length,
             allow_null=self.allow_null,
             null_threshold=base.null_threshold if self.null_threshold is None else self.null_threshold,
+        )
+
+    def uses_defaults(self, base: DecoderConfig) -> bool:
+        """Whether this request leaves every decoder option of `base` as it is."""
+        return (
+            self.n_best_size is None
+            and self.max_answer_length is None
+            and self.null_threshold is None
+            and self.allow_null == base.allow_null
         )
 
 

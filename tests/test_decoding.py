@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
-from realtime_qa.qacore.decoding import DecoderConfig, decode
+from realtime_qa.qacore.decoding import DecoderConfig, Span, decode, decode_spans
+from realtime_qa.qacore.engine import EngineSpans
 from realtime_qa.qacore.errors import InvalidInputError
 from realtime_qa.qacore.features import Features, Featurizer, FeaturizerConfig
 from realtime_qa.qacore.tokenization import load_tokenizer
@@ -188,9 +190,6 @@ def test_window_logic_at_100000_words_without_an_engine(featurizer: Featurizer) 
 def test_device_spans_keep_the_best_of_each_character_span_in_order(featurizer: Featurizer) -> None:
     """`decode_spans` (the device span search's rows): best first, ties to the earlier window and slot, one
     entry per character span (two windows may find the same span), at most n_best_size."""
-    from realtime_qa.qacore.decoding import decode_spans
-    from realtime_qa.qacore.engine import EngineSpans
-
     small = Featurizer(featurizer.tokenizer, FeaturizerConfig(max_seq_length=24, doc_stride=6, max_query_length=6))
     features = small.featurize("Where was it played?", PASSAGE)
     assert len(features.windows) >= 2
@@ -214,15 +213,55 @@ def test_device_spans_keep_the_best_of_each_character_span_in_order(featurizer: 
         logits[row, 0] = logit
     spans = EngineSpans(starts, ends, logits, np.zeros(len(features.windows), np.float32))
 
-    expected: list[tuple[int, int, float]] = []  # the rule, one candidate at a time
-    offsets = features.passage.offsets
-    flat = [(-float(logits[r, s]), r, s) for r in range(shape[0]) for s in range(k) if starts[r, s] >= 0]
-    for _, row, slot in sorted(flat):
-        shift = features.windows[row].passage_start - features.windows[row].context_offset
-        span = (int(offsets[starts[row, slot] + shift, 0]), int(offsets[ends[row, slot] + shift, 1]))
-        if span not in [(start, end) for start, end, _ in expected]:
-            expected.append((*span, float(logits[row, slot])))
+    expected = device_spans_rule(features, spans)
     for n_best in (3, 20):
         prediction = decode_spans(features, spans, DecoderConfig(n_best_size=n_best))
         assert [(span.start, span.end, span.logit) for span in prediction.nbest] == expected[:n_best]
     assert prediction.nbest[0].logit == 9.5
+
+
+def device_spans_rule(features: Features, spans: EngineSpans) -> list[tuple[int, int, float]]:
+    """The n-best rule of `decode_spans`, one candidate at a time: every found slot by descending logit (ties to
+    the earlier window, then slot), the first of each character span kept."""
+    expected: list[tuple[int, int, float]] = []
+    offsets = features.passage.offsets
+    starts, logits = spans.starts, spans.logits
+    found = zip(*np.nonzero(starts >= 0), strict=True)
+    flat = [(-float(logits[row, slot]), int(row), int(slot)) for row, slot in found]
+    for _, row, slot in sorted(flat):
+        shift = features.windows[row].passage_start - features.windows[row].context_offset
+        span = (int(offsets[starts[row, slot] + shift, 0]), int(offsets[spans.ends[row, slot] + shift, 1]))
+        if span not in [(start, end) for start, end, _ in expected]:
+            expected.append((*span, float(logits[row, slot])))
+    return expected
+
+
+def test_device_spans_of_one_window_follow_the_same_rule(featurizer: Featurizer) -> None:
+    """A question of one window (most of them) takes a shorter path through `decode_spans`: same rule, even for
+    slots out of order, tied, or empty between found ones; the n-best are ordinary frozen `Span`s."""
+    features = featurizer.featurize("Where was it played?", PASSAGE)
+    assert len(features.windows) == 1
+    window = features.windows[0]
+    rng = np.random.default_rng(11)
+    k = 16
+    starts, ends = np.full((1, k), -1, np.int32), np.full((1, k), -1, np.int32)
+    logits = np.full((1, k), -np.inf, np.float32)
+    for slot in range(k):
+        if slot % 5 == 4:
+            continue  # an empty slot between found ones
+        start = int(rng.integers(0, window.length - 1))
+        starts[0, slot] = window.context_offset + start
+        ends[0, slot] = window.context_offset + min(window.length - 1, start + int(rng.integers(0, 3)))
+        logits[0, slot] = float(rng.integers(0, 4))  # out of order, many ties
+    spans = EngineSpans(starts, ends, logits, np.array([-1.5], np.float32))
+    expected = device_spans_rule(features, spans)
+    for n_best in (1, 4, 20):
+        for allow_null in (False, True):
+            prediction = decode_spans(features, spans, DecoderConfig(n_best_size=n_best, allow_null=allow_null))
+            assert [(span.start, span.end, span.logit) for span in prediction.nbest] == expected[:n_best]
+    best = prediction.nbest[0]
+    assert type(best) is Span and best == Span(best.text, best.start, best.end, best.score, best.logit)
+    assert hash(best) == hash(Span(best.text, best.start, best.end, best.score, best.logit))
+    assert best.text == PASSAGE[best.start : best.end]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        best.score = 1.0  # type: ignore[misc]

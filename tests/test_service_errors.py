@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -19,9 +20,11 @@ from realtime_qa.pipeline.client import (
     Question,
     RetryPolicy,
 )
+from realtime_qa.qacore.decoding import DecoderConfig
 from realtime_qa.qacore.errors import EngineError, InvalidInputError
 from realtime_qa.services.batcher import Batcher, BatcherConfig
 from realtime_qa.services.config import EngineSpec, ServerConfig
+from realtime_qa.services.convert import request_from_pb
 from realtime_qa.services.errors import BatchFailedError, QueueFullError, status_of
 from realtime_qa.services.server import QAServer
 from waiting import wait_until
@@ -272,3 +275,23 @@ def test_errors_map_to_status_codes_in_one_place() -> None:
     assert status_of(EngineError("bad engine"))[0] == Code.INTERNAL
     code, message = status_of(RuntimeError("secret detail"))
     assert code == Code.INTERNAL and "secret" not in message and "RuntimeError" in message
+
+
+def test_decoder_options_are_validated_only_when_a_request_sets_them() -> None:
+    """A request without options answers with the model's decoder config itself (no per-question copy); any
+    option, and allow_null differing from the model's default, makes a validated copy."""
+    base = DecoderConfig(null_threshold=1.5)
+    plain = request_from_pb(qa_pb2.AnswerRequest(question="Who?", passage=PASSAGE))
+    assert plain.decoder_config(base) is base
+    assert plain.decoder_config(replace(base, allow_null=True)) == base  # the request's allow_null (False) wins
+    for options, changed in (
+        (qa_pb2.AnswerOptions(n_best_size=3), {"n_best_size": 3}),
+        (qa_pb2.AnswerOptions(max_answer_length=7), {"max_answer_length": 7}),
+        (qa_pb2.AnswerOptions(allow_null=True), {"allow_null": True}),
+        (qa_pb2.AnswerOptions(null_threshold=0.0), {"null_threshold": 0.0}),
+    ):
+        query = request_from_pb(qa_pb2.AnswerRequest(question="Who?", passage=PASSAGE, options=options))
+        assert query.decoder_config(base) == replace(base, **changed)
+    huge = request_from_pb(qa_pb2.AnswerRequest(question="Who?", passage=PASSAGE, options={"n_best_size": 1000}))
+    with pytest.raises(InvalidInputError, match="n_best_size"):
+        huge.decoder_config(base)
