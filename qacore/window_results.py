@@ -9,7 +9,8 @@ gRPC service's batcher answers exactly as `QuestionAnswerer` (`qa-eval`, `qa-ass
   logits on the CPU with `qacore.decoding.decode`, the vectorized numpy search);
 * `infer_batch`: one padded engine call for a batch of windows, either form;
 * `results_table` / `scatter_results`: one question's rows (a `LogitsTable` or a `SpansTable`), filled batch by
-  batch in any order; `decode_results` turns a complete table into the `Prediction`;
+  batch in any order, or `whole_results` where one batch holds them all; `decode_results` turns a complete table
+  into the `Prediction`;
 * `warm_span_search`: run the device span search once per padded shape, so no request pays for a capture.
 
 Pure functions and numpy, no asyncio (the batcher adds the scheduling).
@@ -37,6 +38,7 @@ __all__ = [
     "scatter_results",
     "span_search_length",
     "warm_span_search",
+    "whole_results",
 ]
 
 BatchResult: TypeAlias = EngineOutputs | EngineSpans  # what one engine call returns for a padded batch
@@ -122,6 +124,18 @@ def scatter_results(
     table.logits[target] = result.logits[source]
     table.null_logits[target] = result.null_logits[source]
     table.filled[target] = True
+
+
+def whole_results(result: BatchResult, first: int, count: int, spans_per_window: int) -> SpansTable | None:
+    """One question's complete table when all its `count` windows ran in one batch, as batch rows `first` to
+    `first + count - 1` in submission order: views of the device span search's rows, no table filled row by row
+    (most questions: one window, one batch). None for logits, whose rows go into a table padded with -inf
+    (`scatter_results`), and for spans of an unexpected width (`scatter_results` refuses them)."""
+    if not isinstance(result, EngineSpans) or result.starts.shape[1] != spans_per_window:
+        return None
+    rows = slice(first, first + count)
+    filled = np.ones(count, bool)
+    return SpansTable(result.starts[rows], result.ends[rows], result.logits[rows], result.null_logits[rows], filled)
 
 
 def decode_results(features: Features, table: ResultsTable, config: DecoderConfig) -> Prediction:

@@ -58,6 +58,7 @@ from realtime_qa.qacore.window_results import (
     infer_batch,
     results_table,
     scatter_results,
+    whole_results,
 )
 from realtime_qa.services.config import BatcherConfig
 from realtime_qa.services.errors import (
@@ -156,8 +157,8 @@ class _Job:
     deadline_ns: int | None
     future: asyncio.Future[WindowResults]
     submitted_ns: int
-    table: ResultsTable
     span_length: int | None  # longest answer searched on the device; None: the engine returns logits
+    table: ResultsTable | None = None  # made when a batch brings part of the job's windows (`Batcher._results`)
     next_index: int = 0  # the next window to hand to a batch (windows of a job run in order)
     infer_ns: int = 0
     batch_sizes: list[int] = field(default_factory=list)
@@ -345,8 +346,7 @@ class Batcher:
         self._check_room(entry, count)
         now = time.perf_counter_ns()
         future: asyncio.Future[WindowResults] = asyncio.get_running_loop().create_future()
-        kept = self.span_search_limits[0] if self.span_search_limits is not None else 0
-        job = _Job(windows, key, deadline_ns, future, now, results_table(windows, span_length, kept), span_length)
+        job = _Job(windows, key, deadline_ns, future, now, span_length)
         if entry is None:
             entry = self._callers[key] = _Caller(key)
         entry.jobs.append(job)
@@ -467,18 +467,33 @@ class Batcher:
             job.batch_sizes.append(len(batch.items))
             if not job.live:
                 continue
-            widths = [job.windows[row].seq_len for row in rows]
-            scatter_results(job.table, rows, widths, result, positions)
-            if job.table.complete:
+            table = self._results(job, rows, positions, result)
+            if table.complete:
                 in_batcher = time.perf_counter_ns() - job.submitted_ns
                 job.future.set_result(
                     WindowResults(
-                        job.table,
+                        table,
                         max(0, in_batcher - job.infer_ns),
                         job.infer_ns,
                         tuple(job.batch_sizes),
                     )
                 )
+
+    def _results(self, job: _Job, rows: list[int], positions: list[int], result: BatchResult) -> ResultsTable:
+        """The job's table with batch rows `positions` as its rows `rows`. Where the batch holds all of the job's
+        windows, one after the other (a lone question), the device's spans are taken as they are; otherwise they
+        are copied into the job's table, made on its first batch."""
+        kept = self.span_search_limits[0] if self.span_search_limits is not None else 0
+        count = len(job.windows)
+        if len(rows) == count and positions[-1] - positions[0] == count - 1:  # rows 0..count-1: handed out in order
+            whole = whole_results(result, positions[0], count, kept)
+            if whole is not None:
+                return whole
+        if job.table is None:
+            job.table = results_table(job.windows, job.span_length, kept)
+        widths = [job.windows[row].seq_len for row in rows]
+        scatter_results(job.table, rows, widths, result, positions)
+        return job.table
 
     def _observe(self, size: int, seq_len: int, windows: list[Window], infer_ns: int, ok: bool) -> None:
         if self._observer is not None:

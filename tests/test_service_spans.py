@@ -146,6 +146,38 @@ async def test_batches_hold_one_kind_of_engine_call(
         assert found.any() and ((spans.ends - spans.starts + 1)[found] <= 12).all()
 
 
+async def test_a_question_in_one_batch_or_split_over_several_gets_the_same_spans(
+    torch_fp32_engine_dir: Path, squad_pairs: list[tuple[str, str]]
+) -> None:
+    """All of a question's windows in one batch (taken as the engine returned them) or spread over batches and
+    among another caller's windows (copied row by row into its table): the same rows (up to the float rounding of
+    other batch shapes), the same answer."""
+    engine = CountingEngine(torch_fp32_engine_dir)
+    featurizer = short_featurizer(engine, torch_fp32_engine_dir)
+    config = decoder_defaults(engine.meta)
+    length = span_search_length(engine, config)
+    features = [featurizer.featurize(question, passage) for question, passage in squad_pairs[:2]]
+    assert len(features[0].windows) >= 2
+    tables = []
+    for batch_size, together in ((8, False), (1, False), (8, True)):
+        batcher = Batcher([engine], featurizer, BatcherConfig(max_batch_size=batch_size, max_queue_delay_us=20_000))
+        batcher.start()
+        try:
+            asked = [batcher.run(f.windows, span_length=length) for f in (features if together else features[:1])]
+            results = await asyncio.gather(*asked)
+        finally:
+            await batcher.close()
+        table = results[0].table
+        assert isinstance(table, SpansTable) and table.complete
+        tables.append(table)
+    assert engine.calls[0] == (f"spans{length}", len(features[0].windows))  # the first question took one batch
+    answers = [decode_results(features[0], table, config) for table in tables]
+    for table, answer in zip(tables[1:], answers[1:], strict=True):  # other batch shapes: float rounding differs
+        np.testing.assert_allclose(table.logits, tables[0].logits, atol=1e-4)
+        np.testing.assert_allclose(table.null_logits, tables[0].null_logits, atol=1e-4)
+        same_best(answer, answers[0])
+
+
 def test_span_search_shapes_cover_the_torch_engines_buckets(torch_fp32_engine_dir: Path) -> None:
     from realtime_qa.qacore.backends.torch_cuda import batch_buckets, sequence_buckets
 
