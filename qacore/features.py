@@ -167,12 +167,14 @@ class Featurizer:
         spans = window_spans(len(passage), self.config.max_seq_length - len(question_ids) - 3, self.config.doc_stride)
         best = max_context_windows(len(passage), spans)
         context_offset = len(question_ids) + 2
-        head = np.concatenate(([self.special.cls_id], question_ids, [self.special.sep_id])).astype(np.int32)
         windows = []
         for index, (start, length) in enumerate(spans):
-            input_ids = np.concatenate((head, passage.token_ids[start : start + length], [self.special.sep_id])).astype(
-                np.int32
-            )
+            # Filled in place: one int32 array per window, no concatenation or cast (run per question).
+            input_ids = np.empty(context_offset + length + 1, np.int32)
+            input_ids[0] = self.special.cls_id
+            input_ids[1 : context_offset - 1] = question_ids
+            input_ids[context_offset - 1] = input_ids[-1] = self.special.sep_id
+            input_ids[context_offset:-1] = passage.token_ids[start : start + length]
             segment_ids = np.zeros_like(input_ids)
             segment_ids[context_offset:] = 1
             windows.append(

@@ -5,6 +5,7 @@ Each server owns its own registry, so several servers can run in one process (te
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -82,34 +83,49 @@ class ServiceMetrics:
         for stage, stage_budget_ns in self._stage_budgets.items():
             self.budget.labels(stage).set(stage_budget_ns / 1e9)
         self._http_server: Any = None
-        self._stage_latency_children: dict[str, list[Any]] = {}
+        self._stage_metrics: dict[str, list[tuple[str, Any, int | None, Callable[[], Any]]]] = {}
+        self._end_to_end: dict[str, Any] = {}
+        self._request_counters: dict[tuple[str, str], Any] = {}
 
     def observe_answer(self, model_id: str, timings: StageTimings) -> None:
-        stage_latency = self._stage_latency_of(model_id)
-        for stage, histogram in zip(QA_SERVER_STAGES.names, stage_latency[:-1], strict=True):
-            duration_ns = timings.stage_ns(stage)
+        for field, histogram, stage_budget_ns, over_budget in self._stage_metrics_of(model_id):
+            duration_ns = getattr(timings, field)
             histogram.observe(duration_ns / 1e9)
-            stage_budget_ns = self._stage_budgets.get(stage)
             if stage_budget_ns is not None and duration_ns > stage_budget_ns:
-                self.stage_over_budget.labels(model_id, stage).inc()
-        stage_latency[-1].observe(timings.total_ns / 1e9)
+                over_budget().inc()
+        self._end_to_end_of(model_id).observe(timings.total_ns / 1e9)
         if timings.over_budget(self.budget_ns):
             self.over_budget.labels(model_id).inc()
             self.stage_over_budget.labels(model_id, END_TO_END).inc()
 
-    def _stage_latency_of(self, model_id: str) -> list[Any]:
-        """The model's stage histograms (QA_SERVER_STAGES, then end to end), looked up once: `labels()` takes a
-        lock and a dict lookup per call, paid per stage on every answer on the event loop."""
-        children = self._stage_latency_children.get(model_id)
-        if children is None:
-            names = [*QA_SERVER_STAGES.names, END_TO_END]
-            children = self._stage_latency_children[model_id] = [
-                self.stage_latency.labels(model_id, name) for name in names
+    def _stage_metrics_of(self, model_id: str) -> list[tuple[str, Any, int | None, Callable[[], Any]]]:
+        """Per stage of QA_SERVER_STAGES: the `StageTimings` field, the model's histogram, the stage's budget and
+        its over-budget counter (made on first use), looked up once: `labels()` takes a lock and a dict lookup per
+        call, paid per stage on every answer on the event loop."""
+        metrics = self._stage_metrics.get(model_id)
+        if metrics is None:
+            metrics = self._stage_metrics[model_id] = [
+                (
+                    f"{stage}_ns",
+                    self.stage_latency.labels(model_id, stage),
+                    self._stage_budgets.get(stage),
+                    functools.partial(self.stage_over_budget.labels, model_id, stage),
+                )
+                for stage in QA_SERVER_STAGES.names
             ]
-        return children
+        return metrics
+
+    def _end_to_end_of(self, model_id: str) -> Any:
+        histogram = self._end_to_end.get(model_id)
+        if histogram is None:
+            histogram = self._end_to_end[model_id] = self.stage_latency.labels(model_id, END_TO_END)
+        return histogram
 
     def count_request(self, method: str, code_name: str) -> None:
-        self.requests.labels(method, code_name).inc()
+        counter = self._request_counters.get((method, code_name))
+        if counter is None:  # one child per (method, code), as `labels()` keeps them; looked up once (no lock)
+            counter = self._request_counters[(method, code_name)] = self.requests.labels(method, code_name)
+        counter.inc()
 
     def track_queue_depth(self, model_id: str, depth: Callable[[], float]) -> None:
         self.queue_depth.labels(model_id).set_function(depth)

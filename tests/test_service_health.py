@@ -11,7 +11,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from realtime_qa.pipeline.client import ClientConfig, QAClient, QAClientError, RetryPolicy
+from realtime_qa.qacore.latency import StageTimings
 from realtime_qa.services.config import EngineSpec, ServerConfig
+from realtime_qa.services.metrics import ServiceMetrics
 from realtime_qa.services.server import QAServer, model_health_name
 from waiting import wait_until
 
@@ -153,3 +155,27 @@ async def test_unknown_engine_directory_fails_start_up_with_a_clear_error(tmp_pa
     with pytest.raises(Exception, match="engine directory not found"):
         await server.start()
     await server.stop()
+
+
+def test_answer_metrics_record_each_stage_of_each_model() -> None:
+    """`observe_answer` and `count_request` (children looked up once per model, method and code) record what the
+    timings say, per model; the over-budget series appear only once a question is over."""
+    metrics = ServiceMetrics(budget_ns=3_000_000)
+    value = metrics.registry.get_sample_value
+    metrics.observe_answer("a", StageTimings(1_000, 2_000, 3_000, 4_000, total_ns=2_000_000))
+    assert value("qa_requests_over_budget_total", {"model": "a"}) is None
+    metrics.observe_answer("a", StageTimings(10_000, 20_000, 30_000, 40_000, total_ns=5_000_000))
+    metrics.observe_answer("b", StageTimings(5_000, 0, 0, 0, total_ns=6_000))
+    for stage, seconds in (("queue", 11e-6), ("tokenize", 22e-6), ("infer", 33e-6), ("decode", 44e-6)):
+        assert value("qa_stage_latency_seconds_sum", {"model": "a", "stage": stage}) == pytest.approx(seconds)
+        assert value("qa_stage_latency_seconds_count", {"model": "a", "stage": stage}) == 2
+    assert value("qa_stage_latency_seconds_sum", {"model": "a", "stage": "end_to_end"}) == pytest.approx(7e-3)
+    assert value("qa_stage_latency_seconds_sum", {"model": "b", "stage": "queue"}) == pytest.approx(5e-6)
+    assert value("qa_stage_latency_seconds_count", {"model": "b", "stage": "end_to_end"}) == 1
+    assert value("qa_requests_over_budget_total", {"model": "a"}) == 1
+    assert value("qa_stage_over_budget_total", {"model": "a", "stage": "end_to_end"}) == 1
+    assert value("qa_requests_over_budget_total", {"model": "b"}) is None
+    for code in ("OK", "OK", "NOT_FOUND"):
+        metrics.count_request("AnswerStream", code)
+    assert value("qa_requests_total", {"method": "AnswerStream", "code": "OK"}) == 2
+    assert value("qa_requests_total", {"method": "AnswerStream", "code": "NOT_FOUND"}) == 1
