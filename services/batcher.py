@@ -549,31 +549,35 @@ class Batcher:
                     return None
                 self._wakeup.clear()
                 backlog_wait_ns = self._heavy_wait_ns(now) if self._depth else 0
-                try:
-                    async with asyncio.timeout(backlog_wait_ns / 1e9 if backlog_wait_ns else None):
-                        await self._wakeup.wait()
-                except TimeoutError:
-                    pass
+                await self._wait_for_wakeup(backlog_wait_ns)
                 continue
-            oldest_ns = min(job.submitted_ns for job in (entry.head() for entry in eligible) if job is not None)
-            due_ns = oldest_ns + delay_ns
-            now = time.perf_counter_ns()
-            waiting = sum(entry.queued for entry in eligible)
             # Waiting for a fuller batch only pays while another batch keeps the engine busy: an idle engine
             # starts at once (with one context it is always idle here), and windows that arrive meanwhile
-            # form the next batch.
+            # form the next batch. So the queue is weighed only while the engine is busy.
             engine_busy = self._heavy_running + self._light_running > 0
-            if waiting < self.max_batch_size and now < due_ns and engine_busy and not self._closing:
-                self._wakeup.clear()
-                try:
-                    async with asyncio.timeout((due_ns - now) / 1e9):
-                        await self._wakeup.wait()
-                except TimeoutError:
-                    pass
-                continue
+            if engine_busy and not self._closing:
+                oldest_ns = min(job.submitted_ns for job in (entry.head() for entry in eligible) if job is not None)
+                due_ns = oldest_ns + delay_ns
+                now = time.perf_counter_ns()
+                waiting = sum(entry.queued for entry in eligible)
+                if waiting < self.max_batch_size and now < due_ns:
+                    self._wakeup.clear()
+                    await self._wait_for_wakeup(due_ns - now)
+                    continue
             batch = self._take(eligible)
             if batch is not None:
                 return batch
+
+    async def _wait_for_wakeup(self, timeout_ns: int) -> None:
+        """Until `_wakeup` is set, or `timeout_ns` passed (0: no timeout; no timer made, as at every idle wait)."""
+        if not timeout_ns:
+            await self._wakeup.wait()
+            return
+        try:
+            async with asyncio.timeout(timeout_ns / 1e9):
+                await self._wakeup.wait()
+        except TimeoutError:
+            pass
 
     def _take(self, eligible: list[_Caller]) -> _Batch | None:
         """Up to `max_batch_size` windows, one per caller per round: the lead caller's window fixes the
