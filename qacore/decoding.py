@@ -254,23 +254,25 @@ def _candidates(
     token_starts = np.concatenate(picked_starts)
     lengths = np.concatenate(picked_lengths)
     order = np.argsort(-np.concatenate(picked_logits), kind="stable")
-    passage = features.passage
+    rows, token_starts, token_ends = rows[order], token_starts[order], token_starts[order] + lengths[order]
+    # Every candidate's character span and float64 logit at once, then Python values (per-element numpy scalar
+    # conversions in the loop cost more than the loop).
+    passage_starts = np.array([window.passage_start for window in windows])[rows]
+    context_offsets = np.array([window.context_offset for window in windows])[rows]
+    offsets = features.passage.offsets
+    char_starts = offsets[passage_starts + token_starts, 0].tolist()
+    char_ends = offsets[passage_starts + token_ends, 1].tolist()
+    logits = (
+        start_logits[rows, context_offsets + token_starts].astype(np.float64)
+        + end_logits[rows, context_offsets + token_ends].astype(np.float64)
+    ).tolist()
     spans: list[tuple[int, int, float]] = []
     seen: set[tuple[int, int]] = set()
-    for index in order:
-        window = windows[int(rows[index])]
-        s, e = int(token_starts[index]), int(token_starts[index] + lengths[index])
-        char_span = (
-            int(passage.offsets[window.passage_start + s, 0]),
-            int(passage.offsets[window.passage_start + e, 1]),
-        )
+    for char_span, logit in zip(zip(char_starts, char_ends, strict=True), logits, strict=True):
         if char_span in seen:
             continue
         seen.add(char_span)
-        row = int(rows[index])
-        first = window.context_offset
-        logit = float(np.float64(start_logits[row, first + s]) + np.float64(end_logits[row, first + e]))
-        spans.append((char_span[0], char_span[1], logit))
+        spans.append((*char_span, logit))
         if len(spans) == config.n_best_size:
             break
     spans.sort(key=lambda span: span[2], reverse=True)
