@@ -13,6 +13,7 @@
 # unary: the APIs every concurrency-1 point runs, e.g. unary,stream), ECHO_LOOPS (the echo floor's server loops,
 # default asyncio), CLIENT_LOOP (the load generators' event loop, default asyncio as in the first runs; auto =
 # uvloop) and CHANNELS (gRPC connections per load process; 1 in the first run) change the points.
+# STEP_TRACE (default 0) rounds of the step trace, base then new, run first.
 # Each concurrency-256 point also samples the CPU use of every process for 3 s (cpu_<name>.txt).
 # Run from the repository root with .carry/gpu carried (whl/: grpcio 1.85.3, grpcio-health-checking and -reflection
 # 1.85.1, protobuf 7.36.2, prometheus-client 0.26.0, aiostream 0.8.1 for Python 3.12; dev-v1.1.json.gz), the
@@ -54,6 +55,14 @@ start_server() {  # name, processes that must report serving, qa-serve flags...
 stop_server() { kill ${PIDS[-1]} 2>/dev/null; wait ${PIDS[-1]} 2>/dev/null; }
 
 port=50060
+# STEP_TRACE=N: before the rest, N rounds of benchmarks/device/step_trace.py, base then new (one question's steps).
+for round in $(seq ${STEP_TRACE:-0}); do
+  for tree in BASE NEW; do
+    step "step trace $tree $round"; code ${!tree}; port=$((port + 1))
+    (cd $TREE && timeout 240 python3 -m realtime_qa.benchmarks.device.step_trace --engine /tmp/eng-torch --squad $SQUAD \
+      --questions 2000 --port $port --out $R/trace_${tree,,}_$round.json) 2>&1 | grep -iE "total" | tail -2
+  done
+done
 [ "${C1_VARIANTS:-}" != none ] && {
 step concurrency 1
 for variant in ${C1_VARIANTS:-base:BASE: new:NEW: base_b1:BASE:--max-batch-size+1 new_b1:NEW:--max-batch-size+1}; do
