@@ -234,53 +234,62 @@ class SlowEngine(Engine):
             self.tracker["running"] -= 1
 
 
-async def test_two_engine_contexts_run_batches_in_parallel(answerer: QuestionAnswerer, engine_dir: Path) -> None:
+@pytest.fixture
+def second_engine(engine_dir: Path) -> Iterator[Engine]:
+    """A second instance of the test engine: the batcher's second context."""
     from realtime_qa.qacore.factory import EngineOptions, load_engine
 
     second = load_engine(engine_dir, EngineOptions(intra_op_threads=1))
-    tracker = {"running": 0, "most": 0}
-    try:
-        observer = RecordingObserver()
-        config = BatcherConfig(max_batch_size=2, max_queue_delay_us=0)
-        engines = [SlowEngine(answerer.engine, 0.05, tracker), SlowEngine(second, 0.05, tracker)]
-        batcher = Batcher(engines, answerer.featurizer, config, observer)
-        batcher.start()
-        results = await asyncio.gather(*(batcher.run(windows_for(answerer, q)) for q in QUESTIONS))
-        await batcher.close()
-    finally:
-        second.close()
+    yield second
+    second.close()
+
+
+def two_context_batcher(
+    answerer: QuestionAnswerer,
+    engines: tuple[Engine, Engine],
+    delays_s: tuple[float, float],
+    tracker: dict[str, int],
+    config: BatcherConfig,
+    observer: RecordingObserver,
+) -> Batcher:
+    """A started batcher over two slowed engine contexts that record how many calls run at once in `tracker`."""
+    slowed = [SlowEngine(engine, delay_s, tracker) for engine, delay_s in zip(engines, delays_s, strict=True)]
+    batcher = Batcher(slowed, answerer.featurizer, config, observer)
+    batcher.start()
+    return batcher
+
+
+async def test_two_engine_contexts_run_batches_in_parallel(answerer: QuestionAnswerer, second_engine: Engine) -> None:
+    second, tracker = second_engine, {"running": 0, "most": 0}
+    observer = RecordingObserver()
+    config = BatcherConfig(max_batch_size=2, max_queue_delay_us=0)
+    batcher = two_context_batcher(answerer, (answerer.engine, second), (0.05, 0.05), tracker, config, observer)
+    results = await asyncio.gather(*(batcher.run(windows_for(answerer, q)) for q in QUESTIONS))
+    await batcher.close()
     assert len(results) == len(QUESTIONS)
     assert sum(size for size, _ in observer.batches) == len(QUESTIONS)
     assert tracker["most"] == 2  # both contexts ran a batch at the same time
 
 
 async def test_while_a_batch_runs_the_next_waits_for_more_windows_up_to_the_delay(
-    answerer: QuestionAnswerer, engine_dir: Path
+    answerer: QuestionAnswerer, second_engine: Engine
 ) -> None:
     """An idle engine starts a lone window at once; while that batch runs, windows that arrive wait (for the other
     context) until the batch is full or the oldest has waited max_queue_delay_us."""
-    from realtime_qa.qacore.factory import EngineOptions, load_engine
-
-    second = load_engine(engine_dir, EngineOptions(intra_op_threads=1))
-    tracker = {"running": 0, "most": 0}
-    try:
-        observer = RecordingObserver()
-        config = BatcherConfig(max_batch_size=4, max_queue_delay_us=300_000)
-        engines = [SlowEngine(answerer.engine, 1.5, tracker), SlowEngine(second, 0.0, tracker)]
-        batcher = Batcher(engines, answerer.featurizer, config, observer)
-        batcher.start()
-        first = asyncio.ensure_future(batcher.run(windows_for(answerer, QUESTIONS[0])))
-        await wait_until(lambda: tracker["running"] == 1)  # the first window runs at once, alone
-        began = time.perf_counter()
-        later = [asyncio.ensure_future(batcher.run(windows_for(answerer, q))) for q in QUESTIONS[1:3]]
-        await asyncio.sleep(0.05)
-        later.append(asyncio.ensure_future(batcher.run(windows_for(answerer, QUESTIONS[3]))))
-        waited = await asyncio.gather(*later)
-        waited_s = time.perf_counter() - began
-        await first
-        await batcher.close()
-    finally:
-        second.close()
+    second, tracker = second_engine, {"running": 0, "most": 0}
+    observer = RecordingObserver()
+    config = BatcherConfig(max_batch_size=4, max_queue_delay_us=300_000)
+    batcher = two_context_batcher(answerer, (answerer.engine, second), (1.5, 0.0), tracker, config, observer)
+    first = asyncio.ensure_future(batcher.run(windows_for(answerer, QUESTIONS[0])))
+    await wait_until(lambda: tracker["running"] == 1)  # the first window runs at once, alone
+    began = time.perf_counter()
+    later = [asyncio.ensure_future(batcher.run(windows_for(answerer, q))) for q in QUESTIONS[1:3]]
+    await asyncio.sleep(0.05)
+    later.append(asyncio.ensure_future(batcher.run(windows_for(answerer, QUESTIONS[3]))))
+    waited = await asyncio.gather(*later)
+    waited_s = time.perf_counter() - began
+    await first
+    await batcher.close()
     assert [result.batch_sizes for result in waited] == [(3,)] * 3  # one batch, formed when the delay ran out
     assert 0.25 < waited_s < 1.2  # ... after ~0.3 s: not at once, not after the first batch (1.5 s)
     assert sorted(size for size, _ in observer.batches) == [1, 3]
