@@ -5,9 +5,9 @@ Each server owns its own registry, so several servers can run in one process (te
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -22,6 +22,14 @@ LATENCY_BUCKETS_S = (
 )  # fmt: skip
 BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)
 END_TO_END = "end_to_end"
+
+
+@dataclass(frozen=True)
+class _ModelSeries:
+    """One model's latency series: per stage (name, `StageTimings` field, histogram, budget or None), and end to end."""
+
+    stages: list[tuple[str, str, Any, int | None]]
+    end_to_end: Any
 
 
 class ServiceMetrics:
@@ -83,43 +91,34 @@ class ServiceMetrics:
         for stage, stage_budget_ns in self._stage_budgets.items():
             self.budget.labels(stage).set(stage_budget_ns / 1e9)
         self._http_server: Any = None
-        self._stage_metrics: dict[str, list[tuple[str, Any, int | None, Callable[[], Any]]]] = {}
-        self._end_to_end: dict[str, Any] = {}
+        self._model_series: dict[str, _ModelSeries] = {}
         self._request_counters: dict[tuple[str, str], Any] = {}
 
     def observe_answer(self, model_id: str, timings: StageTimings) -> None:
-        for field, histogram, stage_budget_ns, over_budget in self._stage_metrics_of(model_id):
+        series = self._series_of(model_id)
+        for stage, field, histogram, stage_budget_ns in series.stages:
             duration_ns = getattr(timings, field)
             histogram.observe(duration_ns / 1e9)
             if stage_budget_ns is not None and duration_ns > stage_budget_ns:
-                over_budget().inc()
-        self._end_to_end_of(model_id).observe(timings.total_ns / 1e9)
+                self.stage_over_budget.labels(model_id, stage).inc()
+        series.end_to_end.observe(timings.total_ns / 1e9)
         if timings.over_budget(self.budget_ns):
             self.over_budget.labels(model_id).inc()
             self.stage_over_budget.labels(model_id, END_TO_END).inc()
 
-    def _stage_metrics_of(self, model_id: str) -> list[tuple[str, Any, int | None, Callable[[], Any]]]:
-        """Per stage of QA_SERVER_STAGES: the `StageTimings` field, the model's histogram, the stage's budget and
-        its over-budget counter (made on first use), looked up once: `labels()` takes a lock and a dict lookup per
-        call, paid per stage on every answer on the event loop."""
-        metrics = self._stage_metrics.get(model_id)
-        if metrics is None:
-            metrics = self._stage_metrics[model_id] = [
-                (
-                    f"{stage}_ns",
-                    self.stage_latency.labels(model_id, stage),
-                    self._stage_budgets.get(stage),
-                    functools.partial(self.stage_over_budget.labels, model_id, stage),
-                )
+    def _series_of(self, model_id: str) -> _ModelSeries:
+        """The model's stage histograms with each stage's `StageTimings` field and budget, looked up once:
+        `labels()` takes a lock and a dict lookup per call, paid per stage on every answer on the event loop."""
+        series = self._model_series.get(model_id)
+        if series is None:
+            stages = [
+                (stage, f"{stage}_ns", self.stage_latency.labels(model_id, stage), self._stage_budgets.get(stage))
                 for stage in QA_SERVER_STAGES.names
             ]
-        return metrics
-
-    def _end_to_end_of(self, model_id: str) -> Any:
-        histogram = self._end_to_end.get(model_id)
-        if histogram is None:
-            histogram = self._end_to_end[model_id] = self.stage_latency.labels(model_id, END_TO_END)
-        return histogram
+            series = self._model_series[model_id] = _ModelSeries(
+                stages, self.stage_latency.labels(model_id, END_TO_END)
+            )
+        return series
 
     def count_request(self, method: str, code_name: str) -> None:
         counter = self._request_counters.get((method, code_name))
