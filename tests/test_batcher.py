@@ -284,7 +284,7 @@ async def test_while_a_batch_runs_the_next_waits_for_more_windows_up_to_the_dela
     await wait_until(lambda: tracker["running"] == 1)  # the first window runs at once, alone
     began = time.perf_counter()
     later = [asyncio.ensure_future(batcher.run(windows_for(answerer, q))) for q in QUESTIONS[1:3]]
-    await asyncio.sleep(0.05)
+    await wait_until(lambda: batcher.depth == 2)  # both queued behind the running batch; then one more
     later.append(asyncio.ensure_future(batcher.run(windows_for(answerer, QUESTIONS[3]))))
     waited = await asyncio.gather(*later)
     waited_s = time.perf_counter() - began
