@@ -16,13 +16,19 @@ on the same weights right beside it:
     layer         four Triton kernels per layer (torch_layer_kernels), CUDA graphs (experiment)
     layer_spans   `layer` with the device span search in the same graph
     splitk        `fused` with split-K Triton GEMMs (torch_gemm) where its measured table lists the shape
-                  (the engine's default since issue 12's goal 4 work)
+                  (TorchEngineConfig attention_kernel=False: the engine before the attention kernel)
     splitk_spans  `splitk` with the device span search in the same graph
+    attention     `splitk` with the Triton attention kernel and the QA head in the last LayerNorm where the
+                  split-K path runs (the engine's default: TorchEngineConfig())
+    attention_spans  `attention` with the device span search in the same graph
 
 `--gemm-sweep M,...` first times every tile/split config of `torch_gemm` against cuBLAS on each encoder
 projection of the models, at those token counts (each GEMM with the kernel that consumes it), checks
 their numbers against float32, prints the table of winners and uses it for the `splitk` variants of the
 same run (`torch_gemm.TABLE` holds the committed table).
+
+`--attention-sweep BxS,...` times the `attention` variant at those shapes with each tile set of
+ATTENTION_SWEEP (whole graph replays, a fresh engine each).
 
 `--e2e` adds end-to-end latency on SQuAD dev questions (tokenize + infer + decode, one question at a
 time) through `QuestionAnswerer` with each engine. Writes JSON (--out) and prints a table.
@@ -68,8 +74,10 @@ VARIANTS = (
     "layer_spans",
     "splitk",
     "splitk_spans",
+    "attention",
+    "attention_spans",
 )
-SPAN_VARIANTS = ("fused_spans", "layer_spans", "splitk_spans")
+SPAN_VARIANTS = ("fused_spans", "layer_spans", "splitk_spans", "attention_spans")
 PRODUCT = "fused"  # the variant the speed-up and seq/s columns describe
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 DEFAULT_SEQUENCE_LENGTHS = (128, 384)
@@ -98,6 +106,7 @@ class BenchConfig:
     e2e_questions: int = 300
     profile_shapes: tuple[tuple[int, int], ...] = ()  # (batch, seq) whose kernels are listed per model
     block_sweep: tuple[tuple[int, int], ...] = ()  # (batch, seq) where the layer kernels' tile sizes are swept
+    attention_sweep: tuple[tuple[int, int], ...] = ()  # (batch, seq) where the attention kernel's tiles are swept
     gemm_sweep: tuple[int, ...] = ()  # token counts M where torch_gemm's configs are timed against cuBLAS
     seed: int = 0
 
@@ -235,7 +244,8 @@ def make_engine(model: BenchModel, config: BenchConfig, variant: str) -> Any:
         compile_mode=config.compile_mode if variant == "compiled" else None,
         blas_library="cublaslt" if variant == "fused_lt" else None,
         layer_fusion=variant in ("layer", "layer_spans"),
-        splitk_gemm=variant in ("splitk", "splitk_spans"),
+        splitk_gemm=variant in ("splitk", "splitk_spans", "attention", "attention_spans"),
+        attention_kernel=variant in ("attention", "attention_spans"),
     )
     return TorchCudaEngine(bench_meta(model, config), model.weights, engine_config)
 
@@ -325,6 +335,52 @@ BLOCK_SWEEP = (
     (16, 64, 64, 32, 64, 4, 2),
     (32, 64, 64, 64, 32, 4, 4),
 )
+
+
+# Tiles tried by --attention-sweep: (query rows per program, keys per step, warps, stages).
+ATTENTION_SWEEP = (
+    (16, 128, 4, 2),
+    (32, 128, 4, 2),
+    (64, 128, 4, 2),
+    (32, 64, 4, 2),
+    (64, 64, 4, 2),
+    (32, 128, 2, 2),
+    (16, 64, 2, 2),
+    (128, 128, 8, 2),
+)
+
+
+def attention_sweep(
+    model: BenchModel, config: BenchConfig, batch: int, seq: int, rng: np.random.Generator
+) -> list[dict[str, Any]]:
+    """The attention variant at one shape with each tile set of ATTENTION_SWEEP (a fresh engine each)."""
+    from realtime_qa.qacore.backends import torch_kernels
+
+    inputs = random_inputs(batch, seq, model.config.vocab_size, rng)
+    stream = __import__("torch").cuda.Stream()
+    rows: list[dict[str, Any]] = []
+    original = torch_kernels.attention_tiles
+    try:
+        for sizes in ATTENTION_SWEEP:
+            tiles = torch_kernels.AttentionTiles(*sizes)
+
+            def fixed(seq: int, head_dim: int, tiles: Any = tiles) -> Any:
+                return tiles
+
+            torch_kernels.attention_tiles = fixed
+            try:
+                engine = make_engine(model, config, "attention")
+                engine.infer(inputs)
+                times = time_device(engine.graphed_shape(batch, seq).graph.replay, stream, config)
+                engine.close()
+            except Exception:
+                log.exception("attention sweep %s failed", sizes)
+                continue
+            timing = summarize(model.name, "attention", batch, seq, times, 0.0)
+            rows.append({"tiles": sizes, "p50_ms": timing.p50_ms, "p99_ms": timing.p99_ms})
+    finally:
+        torch_kernels.attention_tiles = original
+    return rows
 
 
 def block_sweep(model: BenchModel, config: BenchConfig, batch: int, seq: int, rng: np.random.Generator) -> list[Any]:
@@ -499,7 +555,7 @@ def table(results: list[Timing]) -> str:
 def goal_lines(results: list[Timing]) -> list[str]:
     lines = []
     for (model, batch, seq), (metric, target) in GOALS.items():
-        for variant in ("fused", "fused_lt", "compiled", "fused_spans", "layer", "layer_spans", *VARIANTS[-2:]):
+        for variant in ("fused", "fused_lt", "compiled", "fused_spans", "layer", "layer_spans", *VARIANTS[-4:]):
             found = [t for t in results if (t.model, t.batch, t.seq, t.variant) == (model, batch, seq, variant)]
             if not found:
                 continue
@@ -575,7 +631,7 @@ def run(config: BenchConfig, out: Path | None, argv: Sequence[str]) -> dict[str,
         model = load_bench_model(name, config)
         report["results"] += [asdict(t) for t in bench_model(model, config, rng)]
         for batch, seq in config.profile_shapes:
-            for variant in ("fused", *(v for v in ("layer", "splitk") if v in config.variants)):
+            for variant in ("fused", *(v for v in ("layer", "splitk", "attention") if v in config.variants)):
                 try:
                     profiled = kernel_profile(model, config, batch, seq, rng, variant)
                     report.setdefault("kernel_profiles", []).append(profiled)
@@ -586,6 +642,11 @@ def run(config: BenchConfig, out: Path | None, argv: Sequence[str]) -> dict[str,
             report.setdefault("block_sweep", []).append(
                 {"model": name, "batch": batch, "seq": seq, "rows": block_sweep(model, config, batch, seq, rng)}
             )
+        for batch, seq in config.attention_sweep:
+            rows = attention_sweep(model, config, batch, seq, rng)
+            report.setdefault("attention_sweep", []).append({"model": name, "batch": batch, "seq": seq, "rows": rows})
+            print(f"attention tiles, {name} b={batch} s={seq}: " + "; ".join(
+                f"{row['tiles']} {row['p50_ms']:.4f} ms" for row in rows), flush=True)  # fmt: skip
         if name == "shipped" and config.e2e_squad is not None:
             report["e2e"] = [asdict(t) for t in bench_e2e(model, config)]
         log.info("%s done in %.1f s", name, time.perf_counter() - began)
@@ -646,6 +707,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile-shapes", type=_shapes, default=(), help="BxS,... list the fused kernels there")
     parser.add_argument("--block-sweep", type=_shapes, default=(), help="BxS,... sweep the layer kernels' tiles there")
     parser.add_argument(
+        "--attention-sweep", type=_shapes, default=(), help="BxS,... sweep the attention kernel's tiles there"
+    )
+    parser.add_argument(
         "--gemm-sweep", type=_ints, default=(), help="M,...: time torch_gemm's configs vs cuBLAS at these token counts"
     )
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
@@ -677,6 +741,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         e2e_questions=args.e2e_questions,
         profile_shapes=args.profile_shapes,
         block_sweep=args.block_sweep,
+        attention_sweep=args.attention_sweep,
         gemm_sweep=args.gemm_sweep,
     )
 

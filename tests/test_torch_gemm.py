@@ -74,14 +74,18 @@ def test_config_for_picks_by_token_count_and_falls_back_to_cublas() -> None:
         assert all(config is None or config.fits(n, k) for _, config in entries)
 
 
-def test_fused_module_with_split_k_computes_the_same_function_on_cpu() -> None:
-    """float32 on CPU: split sums through the consumers equal the cuBLAS-shaped (unsplit) forward."""
+@pytest.mark.parametrize("attention_kernel", [False, True], ids=["sdpa", "attention-kernel-path"])
+def test_fused_module_with_split_k_computes_the_same_function_on_cpu(attention_kernel: bool) -> None:
+    """float32 on CPU: split sums through the consumers equal the cuBLAS-shaped (unsplit) forward; so does
+    the attention-kernel path's structure (attention from the int mask, the QA head in the last LayerNorm)."""
     from realtime_qa.qacore.backends.torch_network import BertForQA
 
     torch.manual_seed(1)
     network = BertForQA(TINY).eval()
     plain = FusedBertForQA.from_state_dict(TINY, network.state_dict(), use_triton=False).eval()
-    split = FusedBertForQA.from_state_dict(TINY, network.state_dict(), use_triton=False, splitk_gemm=True).eval()
+    split = FusedBertForQA.from_state_dict(
+        TINY, network.state_dict(), use_triton=False, splitk_gemm=True, attention_kernel=attention_kernel
+    ).eval()
     split.gemm_table = TINY_TABLE
     ids = torch.randint(0, 300, (3, 40), dtype=torch.int32)
     segments = (torch.arange(40) > 12).int().expand(3, 40).contiguous()
@@ -125,6 +129,44 @@ def test_split_k_kernels_equal_the_torch_path_under_the_interpreter() -> None:
     assert float(out.split()[-1]) < 1e-4
 
 
+@pytest.mark.slow
+def test_attention_kernel_and_qa_head_equal_the_torch_path_under_the_interpreter() -> None:
+    """float32: the attention kernel against SDPA with BertForQA's additive mask (a sequence that is not a
+    multiple of the tiles, a padded row, an all-padding row, key blocks smaller than the sequence), and the
+    LayerNorm kernel with the QA head against LayerNorm then the linear layer."""
+    out = run_interpreted(
+        """
+        import torch
+        from realtime_qa.qacore.backends import torch_kernels
+        from realtime_qa.qacore.backends.torch_fused import _torch_attention, _torch_residual_layernorm
+        torch.manual_seed(0)
+        worst, scale = 0.0, 0.0
+        for batch, seq, heads, head_dim, tiles in ((3, 70, 2, 32, None), (2, 40, 3, 16, (16, 16, 4, 2))):
+            if tiles is not None:
+                torch_kernels.attention_tiles = lambda seq, head_dim, t=tiles: torch_kernels.AttentionTiles(*t)
+            qkv = torch.randn(batch * seq, 3 * heads * head_dim)
+            mask = torch.ones(batch, seq, dtype=torch.int32)
+            mask[1, seq // 2:] = 0
+            if batch > 2:
+                mask[2, :] = 0
+            got = torch_kernels.attention(qkv, mask, heads)
+            want = _torch_attention(qkv, mask, heads)
+            assert got.shape == want.shape == (batch * seq, heads * head_dim)
+            worst, scale = max(worst, float((got - want).abs().max())), max(scale, float(want.abs().max()))
+        partials, residual = torch.randn(2, 70, 48), torch.randn(70, 48)
+        bias, gamma, beta = torch.randn(48), 1 + 0.1 * torch.randn(48), 0.1 * torch.randn(48)
+        head = (torch.randn(2, 48), torch.randn(2))
+        got = torch_kernels.residual_layernorm(partials, bias, residual, gamma, beta, 1e-12, head=head)
+        want = _torch_residual_layernorm(partials, bias, residual, gamma, beta, 1e-12, head=head)
+        assert got.shape == want.shape == (70, 2) and got.dtype == torch.float32
+        worst = max(worst, float((got - want).abs().max()))
+        print(worst, scale)
+        """
+    )
+    worst, scale = map(float, out.split()[-2:])
+    assert scale > 0.5 and worst < 1e-4
+
+
 # -- GPU ---------------------------------------------------------------------------------------------
 
 
@@ -157,7 +199,7 @@ def test_gpu_split_k_graphs_match_the_previous_engine(
         )
     rng = np.random.default_rng(0)
     with (
-        open_torch_engine(fp16_engine_dir, TorchEngineConfig(splitk_gemm=True)) as split,
+        open_torch_engine(fp16_engine_dir, TorchEngineConfig(splitk_gemm=True, attention_kernel=False)) as split,
         open_torch_engine(fp16_engine_dir, TorchEngineConfig(splitk_gemm=False)) as previous,
     ):
         for batch in (1, 8):
@@ -168,3 +210,28 @@ def test_gpu_split_k_graphs_match_the_previous_engine(
             got, want = split.infer(inputs), previous.infer(inputs)
             np.testing.assert_allclose(got.start_logits, want.start_logits, atol=0.05)
             np.testing.assert_allclose(got.end_logits, want.end_logits, atol=0.05)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_attention_kernel_graphs_match_the_engine_without_it(fp16_engine_dir: Path) -> None:
+    """Batch 1 and 8 at sequence 128 and a shorter bucket, rows padded to different lengths: the default engine
+    (attention kernel, QA head in the last LayerNorm) gives the logits of the split-K engine without them."""
+    rng = np.random.default_rng(1)
+    with (
+        open_torch_engine(fp16_engine_dir, TorchEngineConfig()) as new,
+        open_torch_engine(fp16_engine_dir, TorchEngineConfig(attention_kernel=False)) as previous,
+    ):
+        assert new.module.attention_kernel and not previous.module.attention_kernel
+        for batch, seq in ((1, 128), (8, 128), (8, 100)):
+            ids = rng.integers(1000, 30000, size=(batch, seq), dtype=np.int32)
+            segments = np.zeros_like(ids)
+            segments[:, 30:] = 1
+            mask = np.ones_like(ids)
+            for row in range(1, batch):  # row 0 full, the others 9, 18, ... tokens shorter
+                mask[row, seq - 9 * row :] = 0
+            inputs = EngineInputs(ids, segments, mask)
+            got, want = new.infer(inputs), previous.infer(inputs)
+            valid = mask.astype(bool)
+            np.testing.assert_allclose(got.start_logits[valid], want.start_logits[valid], atol=0.05)
+            np.testing.assert_allclose(got.end_logits[valid], want.end_logits[valid], atol=0.05)

@@ -5,7 +5,9 @@ The engine directory holds meta.json and the HF-named weights (`model.safetensor
 SDPA attention, Triton bias+GELU and residual+LayerNorm kernels) or, with `fused=False`, the training
 network `BertForQA` itself. With `layer_fusion` the fused module runs four Triton kernels per encoder
 layer (`torch_layer_kernels`) instead (an experiment: correct, slower on the H200). With `splitk_gemm` (the
-default) the encoder's GEMMs at small token counts are split-K Triton GEMMs (`torch_gemm`). Each padded shape
+default) the encoder's GEMMs at small token counts are split-K Triton GEMMs (`torch_gemm`), and there (with
+`attention_kernel`, the default) attention is one Triton kernel per layer and the QA head is folded into the last
+LayerNorm kernel (`torch_kernels.attention`). Each padded shape
 (batch bucket x sequence bucket) is captured once into a CUDA graph with static input and output buffers; `infer` copies
 the batch into pinned host memory, into the static inputs, replays the graph and copies the logits back:
 two copies and one graph launch per call. Batches are padded up to the bucket and the logits sliced back, so callers
@@ -62,6 +64,11 @@ class TorchEngineConfig:
     # equal elsewhere, same SQuAD F1 (benchmarks/results/engine_h200_splitk.md). Not with compile_mode, and
     # only on compute capability 9.0 and newer (programmatic dependent launch; the table was measured on Hopper).
     splitk_gemm: bool = True
+    # Where the split-K path runs: attention by one Triton kernel straight from the QKV GEMM's output and
+    # the int input mask (instead of an additive mask tensor and cuDNN's SDPA), launched with programmatic
+    # dependent launch like its neighbours, and the QA head inside the last LayerNorm kernel
+    # (benchmarks/results/engine_h200_attention.md). False: the split-K engine as before.
+    attention_kernel: bool = True
     # Device span search: spans kept per window (twice the default n-best: distinct token spans may share a
     # character span) and the longest answer, in tokens, it searches.
     span_top_k: int = 40
@@ -240,6 +247,7 @@ class TorchCudaEngine(Engine):
                     use_triton=use_triton,
                     layer_fusion=self.config.layer_fusion,
                     splitk_gemm=self.config.splitk_gemm and self.config.compile_mode is None,
+                    attention_kernel=self.config.attention_kernel,
                 )
             else:
                 network = BertForQA(config)

@@ -4,7 +4,9 @@
 state dict (or the canonical numpy weights) and runs the same function with fewer, larger kernels:
 
 - Q, K and V in one GEMM (their weights concatenated once at load time), biases in the GEMM epilogue;
-- attention through `scaled_dot_product_attention` straight on strided views of the QKV output;
+- attention through `scaled_dot_product_attention` straight on strided views of the QKV output; or, with
+  `attention_kernel` where the split-K path runs, through one Triton kernel that reads the QKV output and the
+  int input mask directly (`torch_kernels.attention`), the QA head then applied inside the last LayerNorm kernel;
 - bias + residual + LayerNorm in one Triton kernel, bias + exact (erf) GELU in one Triton kernel, and the
   embedding sum + LayerNorm in one Triton kernel, each computing in float32 and storing in the
   activation dtype.
@@ -72,6 +74,7 @@ class FusedBertForQA(nn.Module):
         use_triton: bool = True,
         layer_fusion: bool = False,
         splitk_gemm: bool = False,
+        attention_kernel: bool = False,
     ) -> None:
         super().__init__()
         self.config = config
@@ -81,6 +84,9 @@ class FusedBertForQA(nn.Module):
         # Split-K Triton GEMMs where `gemm_table` (by default torch_gemm.TABLE) lists the shape and token count.
         self.splitk_gemm = splitk_gemm
         self.gemm_table: Mapping[tuple[int, int], tuple[tuple[int, Any], ...]] | None = None
+        # Where the split-K path runs: attention by our kernel straight from the QKV output and the int
+        # input mask (no additive mask tensor, no SDPA), and the QA head inside the last LayerNorm kernel.
+        self.attention_kernel = attention_kernel
         for name, tensor in tensors.items():
             self.register_buffer(name, tensor.detach().clone(), persistent=True)
         # A LayerNorm that changes nothing (the layer-fused forward's first layer reads normalized input).
@@ -97,6 +103,7 @@ class FusedBertForQA(nn.Module):
         use_triton: bool = True,
         layer_fusion: bool = False,
         splitk_gemm: bool = False,
+        attention_kernel: bool = False,
     ) -> FusedBertForQA:
         """From canonical numpy weights (`builder.checkpoint.Checkpoint.weights`, HF names)."""
         return cls.from_state_dict(
@@ -105,6 +112,7 @@ class FusedBertForQA(nn.Module):
             use_triton,
             layer_fusion,
             splitk_gemm,
+            attention_kernel,
         )
 
     @classmethod
@@ -115,6 +123,7 @@ class FusedBertForQA(nn.Module):
         use_triton: bool = True,
         layer_fusion: bool = False,
         splitk_gemm: bool = False,
+        attention_kernel: bool = False,
     ) -> FusedBertForQA:
         """From a `BertForQA` / HF `BertForQuestionAnswering` state dict; every needed tensor must be there."""
 
@@ -152,7 +161,7 @@ class FusedBertForQA(nn.Module):
                 "ffn_ln_bias": get(prefix + "output.LayerNorm.bias"),
             }
             packed.update({f"layer{index}_{name}": tensor for name, tensor in parts.items()})
-        return cls(config, packed, use_triton, layer_fusion, splitk_gemm)
+        return cls(config, packed, use_triton, layer_fusion, splitk_gemm, attention_kernel)
 
     def tensor(self, name: str) -> torch.Tensor:
         """One of the packed weights by buffer name (e.g. "word_embeddings", "layer0_qkv_weight")."""
@@ -187,7 +196,6 @@ class FusedBertForQA(nn.Module):
             return torch_layer_kernels.forward(self, input_ids, segment_ids, input_mask)
         config = self.config
         batch, seq = input_ids.shape
-        hidden = config.hidden_size
         heads = config.num_attention_heads
         eps = config.layer_norm_eps
         # Split-K only at token counts its table covers: elsewhere (large batches) exactly the previous path.
@@ -196,7 +204,9 @@ class FusedBertForQA(nn.Module):
             and _split_k_covers(batch * seq, config, self.gemm_table)
             and (not self._kernels or _hopper_or_newer(input_ids.device))
         )
-        ops = _triton_ops(pdl=splitk) if self._kernels else _TORCH_OPS
+        # Our attention and the QA head in the last LayerNorm: with the split-K path (PDL on CUDA), shapes it takes.
+        own_attention = splitk and self.attention_kernel and _attention_kernel_takes(config)
+        ops = _triton_ops(pdl=splitk, first_pdl=own_attention) if self._kernels else _TORCH_OPS
         dtype = self.tensor("word_embeddings").dtype
 
         x = ops.embed(
@@ -209,8 +219,7 @@ class FusedBertForQA(nn.Module):
             self.tensor("embeddings_ln_bias"),
             eps,
         )  # [B*S, H]
-        # Additive key mask, broadcast over heads and query positions, as in BertForQA.
-        mask = ((1.0 - input_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min).to(dtype)
+        mask = None if own_attention else _additive_mask(input_mask, dtype)
         act = _activation(config.hidden_act)
         gemm = _Gemm(self.gemm_table, self._kernels, enabled=splitk)
         for index in range(config.num_hidden_layers):
@@ -220,10 +229,7 @@ class FusedBertForQA(nn.Module):
                 return self.tensor(prefix + name)
 
             qkv = gemm.bias_activation(x, w("qkv_weight"), w("qkv_bias"), "none", ops)
-            qkv = qkv.view(batch, seq, 3, heads, hidden // heads)
-            q, k, v = (qkv[:, :, part].transpose(1, 2) for part in range(3))  # [B, heads, S, d] views
-            context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            context = context.transpose(1, 2).reshape(batch * seq, hidden)
+            context = ops.attention(qkv, input_mask, heads) if mask is None else _sdpa(qkv, mask, heads)
             # Plain GEMM outputs, or with split-K float32 partial sums [splits, rows, n] the consumer adds up.
             x = ops.residual_layernorm(
                 gemm.partial_products(context, w("attn_out_weight")),
@@ -234,6 +240,7 @@ class FusedBertForQA(nn.Module):
                 eps,
             )
             inner = gemm.bias_activation(x, w("ffn_in_weight"), w("ffn_in_bias"), act, ops)
+            last = own_attention and index == config.num_hidden_layers - 1
             x = ops.residual_layernorm(
                 gemm.partial_products(inner, w("ffn_out_weight")),
                 w("ffn_out_bias"),
@@ -241,7 +248,10 @@ class FusedBertForQA(nn.Module):
                 w("ffn_ln_weight"),
                 w("ffn_ln_bias"),
                 eps,
+                head=(self.tensor("qa_weight"), self.tensor("qa_bias")) if last else None,
             )
+        if own_attention:  # the last LayerNorm kernel applied the QA head: x is float32 logits [B*S, 2]
+            return x.view(batch, seq, 2)
         return F.linear(x, self.tensor("qa_weight"), self.tensor("qa_bias")).float().view(batch, seq, 2)
 
 
@@ -250,6 +260,12 @@ def _split_k_covers(tokens: int, config: ModelConfig, table: Any) -> bool:
 
     hidden, inner = config.hidden_size, config.intermediate_size
     return torch_gemm.covers(tokens, ((3 * hidden, hidden), (hidden, hidden), (inner, hidden), (hidden, inner)), table)
+
+
+def _attention_kernel_takes(config: ModelConfig) -> bool:
+    """`torch_kernels.attention` needs a power-of-two head dimension of at least 16 (its `tl.dot` tiles)."""
+    head_dim, rest = divmod(config.hidden_size, config.num_attention_heads)
+    return rest == 0 and head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
 def _hopper_or_newer(device: torch.device) -> bool:
@@ -270,6 +286,7 @@ class _Ops:
     embed: Callable[..., torch.Tensor]
     residual_layernorm: Callable[..., torch.Tensor]
     bias_activation: Callable[..., torch.Tensor]
+    attention: Callable[..., torch.Tensor]
 
 
 def _torch_embed(
@@ -288,12 +305,40 @@ def _torch_embed(
 
 
 def _torch_residual_layernorm(
-    y: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, ln_bias: torch.Tensor, eps: float
+    y: torch.Tensor,
+    bias: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    eps: float,
+    head: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     if y.dim() == 3:  # float32 split-K partial sums [splits, rows, n]
         y = y.sum(0)
     summed = (y + bias + residual).to(residual.dtype)
-    return F.layer_norm(summed, (y.shape[-1],), weight, ln_bias, eps)
+    normalized = F.layer_norm(summed, (y.shape[-1],), weight, ln_bias, eps)
+    return normalized if head is None else F.linear(normalized, *head).float()
+
+
+def _additive_mask(input_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The int key mask [B, S] as BertForQA adds it to the scores: [B, 1, 1, S], 0 or the dtype's minimum."""
+    return ((1.0 - input_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min).to(dtype)
+
+
+def _sdpa(qkv: torch.Tensor, mask: torch.Tensor, heads: int) -> torch.Tensor:
+    """Attention through `scaled_dot_product_attention` on strided views of the QKV output [B*S, 3H]
+    under an additive mask [B, 1, 1, S]; the context [B*S, H]."""
+    batch, seq = mask.shape[0], mask.shape[-1]
+    hidden = qkv.shape[1] // 3
+    parts = qkv.view(batch, seq, 3, heads, hidden // heads)
+    q, k, v = (parts[:, :, part].transpose(1, 2) for part in range(3))  # [B, heads, S, d] views
+    context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return context.transpose(1, 2).reshape(batch * seq, hidden)
+
+
+def _torch_attention(qkv: torch.Tensor, input_mask: torch.Tensor, heads: int) -> torch.Tensor:
+    """`torch_kernels.attention` in plain torch: the context [B*S, H] under the int key mask [B, S]."""
+    return _sdpa(qkv, _additive_mask(input_mask, qkv.dtype), heads)
 
 
 def _torch_bias_activation(
@@ -309,7 +354,7 @@ def _torch_bias_activation(
     return F.gelu(y, approximate="none" if activation == "gelu" else "tanh")
 
 
-_TORCH_OPS = _Ops(_torch_embed, _torch_residual_layernorm, _torch_bias_activation)
+_TORCH_OPS = _Ops(_torch_embed, _torch_residual_layernorm, _torch_bias_activation, _torch_attention)
 
 
 class _Gemm:
@@ -357,20 +402,23 @@ class _Gemm:
 
 # -- Triton stages (CUDA) -----------------------------------------------------------------------
 
-_TRITON_OPS: dict[bool, _Ops] = {}
+_TRITON_OPS: dict[tuple[bool, bool], _Ops] = {}
 
 
-def _triton_ops(pdl: bool = False) -> _Ops:
-    """The Triton stages; with `pdl` (the split-K path) the consumers use programmatic dependent launch."""
-    if pdl not in _TRITON_OPS:
+def _triton_ops(pdl: bool = False, first_pdl: bool = False) -> _Ops:
+    """The Triton stages; with `pdl` (the split-K path) the consumers use programmatic dependent launch, and with
+    `first_pdl` (the attention-kernel path) the embedding kernel lets the first GEMM launch early too."""
+    key = (pdl, first_pdl)
+    if key not in _TRITON_OPS:
         from realtime_qa.qacore.backends import torch_kernels
 
-        _TRITON_OPS[pdl] = _Ops(
-            torch_kernels.embed_layernorm,
+        _TRITON_OPS[key] = _Ops(
+            functools.partial(torch_kernels.embed_layernorm, pdl=first_pdl),
             functools.partial(torch_kernels.residual_layernorm, pdl=pdl),
             functools.partial(torch_kernels.bias_activation, pdl=pdl),
+            functools.partial(torch_kernels.attention, pdl=pdl),
         )
-    return _TRITON_OPS[pdl]
+    return _TRITON_OPS[key]
 
 
 def state_dict_for(network: Any) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ GEMM needs no memset and no reduction kernel of its own. Importing this module i
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -19,7 +20,11 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
-_ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "none": 3}
+ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "none": 3}
+# A padded key's score: exp() gives 0 unless every key of the row is padding (then the row averages them,
+# as the additive-mask reference does). A key past the sequence end (a partial block) never weighs anything.
+MASKED_SCORE = tl.constexpr(-1.0e30)
+OUT_OF_RANGE_SCORE = tl.constexpr(-3.0e38)
 
 
 def _row_warps(block: int) -> int:
@@ -28,7 +33,7 @@ def _row_warps(block: int) -> int:
 
 @triton.jit
 def activate(x, ACTIVATION: tl.constexpr):
-    """The activation ACTIVATION (_ACTIVATIONS) of float32 `x`."""
+    """The activation ACTIVATION (ACTIVATIONS) of float32 `x`."""
     if ACTIVATION == 0:  # exact GELU, as nn.GELU(approximate="none")
         x = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
     elif ACTIVATION == 1:  # tanh approximation; tanh(u) = 2 sigmoid(2u) - 1
@@ -52,14 +57,20 @@ def embedding_sum(ids_ptr, seg_ptr, word_ptr, pos_ptr, type_ptr, row, seq, n, co
 
 
 @triton.jit
-def layernorm_store(x, cols, mask, n, eps, gamma_ptr, beta_ptr, out_row_ptr):
-    """LayerNorm of the float32 row `x` (n valid columns), stored in the output's dtype."""
+def layernorm_row(x, cols, mask, n, eps, gamma_ptr, beta_ptr):
+    """LayerNorm of the float32 row `x` (n valid columns), in float32; zero outside the mask."""
     mean = tl.sum(x, axis=0) / n
     centred = tl.where(mask, x - mean, 0.0)
     var = tl.sum(centred * centred, axis=0) / n
     gamma = tl.load(gamma_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     beta = tl.load(beta_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    y = centred * tl.rsqrt(var + eps) * gamma + beta
+    return centred * tl.rsqrt(var + eps) * gamma + beta
+
+
+@triton.jit
+def layernorm_store(x, cols, mask, n, eps, gamma_ptr, beta_ptr, out_row_ptr):
+    """LayerNorm of the float32 row `x` (n valid columns), stored in the output's dtype."""
+    y = layernorm_row(x, cols, mask, n, eps, gamma_ptr, beta_ptr)
     tl.store(out_row_ptr + cols, y.to(out_row_ptr.dtype.element_ty), mask=mask)
 
 
@@ -70,11 +81,14 @@ def _residual_layernorm_kernel(
     res_ptr,
     gamma_ptr,
     beta_ptr,
+    head_w_ptr,
+    head_b_ptr,
     out_ptr,
     n,
     eps,
     split_stride,
     SPLITS: tl.constexpr,
+    HEAD: tl.constexpr,
     PDL: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -89,7 +103,17 @@ def _residual_layernorm_kernel(
         y += tl.load(y_ptr + split * split_stride + row * n + cols, mask=mask, other=0.0).to(tl.float32)
     b = tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     r = tl.load(res_ptr + row * n + cols, mask=mask, other=0.0).to(tl.float32)
-    layernorm_store(y + b + r, cols, mask, n, eps, gamma_ptr, beta_ptr, out_ptr + row * n)
+    if HEAD == 0:
+        layernorm_store(y + b + r, cols, mask, n, eps, gamma_ptr, beta_ptr, out_ptr + row * n)
+    else:
+        # The QA head on the normalized row, rounded to the residual's dtype first as the unfused path
+        # stores it: HEAD float32 logits per row (out is [rows, HEAD]); the row itself is never stored.
+        y = layernorm_row(y + b + r, cols, mask, n, eps, gamma_ptr, beta_ptr)
+        y = y.to(res_ptr.dtype.element_ty).to(tl.float32)
+        for c in tl.static_range(HEAD):
+            w = tl.load(head_w_ptr + c * n + cols, mask=mask, other=0.0).to(tl.float32)
+            logit = tl.sum(y * w, axis=0) + tl.load(head_b_ptr + c).to(tl.float32)
+            tl.store(out_ptr + row * HEAD + c, logit)
 
 
 @triton.jit
@@ -105,11 +129,14 @@ def _embed_layernorm_kernel(
     seq,
     n,
     eps,
+    PDL: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
+    if PDL:  # the first kernel of the forward reads only the inputs: no wait, just let the next one launch
+        gdc_launch_dependents()
     x = embedding_sum(ids_ptr, seg_ptr, word_ptr, pos_ptr, type_ptr, row, seq, n, cols, mask)
     layernorm_store(x, cols, mask, n, eps, gamma_ptr, beta_ptr, out_ptr + row * n)
 
@@ -137,6 +164,69 @@ def _bias_activation_kernel(
     x += tl.load(bias_ptr + offsets % n, mask=mask, other=0.0).to(tl.float32)
     x = activate(x, ACTIVATION)
     tl.store(out_ptr + offsets, x.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _attention_kernel(
+    qkv_ptr,
+    mask_ptr,
+    out_ptr,
+    scale,
+    SEQ: tl.constexpr,
+    HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """softmax(Q K^T * scale, padded keys left out) V for one query block of one head of one batch row.
+
+    Q, K and V are the column blocks of the QKV GEMM's output `[B*S, 3H]` (heads side by side in each);
+    the key mask is the engine's int input mask `[B, S]` (0 = padding); the context goes to `[B*S, H]`.
+    Flash-style: a running max and sum over key blocks, float32 scores and sums."""
+    pid_m = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    batch = batch_head // HEADS
+    head = batch_head % HEADS
+    hidden = HEADS * HEAD_DIM
+    if PDL:  # as in _residual_layernorm_kernel
+        gdc_launch_dependents()
+        gdc_wait()
+    queries = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    query_ok = queries < SEQ
+    dims = tl.arange(0, HEAD_DIM)
+    first_token = batch.to(tl.int64) * SEQ
+    head_cols = head * HEAD_DIM + dims
+    q = tl.load(
+        qkv_ptr + (first_token + queries)[:, None] * (3 * hidden) + head_cols[None, :],
+        mask=query_ok[:, None],
+        other=0.0,
+    )
+    running_max = tl.full((BLOCK_M,), OUT_OF_RANGE_SCORE, tl.float32)
+    running_sum = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    for start in range(0, SEQ, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        key_ok = keys < SEQ
+        key_rows = (first_token + keys)[:, None] * (3 * hidden)
+        k = tl.load(qkv_ptr + key_rows + hidden + head_cols[None, :], mask=key_ok[:, None], other=0.0)
+        v = tl.load(qkv_ptr + key_rows + 2 * hidden + head_cols[None, :], mask=key_ok[:, None], other=0.0)
+        kept = tl.load(mask_ptr + first_token + keys, mask=key_ok, other=0) != 0
+        scores = tl.dot(q, tl.trans(k)) * scale
+        scores = tl.where(kept[None, :], scores, MASKED_SCORE)
+        scores = tl.where(key_ok[None, :], scores, OUT_OF_RANGE_SCORE)
+        block_max = tl.maximum(running_max, tl.max(scores, axis=1))
+        weights = tl.exp(scores - block_max[:, None])
+        rescale = tl.exp(running_max - block_max)
+        running_sum = running_sum * rescale + tl.sum(weights, axis=1)
+        acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v)
+        running_max = block_max
+    context = acc / running_sum[:, None]
+    tl.store(
+        out_ptr + (first_token + queries)[:, None] * hidden + head_cols[None, :],
+        context.to(out_ptr.dtype.element_ty),
+        mask=query_ok[:, None],
+    )
 
 
 @triton.jit
@@ -212,14 +302,22 @@ def residual_layernorm(
     beta: torch.Tensor,
     eps: float,
     pdl: bool = False,
+    head: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """LayerNorm(y + bias + residual) over the last dim of contiguous [rows, n] tensors, in residual's dtype.
 
     `y` may also be float32 split-K partial sums `[splits, rows, n]` (summed first). `pdl`: launched with
-    programmatic dependent launch (the split-K path; see `_skinny_gemm_kernel`)."""
+    programmatic dependent launch (the split-K path; see `_skinny_gemm_kernel`). With `head` (weight
+    [c, n], bias [c]: the QA outputs layer) the result is instead that layer applied to the normalized rows,
+    float32 [rows, c], in the same kernel."""
     rows, n = residual.shape
     splits = y.shape[0] if y.dim() == 3 else 1
-    out = torch.empty_like(residual)
+    if head is None:
+        out = torch.empty_like(residual)
+        head_weight, head_bias = gamma, beta  # not read
+    else:
+        head_weight, head_bias = head
+        out = torch.empty((rows, head_weight.shape[0]), dtype=torch.float32, device=residual.device)
     block = triton.next_power_of_2(n)
     _residual_layernorm_kernel[(rows,)](
         y,
@@ -227,11 +325,14 @@ def residual_layernorm(
         residual,
         gamma,
         beta,
+        head_weight,
+        head_bias,
         out,
         n,
         eps,
         rows * n,
         SPLITS=splits,
+        HEAD=0 if head is None else head_weight.shape[0],
         PDL=pdl and not _INTERPRETED,
         BLOCK=block,
         num_warps=_row_warps(block),
@@ -249,8 +350,10 @@ def embed_layernorm(
     gamma: torch.Tensor,
     beta: torch.Tensor,
     eps: float,
+    pdl: bool = False,
 ) -> torch.Tensor:
-    """LayerNorm(word[ids] + position[0..S) + token_type[segments]) as [B*S, H]."""
+    """LayerNorm(word[ids] + position[0..S) + token_type[segments]) as [B*S, H]. With `pdl` the next kernel,
+    if launched with programmatic dependent launch, may start (and wait for this one's output) right away."""
     batch, seq = input_ids.shape
     n = word.shape[1]
     out = torch.empty((batch * seq, n), dtype=word.dtype, device=word.device)
@@ -267,6 +370,7 @@ def embed_layernorm(
         seq,
         n,
         eps,
+        PDL=pdl and not _INTERPRETED,
         BLOCK=block,
         num_warps=_row_warps(block),
     )
@@ -294,7 +398,7 @@ def bias_activation(
         total,
         out.shape[-1],
         SPLITS=splits,
-        ACTIVATION=_ACTIVATIONS[activation],
+        ACTIVATION=ACTIVATIONS[activation],
         PDL=pdl and not _INTERPRETED,
         BLOCK=block,
         num_warps=8,
@@ -333,7 +437,7 @@ def skinny_gemm(
         k // split_k,
         K_STEPS=k // split_k // block_k if _INTERPRETED else 0,
         PARTIALS=bias is None,
-        ACTIVATION=_ACTIVATIONS[activation],
+        ACTIVATION=ACTIVATIONS[activation],
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
@@ -343,3 +447,48 @@ def skinny_gemm(
         num_stages=stages,
         launch_pdl=pdl and not _INTERPRETED,
     )
+
+
+@dataclass(frozen=True)
+class AttentionTiles:
+    """Tiles of `_attention_kernel`: query rows per program, keys per step, warps."""
+
+    block_m: int
+    block_n: int
+    warps: int = 4
+    stages: int = 2
+
+
+def attention_tiles(seq: int, head_dim: int) -> AttentionTiles:
+    """Tiles for one sequence length: small query blocks so even batch 1 spreads over many programs
+    (12 heads x 128 tokens is 48 programs of 32 rows); keys in one step up to 128."""
+    return AttentionTiles(block_m=32 if seq <= 256 else 64, block_n=min(128, max(16, triton.next_power_of_2(seq))))
+
+
+def attention(qkv: torch.Tensor, input_mask: torch.Tensor, heads: int, pdl: bool = False) -> torch.Tensor:
+    """Multi-head attention straight from the QKV GEMM's output: `qkv` [B*S, 3H] (query, key, value
+    column blocks), `input_mask` int [B, S] (0: a padded key, left out); the context [B*S, H] in qkv's
+    dtype. Scores scaled by 1/sqrt(head dim), as `scaled_dot_product_attention`."""
+    batch, seq = input_mask.shape
+    hidden = qkv.shape[1] // 3
+    head_dim = hidden // heads
+    if qkv.shape[0] != batch * seq or head_dim * heads != hidden or head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"attention needs [B*S, 3H] with a power-of-two head dim >= 16, got {list(qkv.shape)}")
+    tiles = attention_tiles(seq, head_dim)
+    out = torch.empty((batch * seq, hidden), dtype=qkv.dtype, device=qkv.device)
+    _attention_kernel[(triton.cdiv(seq, tiles.block_m), batch * heads)](
+        qkv,
+        input_mask.contiguous(),
+        out,
+        head_dim**-0.5,
+        SEQ=seq,
+        HEADS=heads,
+        HEAD_DIM=head_dim,
+        BLOCK_M=tiles.block_m,
+        BLOCK_N=tiles.block_n,
+        PDL=pdl and not _INTERPRETED,
+        num_warps=tiles.warps,
+        num_stages=tiles.stages,
+        launch_pdl=pdl and not _INTERPRETED,
+    )
+    return out

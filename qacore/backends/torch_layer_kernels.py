@@ -32,11 +32,14 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
-from realtime_qa.qacore.backends.torch_kernels import activate, embedding_sum, layernorm_store
-
-ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "none": 3}
-MASKED_SCORE = tl.constexpr(-1.0e30)  # a padded key: exp() gives 0 unless every key of the row is padding
-OUT_OF_RANGE_SCORE = tl.constexpr(-3.0e38)  # a key past the sequence: never weighs anything
+from realtime_qa.qacore.backends.torch_kernels import (
+    ACTIVATIONS,
+    MASKED_SCORE,
+    OUT_OF_RANGE_SCORE,
+    activate,
+    embedding_sum,
+    layernorm_store,
+)
 
 
 @triton.jit
