@@ -182,14 +182,14 @@ class ServerConfig:
         0, "threads per engine call (CPU backends; 0 = one per physical core)", parse=int, minimum=0,
         maximum=MAX_THREADS,
     )  # fmt: skip
-    # Idle engine threads spinning before they sleep take CPU from the event loop and the gRPC threads;
-    # off by default: on 2 shared AMD EPYC cores (2026-11-27) it cost a quarter of the throughput; on an Intel Xeon
-    # instance it took 3 ms off a call at concurrency 1 and cost ~3 % with two workers on its two cores
-    # (benchmarks/results/serve_cpu_spinning.md).
+    # Idle engine threads spin a moment before they sleep, as in qa-assistant and the chain (EngineOptions): waking
+    # sleeping threads added 2-5 ms to a call at concurrency 1 on two cores, on an Intel Xeon and an AMD EPYC
+    # instance, while answers/s at concurrency 8 and 32, one or two workers, stayed within run-to-run noise
+    # (benchmarks/results/serve_cpu_spinning.md). Off (--no-engine-spinning) for cores other work needs.
     engine_spinning: bool = setting(
-        False,
-        "let idle engine threads spin before sleeping (faster only on cores nothing else needs; measured on 2 "
-        "shared cores: 19.7 answers/s with spinning, 25.5 without)",
+        True,
+        "let idle engine threads spin before sleeping (2-5 ms faster at concurrency 1 on 2 cores, same answers/s "
+        "at 8-32; --no-engine-spinning gives their CPU to other work)",
         switch=True,
     )
     cpu_threads: int = setting(

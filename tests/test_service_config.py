@@ -37,6 +37,7 @@ def test_environment_variables_are_defaults_that_flags_override() -> None:
     assert (config.port, config.batcher.max_batch_size) == (6000, 8)
     assert config.engines == (EngineSpec(Path("/a")), EngineSpec(Path("/b"), "m"))
     assert config_from_args(["--port", "7000"], environ=environ).port == 7000
+    assert config_from_args([], environ={}).engine_spinning is True  # the default, as --help says
     assert config_from_args([], environ={"QA_SERVE_ENGINE_SPINNING": "off"}).engine_spinning is False
     assert config_from_args([], environ={"QA_SERVE_ENGINE_SPINNING": "1"}).engine_spinning is True
     assert config_from_args(["--engine-spinning"], environ={}).engine_spinning is True
