@@ -356,30 +356,46 @@ def attention_sweep(
     """The attention variant at one shape with each tile set of ATTENTION_SWEEP (a fresh engine each)."""
     from realtime_qa.qacore.backends import torch_kernels
 
+    def install(sizes: tuple[int, ...]) -> None:
+        tiles = torch_kernels.AttentionTiles(*sizes)
+        torch_kernels.attention_tiles = lambda seq, head_dim: tiles
+
+    original = torch_kernels.attention_tiles
+    try:
+        return _sweep(model, config, batch, seq, rng, "attention", "tiles", ATTENTION_SWEEP, install)
+    finally:
+        torch_kernels.attention_tiles = original
+
+
+def _sweep(
+    model: BenchModel,
+    config: BenchConfig,
+    batch: int,
+    seq: int,
+    rng: np.random.Generator,
+    variant: str,
+    label: str,
+    settings: Sequence[tuple[int, ...]],
+    install: Callable[[tuple[int, ...]], None],
+) -> list[dict[str, Any]]:
+    """`variant` at one shape once per entry of `settings`, each put in place by `install` before a fresh engine
+    is made; rows {label: entry, p50_ms, p99_ms} (an entry whose engine fails is logged and left out)."""
     inputs = random_inputs(batch, seq, model.config.vocab_size, rng)
     stream = __import__("torch").cuda.Stream()
     rows: list[dict[str, Any]] = []
-    original = torch_kernels.attention_tiles
-    try:
-        for sizes in ATTENTION_SWEEP:
-            tiles = torch_kernels.AttentionTiles(*sizes)
-
-            def fixed(seq: int, head_dim: int, tiles: Any = tiles) -> Any:
-                return tiles
-
-            torch_kernels.attention_tiles = fixed
-            try:
-                engine = make_engine(model, config, "attention")
-                engine.infer(inputs)
-                times = time_device(engine.graphed_shape(batch, seq).graph.replay, stream, config)
-                engine.close()
-            except Exception:
-                log.exception("attention sweep %s failed", sizes)
-                continue
-            timing = summarize(model.name, "attention", batch, seq, times, 0.0)
-            rows.append({"tiles": sizes, "p50_ms": timing.p50_ms, "p99_ms": timing.p99_ms})
-    finally:
-        torch_kernels.attention_tiles = original
+    for sizes in settings:
+        install(sizes)
+        try:
+            engine = make_engine(model, config, variant)
+            engine.infer(inputs)
+            times = time_device(engine.graphed_shape(batch, seq).graph.replay, stream, config)
+            engine.close()
+        except Exception:
+            log.exception("%s sweep %s failed", variant, sizes)
+            continue
+        timing = summarize(model.name, variant, batch, seq, times, 0.0)
+        rows.append({label: sizes, "p50_ms": timing.p50_ms, "p99_ms": timing.p99_ms})
+        log.info("%s %s: p50 %.4f ms", label, sizes, timing.p50_ms)
     return rows
 
 
@@ -387,28 +403,15 @@ def block_sweep(model: BenchModel, config: BenchConfig, batch: int, seq: int, rn
     """The layer variant at one shape with each tile-size set of BLOCK_SWEEP (a fresh engine each)."""
     from realtime_qa.qacore.backends import torch_layer_kernels
 
-    inputs = random_inputs(batch, seq, model.config.vocab_size, rng)
-    stream = __import__("torch").cuda.Stream()
-    rows = []
+    def install(sizes: tuple[int, ...]) -> None:
+        blocks = torch_layer_kernels.Blocks(*sizes)
+        torch_layer_kernels.Blocks.for_rows = classmethod(lambda cls, tokens: blocks)  # type: ignore[method-assign,assignment]
+
     original = torch_layer_kernels.Blocks.for_rows
     try:
-        for sizes in BLOCK_SWEEP:
-            blocks = torch_layer_kernels.Blocks(*sizes)
-            torch_layer_kernels.Blocks.for_rows = classmethod(lambda cls, tokens, b=blocks: b)  # type: ignore[method-assign,assignment]
-            try:
-                engine = make_engine(model, config, "layer")
-                engine.infer(inputs)
-                times = time_device(engine.graphed_shape(batch, seq).graph.replay, stream, config)
-                engine.close()
-            except Exception:
-                log.exception("block sweep %s failed", sizes)
-                continue
-            timing = summarize(model.name, "layer", batch, seq, times, 0.0)
-            rows.append({"blocks": sizes, "p50_ms": timing.p50_ms, "p99_ms": timing.p99_ms})
-            log.info("blocks %s: p50 %.4f ms", sizes, timing.p50_ms)
+        return _sweep(model, config, batch, seq, rng, "layer", "blocks", BLOCK_SWEEP, install)
     finally:
         torch_layer_kernels.Blocks.for_rows = original  # type: ignore[method-assign]
-    return rows
 
 
 def kernel_profile(

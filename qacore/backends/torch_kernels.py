@@ -167,6 +167,21 @@ def _bias_activation_kernel(
 
 
 @triton.jit
+def softmax_step(scores, kept, in_range, running_max, running_sum, acc, v):
+    """One key block of flash attention: float32 `scores` [queries, keys] with padded keys (not `kept`) and keys
+    past the sequence (not `in_range`) left out; the running max and sum of exp() and the weighted sum of the
+    value rows `v` [keys, d], updated."""
+    scores = tl.where(kept[None, :], scores, MASKED_SCORE)
+    scores = tl.where(in_range[None, :], scores, OUT_OF_RANGE_SCORE)
+    block_max = tl.maximum(running_max, tl.max(scores, axis=1))
+    weights = tl.exp(scores - block_max[:, None])
+    rescale = tl.exp(running_max - block_max)
+    running_sum = running_sum * rescale + tl.sum(weights, axis=1)
+    acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v)
+    return block_max, running_sum, acc
+
+
+@triton.jit
 def _attention_kernel(
     qkv_ptr,
     mask_ptr,
@@ -213,14 +228,7 @@ def _attention_kernel(
         v = tl.load(qkv_ptr + key_rows + 2 * hidden + head_cols[None, :], mask=key_ok[:, None], other=0.0)
         kept = tl.load(mask_ptr + first_token + keys, mask=key_ok, other=0) != 0
         scores = tl.dot(q, tl.trans(k)) * scale
-        scores = tl.where(kept[None, :], scores, MASKED_SCORE)
-        scores = tl.where(key_ok[None, :], scores, OUT_OF_RANGE_SCORE)
-        block_max = tl.maximum(running_max, tl.max(scores, axis=1))
-        weights = tl.exp(scores - block_max[:, None])
-        rescale = tl.exp(running_max - block_max)
-        running_sum = running_sum * rescale + tl.sum(weights, axis=1)
-        acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v)
-        running_max = block_max
+        running_max, running_sum, acc = softmax_step(scores, kept, key_ok, running_max, running_sum, acc, v)
     context = acc / running_sum[:, None]
     tl.store(
         out_ptr + (first_token + queries)[:, None] * hidden + head_cols[None, :],

@@ -35,10 +35,10 @@ import triton.language as tl
 from realtime_qa.qacore.backends.torch_kernels import (
     ACTIVATIONS,
     MASKED_SCORE,
-    OUT_OF_RANGE_SCORE,
     activate,
     embedding_sum,
     layernorm_store,
+    softmax_step,
 )
 
 
@@ -228,15 +228,8 @@ def _attention_kernel(
             HEAD_DIM, BLOCK_K,
         )  # fmt: skip
         scores = tl.dot(q, tl.trans(k.to(q.dtype)))
-        keep = tl.load(mask_ptr + k_rows, mask=k_valid, other=0)
-        scores = tl.where((keep != 0)[None, :], scores, MASKED_SCORE)
-        scores = tl.where(k_valid[None, :], scores, OUT_OF_RANGE_SCORE)
-        new_best = tl.maximum(best, tl.max(scores, axis=1))
-        alpha = tl.exp(best - new_best)
-        p = tl.exp(scores - new_best[:, None])
-        weight = weight * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
-        best = new_best
+        keep = tl.load(mask_ptr + k_rows, mask=k_valid, other=0) != 0
+        best, weight, acc = softmax_step(scores, keep, k_valid, best, weight, acc, v.to(q.dtype))
     out = acc / weight[:, None]
     dims = tl.arange(0, HEAD_DIM)
     tl.store(
