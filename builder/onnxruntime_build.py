@@ -5,8 +5,10 @@ fuses embeddings, attention, residual+LayerNorm and bias+GELU into ORT's contrib
 
 INT8: static quantization of that fused graph in QDQ form, per-channel int8 weights and uint8
 activations whose ranges are calibrated on real SQuAD questions (ORT turns the QDQ MatMuls into
-integer kernels at load time). The calibrated ranges are cached (`--calib-path`) under a key naming
-everything they depend on, so rebuilding the same model skips calibration.
+integer kernels at load time); the CPU recipe smooths the FFN MatMuls' inputs first (`builder.smoothing`) and
+takes each quantized MatMul's mean rounding error out of its bias after (`builder.bias_correction`). What
+calibration measured (ranges, channel maxima, bias shifts) is cached (`--calib-path`) under a key naming
+everything it depends on, so rebuilding the same model needs no SQuAD data.
 
 The same calibration also yields the symmetric INT8 QDQ graph TensorRT compiles (`--backend tensorrt --int8`).
 """
@@ -18,10 +20,11 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from realtime_qa.builder.bias_correction import apply_bias_shift, measure_bias_shift
 from realtime_qa.builder.build_config import BackendBuild, BuildConfig
 from realtime_qa.builder.model_weights import Checkpoint
 from realtime_qa.builder.onnx_graph import GRAPH_FORMAT
@@ -52,6 +55,9 @@ class QuantizationRecipe:
     # outliers move into their weights, and how much of them (alpha); None smooths nothing.
     smooth_alpha: float | None = None
     smooth_nodes: tuple[str, ...] = ()
+    # Bias correction (builder.bias_correction): subtract each quantized MatMul's mean output error, measured on
+    # the calibration windows, from the bias after it.
+    bias_correction: bool = False
 
     def key(self) -> dict[str, Any]:
         """The recipe as the calibration cache key and the engine's meta.json record it (JSON types)."""
@@ -78,10 +84,14 @@ class QuantizationRecipe:
 # tokens); INT8 answers now differ from fp32's half as often on every set, though the v1.1 dev F1 gap is -0.24
 # (-0.22 before; benchmarks/results/cpu_accuracy.md).
 # The Muls it adds cost ~0.3 ms on the seed question.
+# Bias correction on top (C11): INT8 answers differ from fp32's less often on both tuning sets, and the F1 gap on
+# v1.1 dev went from -0.24 to -0.14 (v2.0 second half -0.13 to -0.01), at no run-time cost (only bias values
+# change; benchmarks/results/cpu_accuracy.md).
 CPU_RECIPE = QuantizationRecipe(
     calibrate_method="MinMax",
     smooth_alpha=0.75,
     smooth_nodes=(r"\.intermediate\.dense\.matmul$", r"\.layer\.\d+\.output\.dense\.matmul$"),
+    bias_correction=True,
 )
 # TensorRT: Percentile, NVIDIA's choice for BERT (not re-measured with the abstaining model).
 TENSORRT_RECIPE = QuantizationRecipe(symmetric_activations=True)
@@ -144,6 +154,9 @@ def quantize_int8(
         smoothed = smoothing_targets(typed_path, recipe.smooth_nodes) if recipe.smooth_alpha is not None else []
         cache = load_calibration_cache(config.calib_path, key, smoothed)
         reader = None
+        if cache is not None and recipe.bias_correction and not cache.bias_shift and config.squad_json is not None:
+            # A cache from before bias correction: keep its ranges and maxima, measure the shifts (below).
+            reader = calibration_reader(config, checkpoint)
         if cache is None:
             if config.squad_json is None:
                 raise InvalidInputError(
@@ -152,6 +165,10 @@ def quantize_int8(
             reader = calibration_reader(config, checkpoint)
             input_absmax = input_channel_absmax(typed_path, smoothed, reader.feeds) if smoothed else {}
         else:
+            if recipe.bias_correction and not cache.bias_shift and reader is None:
+                raise InvalidInputError(
+                    f"calibration cache {config.calib_path} holds no bias shifts and no --squad-json was given"
+                )
             ort_cache.write_text(json.dumps(cache.ranges), encoding="utf-8")
             input_absmax = cache.input_absmax
         graph_path = typed_path
@@ -186,13 +203,21 @@ def quantize_int8(
             extra_options=extra_options,
             calibration_cache_path=str(ort_cache),
         )
-        if cache is None and config.calib_path is not None:
+        bias_shift = cache.bias_shift if cache is not None else {}
+        if recipe.bias_correction:
+            if not bias_shift:
+                assert reader is not None
+                bias_shift = measure_bias_shift(graph_path, out_path, reader.feeds)
+            if apply_bias_shift(out_path, bias_shift) != len(bias_shift):
+                raise InvalidInputError(f"the bias shifts of {config.calib_path} do not fit this graph's MatMuls")
+        if (cache is None or bias_shift != cache.bias_shift) and config.calib_path is not None:
             ranges = json.loads(ort_cache.read_text(encoding="utf-8"))
-            store_calibration_cache(config.calib_path, key, CalibrationCache(ranges, input_absmax))
+            store_calibration_cache(config.calib_path, key, CalibrationCache(ranges, input_absmax, bias_shift))
     seconds = (time.perf_counter_ns() - started) / 1e9
     log.info("INT8 graph in %.1f s (calibration %s)", seconds, "run" if cache is None else "cached")
     summary: dict[str, Any] = {"format": "QDQ", "calibration_cached": cache is not None, **recipe.key()}
     summary["smoothed_matmuls"] = len(smoothed)
+    summary["bias_corrected_matmuls"] = len(bias_shift) if recipe.bias_correction else 0
     if reader is not None:
         summary["calibration_batches"] = len(reader)
         summary["calibration_windows"] = reader.num_windows
@@ -243,7 +268,7 @@ def calibration_key(
         "source_sha256": checkpoint.source_sha256,
         "graph": graph,
         "graph_format": GRAPH_FORMAT,
-        "recipe": recipe.key(),
+        "recipe": calibrated_recipe_key(recipe),
         # Without --squad-json a cache is reused whatever data it came from: the user asked for that.
         "squad_sha256": squad,
         "calib_num": config.calibration_questions if squad else None,
@@ -253,12 +278,20 @@ def calibration_key(
     }
 
 
+def calibrated_recipe_key(recipe: QuantizationRecipe) -> dict[str, Any]:
+    """The part of the recipe the ranges and channel maxima depend on: all of it but bias correction, whose shifts
+    are measured after them (a cache without shifts keeps its ranges; the shifts are checked by presence)."""
+    return {name: value for name, value in recipe.key().items() if name != "bias_correction"}
+
+
 @dataclass(frozen=True)
 class CalibrationCache:
     """What calibration measured, stored beside the model (`--calib-path`) so later builds need no SQuAD data."""
 
     ranges: dict[str, Any]  # ORT's calibration cache: each quantized tensor's range
     input_absmax: dict[str, list[float]]  # each smoothed MatMul's input channel maxima (builder.smoothing)
+    # each quantized MatMul's mean output error per channel (builder.bias_correction); empty if not measured
+    bias_shift: dict[str, list[float]] = field(default_factory=dict)
 
 
 def load_calibration_cache(
@@ -271,8 +304,9 @@ def load_calibration_cache(
         cache = json.loads(calib_path.read_text(encoding="utf-8"))
         stored_key, ranges = cache["key"], cache["ranges"]
         input_absmax = cache.get("input_absmax", {})
-        if not isinstance(ranges, dict) or not isinstance(input_absmax, dict):
-            raise TypeError("ranges and input_absmax must be objects")
+        bias_shift = cache.get("bias_shift", {})
+        if not isinstance(ranges, dict) or not isinstance(input_absmax, dict) or not isinstance(bias_shift, dict):
+            raise TypeError("ranges, input_absmax and bias_shift must be objects")
         matches = all(stored_key.get(name) == value for name, value in key.items() if value is not None)
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
         log.warning("ignoring unreadable calibration cache %s", calib_path)
@@ -280,7 +314,7 @@ def load_calibration_cache(
     if cache.get("format") != CALIBRATION_CACHE_FORMAT or not matches or not set(smoothed) <= set(input_absmax):
         log.info("calibration cache %s was made for another build; recalibrating", calib_path)
         return None
-    return CalibrationCache(ranges, {name: input_absmax[name] for name in smoothed})
+    return CalibrationCache(ranges, {name: input_absmax[name] for name in smoothed}, bias_shift)
 
 
 def store_calibration_cache(calib_path: Path, key: dict[str, Any], cache: CalibrationCache) -> None:
@@ -291,6 +325,7 @@ def store_calibration_cache(calib_path: Path, key: dict[str, Any], cache: Calibr
         "key": key,
         "ranges": cache.ranges,
         "input_absmax": cache.input_absmax,
+        "bias_shift": cache.bias_shift,
     }
     partial.write_text(json.dumps(record), encoding="utf-8")
     partial.replace(calib_path)

@@ -225,6 +225,8 @@ def test_default_engine_is_int8_from_the_shipped_calibration_and_built_once(
     assert meta.builder_options["quantization"]["calibration_cached"] is True
     assert meta.builder_options["calib_path"] == str(shipped_model_dir / "calibration.json")
     assert "squad_json" not in meta.builder_options
+    # ... and so did the bias shifts of every quantized MatMul (builder.bias_correction)
+    assert meta.builder_options["quantization"]["bias_corrected_matmuls"] == 18
     assert find_default_engine() == default_int8_engine_dir
     built_at = (default_int8_engine_dir / "model.onnx").stat().st_mtime_ns
     assert ensure_default_engine() == default_int8_engine_dir
@@ -290,6 +292,19 @@ def test_a_model_without_shipped_calibration_has_no_default_int8_engine(
     code, _, err = run_cli(["--default", "--default-model-dir", str(model), "--cache-root", str(tmp_path)], capsys)
     assert code == 2
     assert_one_line_error(err, "ships no calibration.json for its INT8 engine; use --precision fp32")
+
+
+def test_a_shipped_calibration_without_bias_shifts_needs_squad_data(
+    shipped_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(shipped_model_dir, model)
+    calibration = json.loads((model / "calibration.json").read_text())
+    del calibration["bias_shift"]  # as cached before bias correction
+    (model / "calibration.json").write_text(json.dumps(calibration))
+    code, _, err = run_cli(["--default", "--default-model-dir", str(model), "--cache-root", str(tmp_path)], capsys)
+    assert code == 2
+    assert_one_line_error(err, "holds no bias shifts and no --squad-json was given")
 
 
 def assert_one_line_error(err: str, message: str) -> None:
