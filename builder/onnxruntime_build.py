@@ -86,7 +86,7 @@ class QuantizationRecipe:
 # The Muls it adds cost ~0.3 ms on the seed question.
 # Bias correction on top (C11), adopted by the same rule: INT8 answers differed from fp32's less often on both
 # tuning sets (45 vs 52, 126 vs 130). On the test sets, same AMD EPYC box, it is level with C8 (v1.1 dev F1 gap
-# -0.14 vs -0.13, v2.0 second half -0.01 vs -0.03); it costs nothing at run time (only bias values change;
+# -0.13 vs -0.13, v2.0 second half -0.02 vs -0.03); it costs nothing at run time (only bias values change;
 # benchmarks/results/cpu_accuracy.md).
 CPU_RECIPE = QuantizationRecipe(
     calibrate_method="MinMax",
@@ -154,22 +154,20 @@ def quantize_int8(
         quant_pre_process(str(fp32_path), str(typed_path), skip_optimization=True, auto_merge=True)
         smoothed = smoothing_targets(typed_path, recipe.smooth_nodes) if recipe.smooth_alpha is not None else []
         cache = load_calibration_cache(config.calib_path, key, smoothed)
+        # A cache from before bias correction keeps its ranges and maxima; only the shifts are measured (below).
+        measure_shifts = recipe.bias_correction and (cache is None or not cache.bias_shift)
         reader = None
-        if cache is not None and recipe.bias_correction and not cache.bias_shift and config.squad_json is not None:
-            # A cache from before bias correction: keep its ranges and maxima, measure the shifts (below).
+        if cache is None or measure_shifts:
+            if config.squad_json is None:
+                problem = "does not match this build" if cache is None else "holds no bias shifts"
+                raise InvalidInputError(
+                    f"calibration cache {config.calib_path} {problem} and no --squad-json was given"
+                )
             reader = calibration_reader(config, checkpoint)
         if cache is None:
-            if config.squad_json is None:
-                raise InvalidInputError(
-                    f"calibration cache {config.calib_path} does not match this build and no --squad-json was given"
-                )
-            reader = calibration_reader(config, checkpoint)
+            assert reader is not None
             input_absmax = input_channel_absmax(typed_path, smoothed, reader.feeds) if smoothed else {}
         else:
-            if recipe.bias_correction and not cache.bias_shift and reader is None:
-                raise InvalidInputError(
-                    f"calibration cache {config.calib_path} holds no bias shifts and no --squad-json was given"
-                )
             ort_cache.write_text(json.dumps(cache.ranges), encoding="utf-8")
             input_absmax = cache.input_absmax
         graph_path = typed_path
@@ -204,21 +202,24 @@ def quantize_int8(
             extra_options=extra_options,
             calibration_cache_path=str(ort_cache),
         )
-        bias_shift = cache.bias_shift if cache is not None else {}
+        bias_shift: dict[str, list[float]] = {}
         if recipe.bias_correction:
-            if not bias_shift:
+            if measure_shifts:
                 assert reader is not None
                 bias_shift = measure_bias_shift(graph_path, out_path, reader.feeds)
+            else:
+                assert cache is not None
+                bias_shift = cache.bias_shift
             if apply_bias_shift(out_path, bias_shift) != len(bias_shift):
                 raise InvalidInputError(f"the bias shifts of {config.calib_path} do not fit this graph's MatMuls")
-        if (cache is None or bias_shift != cache.bias_shift) and config.calib_path is not None:
+        if (cache is None or measure_shifts) and config.calib_path is not None:
             ranges = json.loads(ort_cache.read_text(encoding="utf-8"))
             store_calibration_cache(config.calib_path, key, CalibrationCache(ranges, input_absmax, bias_shift))
     seconds = (time.perf_counter_ns() - started) / 1e9
     log.info("INT8 graph in %.1f s (calibration %s)", seconds, "run" if cache is None else "cached")
     summary: dict[str, Any] = {"format": "QDQ", "calibration_cached": cache is not None, **recipe.key()}
     summary["smoothed_matmuls"] = len(smoothed)
-    summary["bias_corrected_matmuls"] = len(bias_shift) if recipe.bias_correction else 0
+    summary["bias_corrected_matmuls"] = len(bias_shift)
     if reader is not None:
         summary["calibration_batches"] = len(reader)
         summary["calibration_windows"] = reader.num_windows

@@ -194,13 +194,18 @@ class StageTimings:
         return self.total_ns > budget_ns
 
     def as_dict(self) -> dict[str, int]:
-        return {f"{name}_ns": self.stage_ns(name) for name in (*STAGES, "total")}
+        return {self.field_of(name): self.stage_ns(name) for name in (*STAGES, "total")}
+
+    @staticmethod
+    def field_of(stage: str) -> str:
+        """The attribute that holds one of `STAGES` or "total" (e.g. "infer" -> "infer_ns")."""
+        if stage != "total" and stage not in QA_SERVER_STAGES:
+            raise ValueError(f"unknown QA stage {stage!r}")
+        return f"{stage}_ns"
 
     def stage_ns(self, stage: str) -> int:
         """The duration of one of `STAGES` or "total"."""
-        if stage != "total" and stage not in QA_SERVER_STAGES:
-            raise ValueError(f"unknown QA stage {stage!r}")
-        value: int = getattr(self, f"{stage}_ns")
+        value: int = getattr(self, self.field_of(stage))
         return value
 
     @classmethod

@@ -112,7 +112,12 @@ class ServiceMetrics:
         series = self._model_series.get(model_id)
         if series is None:
             stages = [
-                (stage, f"{stage}_ns", self.stage_latency.labels(model_id, stage), self._stage_budgets.get(stage))
+                (
+                    stage,
+                    StageTimings.field_of(stage),
+                    self.stage_latency.labels(model_id, stage),
+                    self._stage_budgets.get(stage),
+                )
                 for stage in QA_SERVER_STAGES.names
             ]
             series = self._model_series[model_id] = _ModelSeries(

@@ -205,7 +205,9 @@ class FusedBertForQA(nn.Module):
             and (not self._kernels or _hopper_or_newer(input_ids.device))
         )
         # Our attention and the QA head in the last LayerNorm: with the split-K path (PDL on CUDA), shapes it takes.
-        own_attention = splitk and self.attention_kernel and _attention_kernel_takes(config)
+        own_attention = (
+            splitk and self.attention_kernel and tl_dot_heads(config.hidden_size, config.num_attention_heads)
+        )
         ops = _triton_ops(pdl=splitk, first_pdl=own_attention) if self._kernels else _TORCH_OPS
         dtype = self.tensor("word_embeddings").dtype
 
@@ -262,10 +264,12 @@ def _split_k_covers(tokens: int, config: ModelConfig, table: Any) -> bool:
     return torch_gemm.covers(tokens, ((3 * hidden, hidden), (hidden, hidden), (inner, hidden), (hidden, inner)), table)
 
 
-def _attention_kernel_takes(config: ModelConfig) -> bool:
-    """`torch_kernels.attention` needs a power-of-two head dimension of at least 16 (its `tl.dot` tiles)."""
-    head_dim, rest = divmod(config.hidden_size, config.num_attention_heads)
-    return rest == 0 and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+def tl_dot_heads(hidden: int, heads: int, largest: int | None = None) -> bool:
+    """Whether `hidden` splits into `heads` heads whose size the Triton attention kernels take as a `tl.dot`
+    tile: a power of two, at least 16 (and at most `largest`). Here, not in the kernel modules, because the
+    forward decides its path with it where Triton is not installed."""
+    head_dim, rest = divmod(hidden, heads)
+    return rest == 0 and head_dim >= 16 and head_dim & (head_dim - 1) == 0 and (largest is None or head_dim <= largest)
 
 
 def _hopper_or_newer(device: torch.device) -> bool:

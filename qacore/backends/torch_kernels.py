@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from realtime_qa.qacore.backends.torch_fused import tl_dot_heads
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (tests)
@@ -480,7 +481,7 @@ def attention(qkv: torch.Tensor, input_mask: torch.Tensor, heads: int, pdl: bool
     batch, seq = input_mask.shape
     hidden = qkv.shape[1] // 3
     head_dim = hidden // heads
-    if qkv.shape[0] != batch * seq or head_dim * heads != hidden or head_dim < 16 or head_dim & (head_dim - 1):
+    if qkv.shape[0] != batch * seq or not tl_dot_heads(hidden, heads):
         raise ValueError(f"attention needs [B*S, 3H] with a power-of-two head dim >= 16, got {list(qkv.shape)}")
     tiles = attention_tiles(seq, head_dim)
     out = torch.empty((batch * seq, hidden), dtype=qkv.dtype, device=qkv.device)

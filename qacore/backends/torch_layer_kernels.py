@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+from realtime_qa.qacore.backends.torch_fused import tl_dot_heads
 from realtime_qa.qacore.backends.torch_kernels import (
     ACTIVATIONS,
     MASKED_SCORE,
@@ -320,10 +321,7 @@ def attention(
 
 def supports(hidden: int, heads: int, activation: str) -> bool:
     """Whether these kernels run a model of this shape (head size a power of two, 16..128)."""
-    head_dim = hidden // heads
-    return (
-        hidden % heads == 0 and 16 <= head_dim <= 128 and head_dim & (head_dim - 1) == 0 and activation in ACTIVATIONS
-    )
+    return tl_dot_heads(hidden, heads, largest=128) and activation in ACTIVATIONS
 
 
 def forward(module: Any, input_ids: torch.Tensor, segment_ids: torch.Tensor, input_mask: torch.Tensor) -> torch.Tensor:
