@@ -175,7 +175,7 @@ class ServerConfig:
     )
     engine_contexts: int = setting(
         1, "engine instances (threads) per model; with 2 or more, callers with a backlog leave one free for others; "
-        "with --engine-process, the engine process holds this many and runs this many calls at once",
+        "with --engine-process, the engine process holds this many and runs this many batches at once",
         parse=int, minimum=1, maximum=MAX_ENGINE_CONTEXTS,
     )  # fmt: skip
     intra_op_threads: int = setting(

@@ -10,11 +10,12 @@ directory only this user can enter, authenticated with a random key that travels
 their configuration, never on a command line). Batches from all workers share that one context; the
 workers keep what needs many cores: gRPC, tokenization, decoding.
 
-The engine process holds `--engine-contexts` engine instances (each with its own CUDA stream and graphs) and
-runs that many calls at once, each on a free instance. With one, a call's host work (unpickling, padding,
-the copy in, the launch, the copy out, pickling the reply) leaves the GPU idle; with two, the next batch is
-prepared while the previous one runs. Measured on the H200 at concurrency 256, two instances gave no more
-answers/s than one: the two calls share the GPU and each takes longer (benchmarks/results/serve_h200_contexts.md).
+Calls that wait at the same moment run as one engine batch (`services.engine_calls`): under load, the
+process ran each worker's small batch alone, one after another, and that queue held throughput
+(benchmarks/results/serve_h200_contexts.md). The process holds `--engine-contexts` engine instances (each
+with its own CUDA stream and graphs), each run by one thread, so that many batches can run at once; one is
+the default, as two gave no more answers/s on the H200 (the batches shared the GPU rather than filling its
+idle time; same file).
 
 If the engine process dies, every call on it fails (`EngineError`: the batcher fails the batch, the
 client sees INTERNAL) and the supervisor stops the whole unit (exit 1), as when a worker dies.
@@ -23,11 +24,10 @@ client sees INTERNAL) and the supervisor stops the whole unit (exit 1), as when 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 from dataclasses import dataclass
 from multiprocessing import AuthenticationError
-from multiprocessing.connection import Client, Connection, Listener, answer_challenge, deliver_challenge
+from multiprocessing.connection import Client, Connection, Listener, Pipe, answer_challenge, deliver_challenge, wait
 from typing import Any
 
 import numpy as np
@@ -38,6 +38,7 @@ from realtime_qa.qacore.factory import EngineOptions, load_engine
 from realtime_qa.qacore.features import EngineInputs
 from realtime_qa.qacore.window_results import warm_span_search
 from realtime_qa.services.config import EngineAddress
+from realtime_qa.services.engine_calls import INFER, SPANS, EngineCall, merge, split, take_batch
 
 log = logging.getLogger("qa-serve")
 
@@ -51,7 +52,7 @@ class EngineHostConfig:
     address: EngineAddress
     options: EngineOptions
     warm_span_answer_length: int | None  # capture the device span search's graphs at start (None: no search)
-    contexts: int = 1  # engine instances, so this many calls run at once
+    contexts: int = 1  # engine instances, so this many batches run at once
 
 
 def host_main(config: EngineHostConfig, ready: Connection) -> None:
@@ -80,12 +81,12 @@ def host_main(config: EngineHostConfig, ready: Connection) -> None:
     ready.close()
     meta = engines[0].meta
     log.info(
-        "engine process serving %s (%s %s, %d context(s))", address.engine_dir, meta.backend, meta.precision,
-        len(engines),
+        "engine process serving %s (%s %s, %d context(s)); calls waiting together run as one batch of up to %d",
+        address.engine_dir, meta.backend, meta.precision, len(engines), meta.max_batch_size,
     )  # fmt: skip
-    free: queue.SimpleQueue[Engine] = queue.SimpleQueue()  # a call takes a free instance and gives it back
+    hub = CallHub(meta.max_batch_size)
     for engine in engines:
-        free.put(engine)
+        threading.Thread(target=run_calls, args=(engine, hub), daemon=True).start()
     greeting = (meta.to_json(), engines[0].span_search_limits())
     while True:
         try:
@@ -93,49 +94,152 @@ def host_main(config: EngineHostConfig, ready: Connection) -> None:
         except OSError as exc:
             log.warning("engine process could not accept a connection: %s", exc)
             continue
-        threading.Thread(target=_serve, args=(connection, address.authkey, free, greeting), daemon=True).start()
+        threading.Thread(target=admit, args=(connection, address.authkey, greeting, hub), daemon=True).start()
 
 
-def _serve(connection: Connection, authkey: bytes, free: queue.SimpleQueue[Engine], greeting: tuple[str, Any]) -> None:
-    """Answer one worker connection's calls until it closes. The connection proves it holds the key first
-    (both ways, as `Listener(authkey=...)` does, but here, so a client that never answers the challenge holds
-    up only its own thread); nothing it sends is unpickled before that. `greeting` (the engine's meta.json and
-    span search limits) goes first; each call runs on an instance taken from `free` and given back after."""
+def admit(connection: Connection, authkey: bytes, greeting: tuple[str, Any], hub: CallHub) -> None:
+    """Let one worker connection in: it proves it holds the key first (both ways, as `Listener(authkey=...)`
+    does, but here, in its own thread, so a client that never answers the challenge holds up only that
+    thread); nothing it sends is unpickled before that. Then `greeting` (the engine's meta.json and span
+    search limits), and its calls go to `hub`."""
     try:
         deliver_challenge(connection, authkey)
         answer_challenge(connection, authkey)
+        connection.send(greeting)
     except (OSError, EOFError, AuthenticationError) as exc:
         log.warning("engine process refused a connection: %s", exc or type(exc).__name__)
         connection.close()
         return
-    try:
-        connection.send(greeting)
-        while True:
+    hub.add(connection)
+
+
+@dataclass(eq=False)
+class _Waiting:
+    """A call received and not yet answered, and the connection its reply goes to."""
+
+    caller: _Caller
+    call: EngineCall
+
+
+class _Caller:
+    """A worker's connection. Replies are sent under a lock: a worker has one call in flight (`RemoteEngine`),
+    but if one sent two, two engine threads could answer at once, and their messages must not interleave."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self._send_lock = threading.Lock()
+
+    def reply(self, message: tuple[Any, ...]) -> None:
+        try:
+            with self._send_lock:
+                self.connection.send(message)
+        except OSError:  # the worker went away mid-call; its connection is dropped when read
+            pass
+
+
+class CallHub:
+    """The workers' connections and the calls they sent that wait for an engine.
+
+    Each engine thread asks for its next batch (`next_batch`); one of them at a time gathers: it reads every
+    call that has arrived (waiting on all connections, and on a pipe that announces new ones, while there is
+    none) and takes a batch of those waiting (`engine_calls.take_batch`). The thread that read a call runs
+    it, so a call at low load meets no thread hand-off; under load, whatever arrived while an engine ran is
+    the next batch.
+    """
+
+    def __init__(self, max_rows: int) -> None:
+        self.max_rows = max_rows
+        self._callers: dict[Connection, _Caller] = {}
+        self._waiting: list[_Waiting] = []
+        self._gather = threading.Lock()  # one gatherer at a time; it alone touches _callers and _waiting
+        self._admitted: list[Connection] = []
+        self._admitted_lock = threading.Lock()
+        self._doorbell, self._ring = Pipe(duplex=False)
+
+    def add(self, connection: Connection) -> None:
+        """A new worker connection, read from the next gathering on (safe from any thread)."""
+        with self._admitted_lock:
+            self._admitted.append(connection)
+            self._ring.send_bytes(b"")
+
+    def next_batch(self) -> list[_Waiting]:
+        """Block until a call has arrived; return the calls to run as one batch."""
+        with self._gather:
+            while True:
+                self._receive(block=not self._waiting)
+                if self._waiting:
+                    return take_batch(self._waiting, _call_of, self.max_rows)
+
+    def _receive(self, block: bool) -> None:
+        ready = wait([*self._callers, self._doorbell], timeout=None if block else 0)
+        for connection in ready:
+            if connection is self._doorbell:
+                self._admit()
+                continue
+            caller = self._callers[connection]  # type: ignore[index]
             try:
-                operation, arguments = connection.recv()
-            except EOFError:
-                return
-            engine = free.get()
+                message = caller.connection.recv()
+            except (OSError, EOFError):  # the worker closed its connection (or died)
+                del self._callers[caller.connection]
+                caller.connection.close()
+                continue
             try:
-                if operation == "infer":
-                    result: Any = engine.infer(*arguments)
-                elif operation == "spans":
-                    result = engine.infer_spans(*arguments)
-                else:
-                    raise EngineError(f"unknown engine call {operation!r}")
-                reply: tuple[Any, ...] = ("ok", result)
-            except QAError as exc:
-                reply = ("error", type(exc).__name__, str(exc))
-            except Exception as exc:  # reported to the worker, which fails the batch
-                log.exception("engine call failed")
-                reply = ("error", "EngineError", f"{type(exc).__name__}: {exc}")
-            finally:
-                free.put(engine)
-            connection.send(reply)
-    except OSError:  # the worker went away mid-call
-        return
-    finally:
-        connection.close()
+                self._waiting.append(_Waiting(caller, EngineCall.parse(message)))
+            except EngineError as exc:
+                caller.reply(_error_reply(exc))
+            except Exception as exc:  # an unexpected pickled object: fail this call, not the gatherer
+                caller.reply(("error", "EngineError", f"malformed engine call: {type(exc).__name__}"))
+
+    def _admit(self) -> None:
+        with self._admitted_lock:
+            while self._doorbell.poll():
+                self._doorbell.recv_bytes()
+            admitted, self._admitted = self._admitted, []
+        for connection in admitted:
+            self._callers[connection] = _Caller(connection)
+
+
+def _call_of(waiting: _Waiting) -> EngineCall:
+    return waiting.call
+
+
+def run_calls(engine: Engine, hub: CallHub) -> None:
+    """An engine thread: run batches from `hub` on `engine` and answer each call, forever."""
+    while True:
+        batch = hub.next_batch()
+        for waiting, reply in zip(batch, run_batch(engine, [waiting.call for waiting in batch]), strict=True):
+            waiting.caller.reply(reply)
+
+
+def run_batch(engine: Engine, calls: list[EngineCall]) -> list[tuple[Any, ...]]:
+    """Each call's reply, ("ok", result) or ("error", class name, message): the calls `engine` accepts run as
+    one merged call; one it refuses gets its own error, and an error of the merged call is every call's."""
+    replies: list[tuple[Any, ...] | None] = [None] * len(calls)
+    accepted = []
+    for index, call in enumerate(calls):
+        try:
+            call.check(engine)
+            accepted.append(index)
+        except QAError as exc:
+            replies[index] = _error_reply(exc)
+    if accepted:
+        merged = [calls[index] for index in accepted]
+        try:
+            results: list[Any] = split(merge(merged).run(engine), merged)
+            for index, result in zip(accepted, results, strict=True):
+                replies[index] = ("ok", result)
+        except QAError as exc:
+            for index in accepted:
+                replies[index] = _error_reply(exc)
+        except Exception as exc:  # reported to the workers, which fail their batches
+            log.exception("engine call failed")
+            for index in accepted:
+                replies[index] = ("error", "EngineError", f"{type(exc).__name__}: {exc}")
+    return [reply for reply in replies if reply is not None]
+
+
+def _error_reply(exc: QAError) -> tuple[str, str, str]:
+    return "error", type(exc).__name__, str(exc)
 
 
 def remote_bundle(address: EngineAddress) -> EngineBundle:
@@ -169,7 +273,7 @@ class RemoteEngine(Engine):
         self.address = address
 
     def infer(self, inputs: EngineInputs) -> EngineOutputs:
-        result: EngineOutputs = self._call("infer", (inputs,))
+        result: EngineOutputs = self._call(INFER, (inputs,))
         return result
 
     def span_search_limits(self) -> tuple[int, int] | None:
@@ -178,7 +282,7 @@ class RemoteEngine(Engine):
     def infer_spans(
         self, inputs: EngineInputs, may_start: np.ndarray, may_end: np.ndarray, max_answer_length: int
     ) -> EngineSpans:
-        result: EngineSpans = self._call("spans", (inputs, may_start, may_end, max_answer_length))
+        result: EngineSpans = self._call(SPANS, (inputs, may_start, may_end, max_answer_length))
         return result
 
     def _call(self, operation: str, arguments: tuple[Any, ...]) -> Any:

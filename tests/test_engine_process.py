@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
-import queue
 import re
 import shutil
 import signal
@@ -144,47 +143,3 @@ def test_an_engine_the_engine_process_cannot_load_is_one_line_and_exit_3(engine_
     errors = [line for line in server.log_text().splitlines() if " ERROR " in line]
     assert len(errors) == 1 and "cannot load the engine" in errors[0], server.log_text()[-2000:]
     assert "qa-serve: 2 workers" not in server.log_text()  # no worker was started
-
-
-def test_with_two_contexts_a_call_runs_while_the_other_instance_is_busy(engine_dir: Path) -> None:
-    """`--engine-contexts 2 --engine-process`: the engine process serves a call on its free instance while the
-    other is held by a call in progress (with one instance the call would wait: the second case)."""
-    from multiprocessing.connection import Pipe, answer_challenge, deliver_challenge
-
-    from realtime_qa.services import engine_host
-
-    engines = [load_engine(engine_dir, EngineOptions(intra_op_threads=1)) for _ in range(2)]
-    with QuestionAnswerer.from_engine_dir(engine_dir) as answerer:
-        inputs = answerer.featurizer.batch(answerer.featurizer.featurize(QUESTIONS[0], PASSAGE).windows)
-    expected = engines[0].infer(inputs)
-    free: queue.SimpleQueue = queue.SimpleQueue()
-    for engine in engines:
-        free.put(engine)
-    busy = free.get()  # a call in progress holds this instance
-    key = os.urandom(32)
-    greeting = (engines[0].meta.to_json(), None)
-    pool = ThreadPoolExecutor(2)
-    try:
-        ours, theirs = Pipe()
-        pool.submit(engine_host._serve, theirs, key, free, greeting)
-        answer_challenge(ours, key)
-        deliver_challenge(ours, key)
-        assert ours.recv() == greeting
-        ours.send(("infer", (inputs,)))
-        assert ours.poll(60), "a call waited for the busy instance"
-        status, outputs = ours.recv()
-        assert status == "ok"
-        np.testing.assert_allclose(outputs.start_logits, expected.start_logits, rtol=1e-5, atol=1e-5)
-        # The busy instance stays out of the pool until its call gives it back; then both serve again.
-        only = free.get(timeout=5)
-        ours.send(("infer", (inputs,)))
-        assert not ours.poll(0.5)  # no free instance: the call waits, as one context would make every call
-        free.put(busy)
-        assert ours.poll(60)
-        assert ours.recv()[0] == "ok"
-        free.put(only)
-        ours.close()
-    finally:
-        pool.shutdown(wait=True)
-        for engine in engines:
-            engine.close()

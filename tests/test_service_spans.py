@@ -16,13 +16,13 @@ from answers import assert_same_best
 
 pytest.importorskip("torch")
 
+from counting_engine import CountingEngine
 from realtime_qa.pipeline.client import AnswerOptions, ClientConfig, QAClient, RetryPolicy
 from realtime_qa.qacore.answerer import QuestionAnswerer
-from realtime_qa.qacore.backends.torch_cuda import TorchCudaEngine, TorchEngineConfig, load_weights
+from realtime_qa.qacore.backends.torch_cuda import TorchCudaEngine
 from realtime_qa.qacore.bundle import decoder_defaults, featurizer_config_of, featurizer_for_engine
 from realtime_qa.qacore.decoding import DecoderConfig, Prediction, decode
-from realtime_qa.qacore.engine import EngineMeta, EngineOutputs, EngineSpans
-from realtime_qa.qacore.features import EngineInputs, Featurizer
+from realtime_qa.qacore.features import Featurizer
 from realtime_qa.qacore.squad import read_dataset
 from realtime_qa.qacore.window_results import (
     SpansTable,
@@ -37,30 +37,6 @@ from realtime_qa.services.server import QAServer
 
 SEQ_LEN = 128  # short windows: SQuAD paragraphs take several, so answers are searched across windows
 NO_RETRY = ClientConfig(retry=RetryPolicy(max_attempts=1))
-
-
-class CountingEngine(TorchCudaEngine):
-    """The real torch engine (fp32, CPU), counting its calls by kind and rows."""
-
-    def __init__(self, engine_dir: Path) -> None:
-        meta = EngineMeta.read(engine_dir)
-        config = TorchEngineConfig(device="cpu", cuda_graphs=False)
-        super().__init__(meta, load_weights(engine_dir / meta.engine_file), config)
-        self.rows: Counter[str] = Counter()
-        self.calls: list[tuple[str, int]] = []  # (kind, rows) per call, kind "logits" or "spans<length>"
-
-    def infer(self, inputs: EngineInputs) -> EngineOutputs:
-        self.calls.append(("logits", inputs.batch_size))
-        self.rows["logits"] += inputs.batch_size
-        return super().infer(inputs)
-
-    def infer_spans(
-        self, inputs: EngineInputs, may_start: np.ndarray, may_end: np.ndarray, max_answer_length: int
-    ) -> EngineSpans:
-        kind = f"spans{max_answer_length}"
-        self.calls.append((kind, inputs.batch_size))
-        self.rows[kind] += inputs.batch_size
-        return super().infer_spans(inputs, may_start, may_end, max_answer_length)
 
 
 @pytest.fixture(scope="module")

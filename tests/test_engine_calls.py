@@ -1,0 +1,219 @@
+"""The engine process runs calls that wait together as one batch (services/engine_calls.py, services/engine_host.py):
+each caller gets what its call alone would have returned, a bad call fails alone, and nothing waits forever.
+
+Real engines: ONNX Runtime fp32 for logits, the torch engine in fp32 on the CPU for the span search."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from multiprocessing.connection import Connection, Pipe
+from pathlib import Path
+
+import numpy as np
+import pytest
+from realtime_qa.qacore.answerer import QuestionAnswerer
+from realtime_qa.qacore.bundle import decoder_defaults, featurizer_for_engine
+from realtime_qa.qacore.engine import Engine, EngineOutputs, EngineSpans
+from realtime_qa.qacore.errors import EngineError
+from realtime_qa.qacore.factory import EngineOptions
+from realtime_qa.qacore.features import EngineInputs, Featurizer
+from realtime_qa.services.engine_calls import INFER, SPANS, EngineCall, merge, split, take_batch
+from realtime_qa.services.engine_host import CallHub, run_batch, run_calls
+
+PASSAGES = [
+    "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, a region in France.",
+    "Tesla was born on 10 July 1856 into a Serb family in the village of Smiljan, Austrian Empire, in modern Croatia. "
+    "His father, Milutin Tesla, was an Eastern Orthodox priest. Tesla's mother, Đuka Tesla, had a talent for "
+    "making home craft tools and memorized numerous Serbian epic poems.",
+]
+QUESTIONS = ["In what country is Normandy located?", "Where was Tesla born?"]
+REPLY_TIMEOUT_S = 60
+ZEROS = EngineInputs(*(np.zeros((1, 4), np.int32) for _ in range(3)))
+
+
+def call_of(featurizer: Featurizer, index: int, spans_length: int | None = None) -> EngineCall:
+    """The engine call of question `index` (inputs padded to its own length: the two differ)."""
+    features = featurizer.featurize(QUESTIONS[index], PASSAGES[index])
+    inputs = featurizer.batch(features.windows)
+    if spans_length is None:
+        return EngineCall(INFER, inputs)
+    mask = inputs.segment_ids.astype(bool)  # any passage token may start or end a span
+    return EngineCall(SPANS, inputs, mask, mask.copy(), spans_length)
+
+
+@pytest.fixture(scope="module")
+def onnx_engine(engine_dir: Path) -> Iterator[tuple[Engine, Featurizer]]:
+    with QuestionAnswerer.from_engine_dir(engine_dir, engine_options=EngineOptions(intra_op_threads=1)) as answerer:
+        yield answerer.engine, answerer.featurizer
+
+
+def assert_same_logits(got: EngineOutputs, want: EngineOutputs) -> None:
+    assert got.start_logits.shape == want.start_logits.shape
+    np.testing.assert_allclose(got.start_logits, want.start_logits, atol=1e-4)
+    np.testing.assert_allclose(got.end_logits, want.end_logits, atol=1e-4)
+
+
+def test_merged_calls_return_each_callers_own_logits(onnx_engine: tuple[Engine, Featurizer]) -> None:
+    engine, featurizer = onnx_engine
+    calls = [call_of(featurizer, 0), call_of(featurizer, 1), call_of(featurizer, 0)]
+    assert calls[0].inputs.seq_len != calls[1].inputs.seq_len  # the merge pads the shorter one
+    merged = merge(calls)
+    assert merged.inputs.input_ids.shape == (3, calls[1].inputs.seq_len)
+    for got, call in zip(split(merged.run(engine), calls), calls, strict=True):
+        assert isinstance(got, EngineOutputs)
+        assert_same_logits(got, engine.infer(call.inputs))
+
+
+def test_merged_span_searches_return_each_callers_own_spans(torch_fp32_engine_dir: Path) -> None:
+    pytest.importorskip("torch")
+    from counting_engine import CountingEngine
+
+    with CountingEngine(torch_fp32_engine_dir) as engine:
+        featurizer = featurizer_for_engine(engine, torch_fp32_engine_dir)
+        length = decoder_defaults(engine.meta).max_answer_length
+        calls = [call_of(featurizer, 1, length), call_of(featurizer, 0, length)]
+        merged = merge(calls)
+        got_all = split(merged.run(engine), calls)
+        assert engine.calls == [(f"spans{length}", sum(call.rows for call in calls))]  # one engine call
+        for got, call in zip(got_all, calls, strict=True):
+            want = call.run(engine)
+            assert isinstance(got, EngineSpans) and isinstance(want, EngineSpans)
+            np.testing.assert_array_equal(got.starts, want.starts)
+            np.testing.assert_array_equal(got.ends, want.ends)
+            np.testing.assert_allclose(got.logits, want.logits, atol=1e-4)
+            np.testing.assert_allclose(got.null_logits, want.null_logits, atol=1e-4)
+
+
+def test_a_batch_takes_the_oldest_call_then_later_ones_that_fit_and_share_its_kind(
+    onnx_engine: tuple[Engine, Featurizer],
+) -> None:
+    _, featurizer = onnx_engine
+    logits, spans30, spans20 = call_of(featurizer, 0), call_of(featurizer, 0, 30), call_of(featurizer, 0, 20)
+    big = EngineCall(INFER, EngineInputs(*(np.ones((7, 16), np.int32) for _ in range(3))))
+    waiting = [("a", spans30), ("b", logits), ("c", spans20), ("d", spans30), ("e", big), ("f", logits)]
+    batch = take_batch(waiting, lambda item: item[1], max_rows=8)
+    assert [name for name, _ in batch] == ["a", "d"]  # same operation and answer length only
+    assert [name for name, _ in waiting] == ["b", "c", "e", "f"]  # the rest keep their order
+    assert [name for name, _ in take_batch(waiting, lambda item: item[1], max_rows=8)] == ["b", "e"]
+    assert [name for name, _ in take_batch(waiting, lambda item: item[1], max_rows=8)] == ["c"]
+    assert [name for name, _ in take_batch(waiting, lambda item: item[1], max_rows=1)] == ["f"]
+    assert waiting == []
+
+
+@pytest.mark.parametrize(
+    ("message", "error"),
+    [
+        (("train", ()), "unknown engine call 'train'"),
+        ("infer", "malformed engine call"),
+        ((INFER, ("not inputs",)), "not three 2-D integer arrays"),
+        ((INFER, (EngineInputs(*(np.zeros((1, 4), np.float32) for _ in range(3))),)), "not three 2-D integer"),
+        ((SPANS, (ZEROS, np.zeros((1, 3)), np.zeros((1, 4)), 30)), r"span masks must have the inputs' shape \(1, 4\)"),
+        ((SPANS, (ZEROS, np.zeros((1, 4)), np.zeros((1, 4)), "x")), "malformed engine call"),
+    ],
+)  # fmt: skip
+def test_a_malformed_call_is_refused_by_name(message: object, error: str) -> None:
+    with pytest.raises(EngineError, match=error):
+        EngineCall.parse(message)
+
+
+def test_a_call_the_engine_refuses_fails_alone(onnx_engine: tuple[Engine, Featurizer]) -> None:
+    engine, featurizer = onnx_engine
+    good = call_of(featurizer, 1)
+    too_long = EngineCall(INFER, EngineInputs(*(np.zeros((1, engine.meta.max_seq_length + 1), np.int32),) * 3))
+    replies = run_batch(engine, [too_long, good])
+    assert replies[0] == ("error", "EngineError", f"sequence of {engine.meta.max_seq_length + 1} exceeds the "
+                          f"engine's max {engine.meta.max_seq_length}")  # fmt: skip
+    assert replies[1][0] == "ok"
+    assert_same_logits(replies[1][1], engine.infer(good.inputs))
+
+
+class RecordingEngine(Engine):
+    """A real engine that records the batch size of each call and can be held before running one."""
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine.meta)
+        self.engine = engine
+        self.batches: list[int] = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def infer(self, inputs: EngineInputs) -> EngineOutputs:
+        self.entered.set()
+        assert self.release.wait(REPLY_TIMEOUT_S)
+        self.batches.append(inputs.batch_size)
+        return self.engine.infer(inputs)
+
+
+def test_calls_that_arrive_while_the_engine_runs_are_answered_as_one_batch(
+    onnx_engine: tuple[Engine, Featurizer],
+) -> None:
+    engine, featurizer = onnx_engine
+    recording = RecordingEngine(engine)
+    hub = CallHub(engine.meta.max_batch_size)
+    workers: list[Connection] = []
+    for _ in range(4):
+        ours, theirs = Pipe()
+        hub.add(theirs)
+        workers.append(ours)
+    threading.Thread(target=run_calls, args=(recording, hub), daemon=True).start()
+    calls = [call_of(featurizer, index % 2) for index in range(4)]
+    workers[0].send((INFER, (calls[0].inputs,)))
+    assert recording.entered.wait(REPLY_TIMEOUT_S)  # the engine holds the first call...
+    for worker, call in zip(workers[1:], calls[1:], strict=True):
+        worker.send((INFER, (call.inputs,)))  # ...while three more arrive
+    workers[1].send(("train", ()))  # and worker 1 sends a second, malformed, message
+    recording.release.set()
+    for index, worker in enumerate(workers):
+        assert worker.poll(REPLY_TIMEOUT_S), f"worker {index} got no reply"
+        status, result = worker.recv()
+        assert status == "ok"
+        assert_same_logits(result, engine.infer(calls[index].inputs))
+    assert workers[1].poll(REPLY_TIMEOUT_S)
+    assert workers[1].recv() == ("error", "EngineError", "unknown engine call 'train'")
+    assert recording.batches == [calls[0].rows, sum(call.rows for call in calls[1:])]
+    workers[3].close()  # a worker that leaves is dropped; the others are still served
+    workers[2].send((INFER, (calls[2].inputs,)))
+    assert workers[2].poll(REPLY_TIMEOUT_S)
+    assert workers[2].recv()[0] == "ok"
+    assert recording.batches[-1] == calls[2].rows
+
+
+def test_with_two_contexts_a_call_runs_while_the_other_instance_is_busy(
+    onnx_engine: tuple[Engine, Featurizer],
+) -> None:
+    """`--engine-process --engine-contexts 2`: one engine thread per instance; while one holds a call, the
+    other gathers and runs the next (with one instance that call would wait, as the previous test shows)."""
+    engine, featurizer = onnx_engine
+    instances = [RecordingEngine(engine), RecordingEngine(engine)]
+    hub = CallHub(engine.meta.max_batch_size)
+    workers: list[Connection] = []
+    for _ in range(2):
+        ours, theirs = Pipe()
+        hub.add(theirs)
+        workers.append(ours)
+    for instance in instances:
+        threading.Thread(target=run_calls, args=(instance, hub), daemon=True).start()
+    call = call_of(featurizer, 0)
+    workers[0].send((INFER, (call.inputs,)))
+    held = wait_until_one_entered(instances)
+    other = instances[1 - instances.index(held)]
+    other.release.set()
+    workers[1].send((INFER, (call.inputs,)))
+    assert workers[1].poll(REPLY_TIMEOUT_S), "a call waited for the busy instance"
+    assert workers[1].recv()[0] == "ok"
+    assert not workers[0].poll(0) and held.batches == []  # still held
+    held.release.set()
+    assert workers[0].poll(REPLY_TIMEOUT_S)
+    assert workers[0].recv()[0] == "ok"
+    assert (held.batches, other.batches) == ([call.rows], [call.rows])
+
+
+def wait_until_one_entered(instances: list[RecordingEngine]) -> RecordingEngine:
+    deadline = time.monotonic() + REPLY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        for instance in instances:
+            if instance.entered.wait(0.01):
+                return instance
+    raise AssertionError("no engine thread took the call")
