@@ -5,7 +5,9 @@ questions a call), and the engine process ran them one at a time: a call's host 
 overlapped another's, the GPU was 40-60 % busy, and a worker's call waited ~9 ms behind the others'
 (benchmarks/results/serve_h200_contexts.md). The calls waiting at one moment are merged here instead: padded
 to the longest sequence, stacked, run as one engine batch, and each caller gets its own rows back, as it
-would have had from running alone (a padded column is masked, a padded row is one more window).
+would have had from running alone (a padded column is masked, a padded row is one more window; a GPU engine
+may round a row differently in a batch of another shape, as when the worker's own batcher mixes questions).
++41 to +68 % answers/s on the H200 at concurrency 256 (benchmarks/results/serve_h200_merge.md).
 
 This module is the arithmetic of that: what a call message must hold (`EngineCall.parse`), which waiting calls
 go together (`take_batch`), and the merge and split. `services.engine_host` does the sockets and threads.
