@@ -10,16 +10,20 @@ import time
 from collections.abc import Iterator
 from multiprocessing.connection import Connection, Pipe
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from realtime_qa.qacore.answerer import QuestionAnswerer
 from realtime_qa.qacore.bundle import decoder_defaults, featurizer_for_engine
+from realtime_qa.qacore.decoding import decode_spans, span_masks
 from realtime_qa.qacore.engine import Engine, EngineOutputs, EngineSpans
 from realtime_qa.qacore.errors import EngineError
 from realtime_qa.qacore.factory import EngineOptions
 from realtime_qa.qacore.features import EngineInputs, Featurizer
-from realtime_qa.services.engine_calls import INFER, SPANS, EngineCall, merge, split, take_batch
+from realtime_qa.qacore.squad import read_dataset
+from realtime_qa.qacore.squad_metric import evaluate
+from realtime_qa.services.engine_calls import INFER, SPANS, CallResult, EngineCall, merge, split, take_batch
 from realtime_qa.services.engine_host import CallHub, run_batch, run_calls
 
 PASSAGES = [
@@ -217,3 +221,70 @@ def wait_until_one_entered(instances: list[RecordingEngine]) -> RecordingEngine:
             if instance.entered.wait(0.01):
                 return instance
     raise AssertionError("no engine thread took the call")
+
+
+def answers_alone_and_merged(
+    engine: Engine, featurizer: Featurizer, dataset: Any
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Each question of `dataset` as its own span-search call, run alone, and merged as the engine process merges
+    waiting calls (consecutive ones up to the engine's max batch); the decoded answers of both, by question id."""
+    length = decoder_defaults(engine.meta).max_answer_length
+    asked, calls = [], []
+    for paragraph, question in dataset.questions():
+        features = featurizer.featurize(question.question, paragraph.context)
+        inputs = featurizer.batch(features.windows)
+        may_start, may_end = span_masks(features.windows, inputs.seq_len)
+        asked.append((question.id, features))
+        calls.append(EngineCall(SPANS, inputs, may_start, may_end, length))
+    alone = [call.run(engine) for call in calls]
+    merged: list[CallResult] = []
+    waiting = list(calls)
+    while waiting:
+        batch = take_batch(waiting, lambda call: call, engine.meta.max_batch_size)
+        merged += split(merge(batch).run(engine), batch)
+    decoded: list[dict[str, str]] = [{}, {}]
+    for answers, results in zip(decoded, (alone, merged), strict=True):
+        for (qid, features), spans in zip(asked, results, strict=True):
+            assert isinstance(spans, EngineSpans)
+            answers[qid] = decode_spans(features, spans).text
+    return decoded[0], decoded[1]
+
+
+def test_merged_span_searches_give_the_answers_of_calls_run_alone(torch_fp32_engine_dir: Path, squad_dir: Path) -> None:
+    """40 SQuAD dev questions through the torch engine in fp32 on the CPU: every answer identical."""
+    pytest.importorskip("torch")
+    from counting_engine import CountingEngine
+
+    with CountingEngine(torch_fp32_engine_dir) as engine:
+        featurizer = featurizer_for_engine(engine, torch_fp32_engine_dir)
+        alone, merged = answers_alone_and_merged(
+            engine, featurizer, read_dataset(squad_dir / "dev-v1.1.json.gz").head(40)
+        )
+    assert len(engine.calls) < 2 * len(alone)  # some calls were merged
+    assert merged == alone
+
+
+@pytest.mark.gpu
+def test_gpu_merged_span_searches_give_the_answers_of_calls_run_alone(
+    shipped_model_dir: Path, squad_dir: Path, tmp_path: Path
+) -> None:
+    """The same on the fp16 CUDA-graph engine, 500 questions. fp16 may round a row differently in a batch of
+    another shape, so a near tie may flip: F1 must not move by more than 0.1 and 99 % of the answers must be
+    identical."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from realtime_qa.builder.build import BuildConfig, build_engine
+
+    config = BuildConfig(shipped_model_dir, tmp_path / "engine", backend="torch", fp16=True, batch_sizes=(1, 8, 32))
+    engine_dir = build_engine(config)
+    dataset = read_dataset(squad_dir / "dev-v1.1.json.gz").head(500)
+    with QuestionAnswerer.from_engine_dir(engine_dir) as answerer:
+        alone, merged = answers_alone_and_merged(answerer.engine, answerer.featurizer, dataset)
+    same = sum(merged[qid] == answer for qid, answer in alone.items())
+    f1 = {
+        name: float(evaluate(dataset, answers, "1.1")["f1"]) for name, answers in (("alone", alone), ("merged", merged))
+    }
+    print(f"{len(alone)} questions: {same} identical answers; F1 alone {f1['alone']:.3f}, merged {f1['merged']:.3f}")
+    assert same >= 0.99 * len(alone)
+    assert abs(f1["alone"] - f1["merged"]) <= 0.1
