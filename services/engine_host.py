@@ -12,10 +12,10 @@ workers keep what needs many cores: gRPC, tokenization, decoding.
 
 Calls that wait at the same moment run as one engine batch (`services.engine_calls`): under load, the
 process ran each worker's small batch alone, one after another, and that queue held throughput
-(benchmarks/results/serve_h200_contexts.md). The process holds `--engine-contexts` engine instances (each
-with its own CUDA stream and graphs), each run by one thread, so that many batches can run at once; one is
-the default, as two gave no more answers/s on the H200 (the batches shared the GPU rather than filling its
-idle time; same file).
+(benchmarks/results/serve_h200_contexts.md); merged, +41 to +68 % answers/s (serve_h200_merge.md). The
+process holds `--engine-contexts` engine instances (each with its own CUDA stream and graphs), each run by
+one thread, so that many batches can run at once; one is the default, as two gave no more answers/s on the
+H200, before merging or after (the batches shared the GPU rather than filling its idle time).
 
 If the engine process dies, every call on it fails (`EngineError`: the batcher fails the batch, the
 client sees INTERNAL) and the supervisor stops the whole unit (exit 1), as when a worker dies.
@@ -145,6 +145,9 @@ class CallHub:
     none) and takes a batch of those waiting (`engine_calls.take_batch`). The thread that read a call runs
     it, so a call at low load meets no thread hand-off; under load, whatever arrived while an engine ran is
     the next batch.
+
+    The gatherer reads a whole message from each connection that has data, so the peers are trusted to send
+    whole messages: only this server's workers hold the key (`admit`), and each sends one call at a time.
     """
 
     def __init__(self, max_rows: int) -> None:
