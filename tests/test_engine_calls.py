@@ -150,18 +150,25 @@ class RecordingEngine(Engine):
         return self.engine.infer(inputs)
 
 
+def engine_process(engines: list[RecordingEngine], workers: int) -> list[Connection]:
+    """The engine process's hub and engine threads, in this process; the workers' ends of their connections."""
+    hub = CallHub(engines[0].meta.max_batch_size)
+    ends: list[Connection] = []
+    for _ in range(workers):
+        ours, theirs = Pipe()
+        hub.add(theirs)
+        ends.append(ours)
+    for engine in engines:
+        threading.Thread(target=run_calls, args=(engine, hub), daemon=True).start()
+    return ends
+
+
 def test_calls_that_arrive_while_the_engine_runs_are_answered_as_one_batch(
     onnx_engine: tuple[Engine, Featurizer],
 ) -> None:
     engine, featurizer = onnx_engine
     recording = RecordingEngine(engine)
-    hub = CallHub(engine.meta.max_batch_size)
-    workers: list[Connection] = []
-    for _ in range(4):
-        ours, theirs = Pipe()
-        hub.add(theirs)
-        workers.append(ours)
-    threading.Thread(target=run_calls, args=(recording, hub), daemon=True).start()
+    workers = engine_process([recording], workers=4)
     calls = [call_of(featurizer, index % 2) for index in range(4)]
     workers[0].send((INFER, (calls[0].inputs,)))
     assert recording.entered.wait(REPLY_TIMEOUT_S)  # the engine holds the first call...
@@ -191,14 +198,7 @@ def test_with_two_contexts_a_call_runs_while_the_other_instance_is_busy(
     other gathers and runs the next (with one instance that call would wait, as the previous test shows)."""
     engine, featurizer = onnx_engine
     instances = [RecordingEngine(engine), RecordingEngine(engine)]
-    hub = CallHub(engine.meta.max_batch_size)
-    workers: list[Connection] = []
-    for _ in range(2):
-        ours, theirs = Pipe()
-        hub.add(theirs)
-        workers.append(ours)
-    for instance in instances:
-        threading.Thread(target=run_calls, args=(instance, hub), daemon=True).start()
+    workers = engine_process(instances, workers=2)
     call = call_of(featurizer, 0)
     workers[0].send((INFER, (call.inputs,)))
     held = wait_until_one_entered(instances)
