@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection, Listener, Pipe, answer_challenge, deliver_challenge, wait
@@ -39,6 +40,7 @@ from realtime_qa.qacore.features import EngineInputs
 from realtime_qa.qacore.window_results import warm_span_search
 from realtime_qa.services.config import EngineAddress
 from realtime_qa.services.engine_calls import INFER, SPANS, EngineCall, merge, split, take_batch
+from realtime_qa.services.metrics import EngineProcessMetrics
 
 log = logging.getLogger("qa-serve")
 
@@ -53,6 +55,7 @@ class EngineHostConfig:
     options: EngineOptions
     warm_span_answer_length: int | None  # capture the device span search's graphs at start (None: no search)
     contexts: int = 1  # engine instances, so this many batches run at once
+    model_id: str | None = None  # the `model` label of its metrics (None: the engine's meta.json model id)
 
 
 def host_main(config: EngineHostConfig, ready: Connection) -> None:
@@ -85,8 +88,9 @@ def host_main(config: EngineHostConfig, ready: Connection) -> None:
         address.engine_dir, meta.backend, meta.precision, len(engines), meta.max_batch_size,
     )  # fmt: skip
     hub = CallHub(meta.max_batch_size)
+    metrics = EngineProcessMetrics(config.model_id or meta.model_id)
     for engine in engines:
-        threading.Thread(target=run_calls, args=(engine, hub), daemon=True).start()
+        threading.Thread(target=run_calls, args=(engine, hub, metrics.observe_batch), daemon=True).start()
     greeting = (meta.to_json(), engines[0].span_search_limits())
     while True:
         try:
@@ -206,12 +210,16 @@ def _call_of(waiting: _Waiting) -> EngineCall:
     return waiting.call
 
 
-def run_calls(engine: Engine, hub: CallHub) -> None:
-    """An engine thread: run batches from `hub` on `engine` and answer each call, forever."""
+def run_calls(engine: Engine, hub: CallHub, observe: Callable[[int, int], None] | None = None) -> None:
+    """An engine thread: run batches from `hub` on `engine` and answer each call, forever; `observe(calls,
+    windows)` is told each batch's size."""
     while True:
         batch = hub.next_batch()
-        for waiting, reply in zip(batch, run_batch(engine, [waiting.call for waiting in batch]), strict=True):
+        calls = [waiting.call for waiting in batch]
+        for waiting, reply in zip(batch, run_batch(engine, calls), strict=True):
             waiting.caller.reply(reply)
+        if observe is not None:
+            observe(len(calls), sum(call.rows for call in calls))
 
 
 def run_batch(engine: Engine, calls: list[EngineCall]) -> list[tuple[Any, ...]]:

@@ -171,3 +171,29 @@ class ModelBatchObserver:
         total = size * seq_len
         self._padding.observe(1.0 - real_tokens / total if total else 0.0)
         self._infer.observe(infer_ns / 1e9)
+
+
+class EngineProcessMetrics:
+    """How much the engine process (`qa-serve --engine-process`) merges: per engine batch, the workers' calls it
+    ran and their windows. Written to the `--workers` multiprocess directory, so the parent's /metrics has them."""
+
+    def __init__(self, model_id: str, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self._calls = Histogram(
+            "qa_engine_process_calls_per_batch",
+            "Workers' engine calls merged into each batch of the engine process.",
+            ["model"],
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=self.registry,
+        ).labels(model_id)
+        self._windows = Histogram(
+            "qa_engine_process_batch_windows",
+            "Windows per batch of the engine process.",
+            ["model"],
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=self.registry,
+        ).labels(model_id)
+
+    def observe_batch(self, calls: int, windows: int) -> None:
+        self._calls.observe(calls)
+        self._windows.observe(windows)

@@ -181,9 +181,10 @@ def start_engine_hosts(
         if config.span_search:
             answer_length = decoder_defaults(EngineMeta.read(spec.engine_dir)).max_answer_length
         ready, ready_child = context.Pipe(duplex=False)
+        host_config = EngineHostConfig(address, options, answer_length, config.engine_contexts, spec.model_id)
         host = context.Process(
             target=host_main,
-            args=(EngineHostConfig(address, options, answer_length, config.engine_contexts), ready_child),
+            args=(host_config, ready_child),
             name=f"qa-serve-engine-{index}",
         )
         host.start()

@@ -150,16 +150,20 @@ class RecordingEngine(Engine):
         return self.engine.infer(inputs)
 
 
-def engine_process(engines: list[RecordingEngine], workers: int) -> list[Connection]:
-    """The engine process's hub and engine threads, in this process; the workers' ends of their connections."""
+def engine_process(
+    engines: list[RecordingEngine], workers: int, observed: list[tuple[int, int]] | None = None
+) -> list[Connection]:
+    """The engine process's hub and engine threads, in this process; the workers' ends of their connections.
+    Each batch's (calls, windows) is appended to `observed`, as the engine process tells its metrics."""
     hub = CallHub(engines[0].meta.max_batch_size)
     ends: list[Connection] = []
     for _ in range(workers):
         ours, theirs = Pipe()
         hub.add(theirs)
         ends.append(ours)
+    observe = (lambda calls, windows: observed.append((calls, windows))) if observed is not None else None
     for engine in engines:
-        threading.Thread(target=run_calls, args=(engine, hub), daemon=True).start()
+        threading.Thread(target=run_calls, args=(engine, hub, observe), daemon=True).start()
     return ends
 
 
@@ -168,7 +172,8 @@ def test_calls_that_arrive_while_the_engine_runs_are_answered_as_one_batch(
 ) -> None:
     engine, featurizer = onnx_engine
     recording = RecordingEngine(engine)
-    workers = engine_process([recording], workers=4)
+    observed: list[tuple[int, int]] = []
+    workers = engine_process([recording], workers=4, observed=observed)
     calls = [call_of(featurizer, index % 2) for index in range(4)]
     workers[0].send((INFER, (calls[0].inputs,)))
     assert recording.entered.wait(REPLY_TIMEOUT_S)  # the engine holds the first call...
@@ -184,6 +189,7 @@ def test_calls_that_arrive_while_the_engine_runs_are_answered_as_one_batch(
     assert workers[1].poll(REPLY_TIMEOUT_S)
     assert workers[1].recv() == ("error", "EngineError", "unknown engine call 'train'")
     assert recording.batches == [calls[0].rows, sum(call.rows for call in calls[1:])]
+    assert observed[:2] == [(1, calls[0].rows), (3, sum(call.rows for call in calls[1:]))]  # what its metrics see
     workers[3].close()  # a worker that leaves is dropped; the others are still served
     workers[2].send((INFER, (calls[2].inputs,)))
     assert workers[2].poll(REPLY_TIMEOUT_S)

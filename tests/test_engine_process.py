@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import socket
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,6 +35,7 @@ PASSAGE = (
 )
 QUESTIONS = ["In what country is Normandy located?", "From which countries did the Norse originate?"]
 ENGINE_HOST = re.compile(r"engine process qa-serve-engine-0 \(pid (\d+)\)")
+METRICS = re.compile(r"metrics on http://\S+:(\d+)/metrics")
 
 
 @pytest.fixture
@@ -93,7 +95,7 @@ async def test_workers_answer_through_one_engine_process_and_stop_when_it_dies(
     engine_dir: Path, tmp_path: Path
 ) -> None:
     argv = [str(BIN / "qa-serve"), "--workers", "2", "--engine-process", "--port", "0", "--engine", str(engine_dir),
-            "--intra-op-threads", "1", "--grace-s", "2"]  # fmt: skip
+            "--intra-op-threads", "1", "--grace-s", "2", "--metrics-port", "0"]  # fmt: skip
     server = spawn("qa-engine-process", argv, tmp_path)
     try:
         host_pid = int(server.wait_log(ENGINE_HOST, 120).group(1))
@@ -113,6 +115,21 @@ async def test_workers_answer_through_one_engine_process_and_stop_when_it_dies(
             for index, reply in enumerate(replies):
                 assert isinstance(reply, Answer)
                 assert_same_best(reply, expected[index % 2], PASSAGE)
+            # The engine process's batches are in the parent's merged /metrics: one window from each worker's
+            # warm-up per sequence length and one per question; the workers' batchers may have grouped the questions
+            # into fewer calls. A batch is counted just after its replies are sent, so the scrape waits for it.
+            metrics_port = int(server.wait_log(METRICS, 10).group(1))
+            meta = EngineMeta.read(engine_dir)
+            warm_ups = 2 * len(meta.sequence_lengths)
+
+            def scraped(name: str) -> float:
+                text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+                found = re.search(rf'^{name}{{model="{meta.model_id}"}} (\S+)$', text, re.MULTILINE)
+                return float(found.group(1)) if found else 0.0
+
+            windows = warm_ups + 6
+            wait_for(lambda: scraped("qa_engine_process_batch_windows_sum") == windows, 30, "windows in /metrics")
+            assert warm_ups < scraped("qa_engine_process_calls_per_batch_sum") <= windows
             os.kill(host_pid, signal.SIGKILL)
             # The unit stops as a whole (exit 1), like when a worker dies; a call meanwhile fails, never hangs.
             with pytest.raises(QAClientError):
