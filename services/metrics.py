@@ -179,20 +179,15 @@ class EngineProcessMetrics:
 
     def __init__(self, model_id: str, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
-        self._calls = Histogram(
-            "qa_engine_process_calls_per_batch",
-            "Workers' engine calls merged into each batch of the engine process.",
-            ["model"],
-            buckets=BATCH_SIZE_BUCKETS,
-            registry=self.registry,
-        ).labels(model_id)
-        self._windows = Histogram(
-            "qa_engine_process_batch_windows",
-            "Windows per batch of the engine process.",
-            ["model"],
-            buckets=BATCH_SIZE_BUCKETS,
-            registry=self.registry,
-        ).labels(model_id)
+
+        def per_batch(name: str, documentation: str) -> Any:
+            family = Histogram(name, documentation, ["model"], buckets=BATCH_SIZE_BUCKETS, registry=self.registry)
+            return family.labels(model_id)
+
+        self._calls = per_batch(
+            "qa_engine_process_calls_per_batch", "Workers' engine calls merged into each batch of the engine process."
+        )
+        self._windows = per_batch("qa_engine_process_batch_windows", "Windows per batch of the engine process.")
 
     def observe_batch(self, calls: int, windows: int) -> None:
         self._calls.observe(calls)
