@@ -9,8 +9,9 @@ would have had from running alone (a padded column is masked, a padded row is on
 may round a row differently in a batch of another shape, as when the worker's own batcher mixes questions).
 +41 to +68 % answers/s on the H200 at concurrency 256 (benchmarks/results/serve_h200_merge.md).
 
-This module is the arithmetic of that: what a call message must hold (`EngineCall.parse`), which waiting calls
-go together (`take_batch`), and the merge and split. `services.engine_host` does the sockets and threads.
+This module is the arithmetic of that: what a call and a reply hold and how they are framed (`EngineCall.to_bytes`
+and `from_bytes`, `reply_to_bytes` and `result_of_reply`, over `services.engine_wire`), which waiting calls go
+together (`take_batch`), and the merge and split. `services.engine_host` does the sockets and threads.
 """
 
 from __future__ import annotations
@@ -21,12 +22,19 @@ from typing import Any, TypeAlias, TypeVar
 
 import numpy as np
 from realtime_qa.qacore.engine import Engine, EngineOutputs, EngineSpans
-from realtime_qa.qacore.errors import EngineError
+from realtime_qa.qacore.errors import EngineError, EngineFaultError, InvalidInputError, QAError
 from realtime_qa.qacore.features import EngineInputs
+from realtime_qa.services.engine_wire import WireError, pack, unpack
 
 CallResult: TypeAlias = EngineOutputs | EngineSpans
 INFER = "infer"  # logits: `Engine.infer`
 SPANS = "spans"  # the device span search: `Engine.infer_spans`
+_CALL_KINDS = {INFER: b"I", SPANS: b"S"}
+_OPERATIONS = {kind: operation for operation, kind in _CALL_KINDS.items()}
+# Errors that cross the socket keep their class (by index), so the batcher and the status mapping see what a local
+# engine would have raised; anything else arrives as EngineError.
+_ERRORS: tuple[type[QAError], ...] = (EngineError, EngineFaultError, InvalidInputError)
+_LOGITS, _SPANS, _ERROR = b"L", b"P", b"E"  # reply kinds
 
 
 @dataclass(frozen=True)
@@ -39,33 +47,38 @@ class EngineCall:
     may_end: np.ndarray | None = None
     max_answer_length: int = 0  # SPANS only
 
+    def to_bytes(self) -> bytes:
+        """The message `RemoteEngine` sends (`services.engine_wire`)."""
+        arrays = [self.inputs.input_ids, self.inputs.segment_ids, self.inputs.input_mask]
+        if self.operation == SPANS:
+            assert self.may_start is not None and self.may_end is not None
+            arrays += [self.may_start, self.may_end]
+        return pack(_CALL_KINDS[self.operation], arrays, self.max_answer_length)
+
     @classmethod
-    def parse(cls, message: Any) -> EngineCall:
-        """A call from its message, `(operation, arguments)` as `RemoteEngine` sends it; `EngineError` names what
-        is wrong with a message that is not one (the engine checks sizes against its limits, `check`)."""
+    def from_bytes(cls, data: bytes | bytearray) -> EngineCall:
+        """The call in a worker's message; `EngineError` names what is wrong with one that is not a call (the
+        engine checks sizes against its limits, `check`)."""
         try:
-            operation, arguments = message
-            if operation == INFER:
-                (inputs,) = arguments
-                call = cls(INFER, inputs)
-            elif operation == SPANS:
-                inputs, may_start, may_end, max_answer_length = arguments
-                call = cls(
-                    SPANS, inputs, np.asarray(may_start, bool), np.asarray(may_end, bool), int(max_answer_length)
-                )
-            else:
-                raise EngineError(f"unknown engine call {operation!r}")
-        except (TypeError, ValueError) as exc:
+            message = unpack(data)
+        except WireError as exc:
             raise EngineError(f"malformed engine call: {exc}") from None
-        if not isinstance(call.inputs, EngineInputs) or not all(
-            isinstance(array, np.ndarray) and array.ndim == 2 and array.dtype.kind in "iu"
-            for array in (call.inputs.input_ids, call.inputs.segment_ids, call.inputs.input_mask)
-        ):  # fmt: skip
-            raise EngineError("malformed engine call: the inputs are not three 2-D integer arrays")
-        shape = call.inputs.input_ids.shape
-        if call.operation == SPANS and (call.may_start.shape != shape or call.may_end.shape != shape):  # type: ignore[union-attr]
+        operation = _OPERATIONS.get(message.kind)
+        if operation is None:
+            raise EngineError(f"unknown engine call kind {message.kind.decode('latin-1')!r}")
+        arrays = message.arrays
+        if len(arrays) != (3 if operation == INFER else 5):
+            raise EngineError(f"malformed engine call: {len(arrays)} arrays for {operation}")
+        inputs = EngineInputs(*arrays[:3])
+        shape = inputs.input_ids.shape
+        if not all(array.ndim == 2 and array.dtype.kind in "iu" and array.shape == shape for array in arrays[:3]):
+            raise EngineError("malformed engine call: the inputs are not three 2-D integer arrays of one shape")
+        if operation == INFER:
+            return cls(INFER, inputs)
+        may_start, may_end = (array.astype(bool, copy=False) for array in arrays[3:])
+        if may_start.shape != shape or may_end.shape != shape:
             raise EngineError(f"span masks must have the inputs' shape {shape}")
-        return call
+        return cls(SPANS, inputs, may_start, may_end, message.number)
 
     @property
     def rows(self) -> int:
@@ -156,3 +169,31 @@ def _stack(arrays: Sequence[np.ndarray], width: int, dtype: type) -> np.ndarray:
         stacked[row : row + array.shape[0], : array.shape[1]] = array
         row += array.shape[0]
     return stacked
+
+
+def reply_to_bytes(reply: tuple[Any, ...]) -> bytes:
+    """The message of a reply, ("ok", result) or ("error", class name, message) (`engine_host.run_batch`)."""
+    if reply[0] == "ok":
+        result = reply[1]
+        if isinstance(result, EngineOutputs):
+            return pack(_LOGITS, [result.start_logits, result.end_logits])
+        return pack(_SPANS, [result.starts, result.ends, result.logits, result.null_logits])
+    names = [error.__name__ for error in _ERRORS]
+    return pack(_ERROR, number=names.index(reply[1]) if reply[1] in names else 0, text=reply[2])
+
+
+def result_of_reply(data: bytes | bytearray) -> CallResult:
+    """The result in the engine process's reply; an error reply raises its error (`EngineError` if the reply is
+    not one)."""
+    try:
+        message = unpack(data)
+    except WireError as exc:
+        raise EngineError(f"malformed reply from the engine process: {exc}") from None
+    arrays = message.arrays
+    if message.kind == _LOGITS and len(arrays) == 2:
+        return EngineOutputs(*arrays)
+    if message.kind == _SPANS and len(arrays) == 4:
+        return EngineSpans(*arrays)
+    if message.kind == _ERROR:
+        raise _ERRORS[message.number if message.number < len(_ERRORS) else 0](message.text)
+    raise EngineError(f"malformed reply from the engine process: kind {message.kind!r} with {len(arrays)} arrays")

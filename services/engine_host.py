@@ -5,10 +5,10 @@ contexts: on the H200 at concurrency 256, `--workers 8` (eight contexts) left th
 each engine call waited ~9 ms (benchmarks/results/profile_h200.md). With `--engine-process` the supervisor
 starts one *engine process* per engine directory before the workers. It loads and warms the engine once
 (one context), and each worker's batcher reaches it through a `RemoteEngine`: the same `Engine` interface,
-where one call is one message each way over a local socket (`multiprocessing.connection`, AF_UNIX, in a
-directory only this user can enter, authenticated with a random key that travels to the workers with
-their configuration, never on a command line). Batches from all workers share that one context; the
-workers keep what needs many cores: gRPC, tokenization, decoding.
+where one call is one message each way (framed bytes, not pickles: `services.engine_wire`) over a local
+socket (`multiprocessing.connection`, AF_UNIX, in a directory only this user can enter, authenticated with a
+random key that travels to the workers with their configuration, never on a command line). Batches from all
+workers share that one context; the workers keep what needs many cores: gRPC, tokenization, decoding.
 
 Calls that wait at the same moment run as one engine batch (`services.engine_calls`): under load, the
 process ran each worker's small batch alone, one after another, and that queue held throughput
@@ -34,19 +34,26 @@ from typing import Any
 import numpy as np
 from realtime_qa.qacore.bundle import EngineBundle, decoder_defaults, featurizer_for_engine
 from realtime_qa.qacore.engine import Engine, EngineMeta, EngineOutputs, EngineSpans
-from realtime_qa.qacore.errors import EngineError, EngineFaultError, InvalidInputError, QAError
+from realtime_qa.qacore.errors import EngineError, QAError
 from realtime_qa.qacore.factory import EngineOptions, load_engine
 from realtime_qa.qacore.features import EngineInputs
 from realtime_qa.qacore.window_results import warm_span_search
 from realtime_qa.services.config import EngineAddress
-from realtime_qa.services.engine_calls import INFER, SPANS, EngineCall, merge, split, take_batch
+from realtime_qa.services.engine_calls import (
+    INFER,
+    SPANS,
+    EngineCall,
+    merge,
+    reply_to_bytes,
+    result_of_reply,
+    split,
+    take_batch,
+)
 from realtime_qa.services.metrics import EngineProcessMetrics
 
 log = logging.getLogger("qa-serve")
 
-# Errors that cross the socket keep their class, so the batcher and the status mapping see what a local
-# engine would have raised; anything else arrives as EngineError.
-_ERRORS: dict[str, type[QAError]] = {cls.__name__: cls for cls in (EngineError, EngineFaultError, InvalidInputError)}
+CALL_BYTES_PER_CELL = 3 * 8 + 2  # a call's largest message per window token: three int64 inputs, two bool masks
 
 
 @dataclass(frozen=True)
@@ -87,7 +94,7 @@ def host_main(config: EngineHostConfig, ready: Connection) -> None:
         "engine process serving %s (%s %s, %d context(s)); calls waiting together run as one batch of up to %d",
         address.engine_dir, meta.backend, meta.precision, len(engines), meta.max_batch_size,
     )  # fmt: skip
-    hub = CallHub(meta.max_batch_size)
+    hub = CallHub(meta.max_batch_size, meta.max_batch_size * meta.max_seq_length * CALL_BYTES_PER_CELL + 65536)
     metrics = EngineProcessMetrics(config.model_id or meta.model_id)
     for engine in engines:
         threading.Thread(target=run_calls, args=(engine, hub, metrics.observe_batch), daemon=True).start()
@@ -104,8 +111,8 @@ def host_main(config: EngineHostConfig, ready: Connection) -> None:
 def admit(connection: Connection, authkey: bytes, greeting: tuple[str, Any], hub: CallHub) -> None:
     """Let one worker connection in: it proves it holds the key first (both ways, as `Listener(authkey=...)`
     does, but here, in its own thread, so a client that never answers the challenge holds up only that
-    thread); nothing it sends is unpickled before that. Then `greeting` (the engine's meta.json and span
-    search limits), and its calls go to `hub`."""
+    thread); nothing it sends is read before that, and its calls are framed bytes, never unpickled. Then
+    `greeting` (the engine's meta.json and span search limits), and its calls go to `hub`."""
     try:
         deliver_challenge(connection, authkey)
         answer_challenge(connection, authkey)
@@ -134,9 +141,10 @@ class _Caller:
         self._send_lock = threading.Lock()
 
     def reply(self, message: tuple[Any, ...]) -> None:
+        data = reply_to_bytes(message)
         try:
             with self._send_lock:
-                self.connection.send(message)
+                self.connection.send_bytes(data)
         except OSError:  # the worker went away mid-call; its connection is dropped when read
             pass
 
@@ -151,11 +159,13 @@ class CallHub:
     the next batch.
 
     The gatherer reads a whole message from each connection that has data, so the peers are trusted to send
-    whole messages: only this server's workers hold the key (`admit`), and each sends one call at a time.
+    whole messages: only this server's workers hold the key (`admit`), and each sends one call at a time. A
+    message longer than `max_message_bytes` (None: any) drops its connection.
     """
 
-    def __init__(self, max_rows: int) -> None:
+    def __init__(self, max_rows: int, max_message_bytes: int | None = None) -> None:
         self.max_rows = max_rows
+        self.max_message_bytes = max_message_bytes
         self._callers: dict[Connection, _Caller] = {}
         self._waiting: list[_Waiting] = []
         self._gather = threading.Lock()  # one gatherer at a time; it alone touches _callers and _waiting
@@ -185,16 +195,19 @@ class CallHub:
                 continue
             caller = self._callers[connection]  # type: ignore[index]
             try:
-                message = caller.connection.recv()
-            except (OSError, EOFError):  # the worker closed its connection (or died)
+                message = caller.connection.recv_bytes(self.max_message_bytes)
+            except (OSError, EOFError) as exc:  # the worker closed its connection (or died), or sent too much
+                if isinstance(exc, OSError):  # e.g. "bad message length": over max_message_bytes
+                    log.warning("engine process dropped a worker connection: %s", exc)
                 del self._callers[caller.connection]
                 caller.connection.close()
                 continue
             try:
-                self._waiting.append(_Waiting(caller, EngineCall.parse(message)))
+                self._waiting.append(_Waiting(caller, EngineCall.from_bytes(message)))
             except EngineError as exc:
                 caller.reply(_error_reply(exc))
-            except Exception as exc:  # an unexpected pickled object: fail this call, not the gatherer
+            except Exception as exc:  # not expected (from_bytes checks what it reads): fail the call, not the gatherer
+                log.exception("engine process could not read a call")
                 caller.reply(("error", "EngineError", f"malformed engine call: {type(exc).__name__}"))
 
     def _admit(self) -> None:
@@ -284,7 +297,7 @@ class RemoteEngine(Engine):
         self.address = address
 
     def infer(self, inputs: EngineInputs) -> EngineOutputs:
-        result: EngineOutputs = self._call(INFER, (inputs,))
+        result: EngineOutputs = self._call(EngineCall(INFER, inputs))
         return result
 
     def span_search_limits(self) -> tuple[int, int] | None:
@@ -293,19 +306,18 @@ class RemoteEngine(Engine):
     def infer_spans(
         self, inputs: EngineInputs, may_start: np.ndarray, may_end: np.ndarray, max_answer_length: int
     ) -> EngineSpans:
-        result: EngineSpans = self._call(SPANS, (inputs, may_start, may_end, max_answer_length))
+        result: EngineSpans = self._call(EngineCall(SPANS, inputs, may_start, may_end, max_answer_length))
         return result
 
-    def _call(self, operation: str, arguments: tuple[Any, ...]) -> Any:
+    def _call(self, call: EngineCall) -> Any:
+        message = call.to_bytes()
         with self._lock:
             try:
-                self._connection.send((operation, arguments))
-                reply = self._connection.recv()
+                self._connection.send_bytes(message)
+                reply = self._connection.recv_bytes()
             except (OSError, EOFError) as exc:
                 raise EngineError(f"the engine process of {self.address.engine_dir} is gone: {exc}") from None
-        if reply[0] == "ok":
-            return reply[1]
-        raise _ERRORS.get(reply[1], EngineError)(reply[2])
+        return result_of_reply(bytearray(reply))  # a bytearray: the result's arrays are writable, as a local engine's
 
     def close(self) -> None:
         self._connection.close()

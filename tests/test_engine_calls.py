@@ -18,13 +18,24 @@ from realtime_qa.qacore.answerer import QuestionAnswerer
 from realtime_qa.qacore.bundle import decoder_defaults, featurizer_for_engine
 from realtime_qa.qacore.decoding import decode_spans, span_masks
 from realtime_qa.qacore.engine import Engine, EngineOutputs, EngineSpans
-from realtime_qa.qacore.errors import EngineError
+from realtime_qa.qacore.errors import EngineError, EngineFaultError, InvalidInputError
 from realtime_qa.qacore.factory import EngineOptions
 from realtime_qa.qacore.features import EngineInputs, Featurizer
 from realtime_qa.qacore.squad import read_dataset
 from realtime_qa.qacore.squad_metric import evaluate
-from realtime_qa.services.engine_calls import INFER, SPANS, CallResult, EngineCall, merge, split, take_batch
+from realtime_qa.services.engine_calls import (
+    INFER,
+    SPANS,
+    CallResult,
+    EngineCall,
+    merge,
+    reply_to_bytes,
+    result_of_reply,
+    split,
+    take_batch,
+)
 from realtime_qa.services.engine_host import CallHub, run_batch, run_calls
+from realtime_qa.services.engine_wire import pack
 
 PASSAGES = [
     "The Normans were the people who in the 10th and 11th centuries gave their name to Normandy, a region in France.",
@@ -106,20 +117,62 @@ def test_a_batch_takes_the_oldest_call_then_later_ones_that_fit_and_share_its_ki
     assert waiting == []
 
 
+INFER_BYTES = EngineCall(INFER, ZEROS).to_bytes()
+
+
 @pytest.mark.parametrize(
     ("message", "error"),
     [
-        (("train", ()), "unknown engine call 'train'"),
-        ("infer", "malformed engine call"),
-        ((INFER, ("not inputs",)), "not three 2-D integer arrays"),
-        ((INFER, (EngineInputs(*(np.zeros((1, 4), np.float32) for _ in range(3))),)), "not three 2-D integer"),
-        ((SPANS, (ZEROS, np.zeros((1, 3)), np.zeros((1, 4)), 30)), r"span masks must have the inputs' shape \(1, 4\)"),
-        ((SPANS, (ZEROS, np.zeros((1, 4)), np.zeros((1, 4)), "x")), "malformed engine call"),
+        (pack(b"T"), "unknown engine call kind 'T'"),
+        (b"infer", "malformed engine call: message of 5 bytes is shorter than its headers"),
+        (INFER_BYTES[:-1], "malformed engine call: message of .* bytes is shorter than its arrays"),
+        (INFER_BYTES + b"\0", "malformed engine call: message has 1 bytes after its arrays"),
+        (pack(b"I", [np.zeros((1, 4), np.int32)] * 2), "malformed engine call: 2 arrays for infer"),
+        (pack(b"I", [np.zeros((1, 4), np.float32)] * 3), "not three 2-D integer arrays of one shape"),
+        (pack(b"I", [np.zeros((1, 4), np.int32)] * 2 + [np.zeros((1, 5), np.int32)]), "of one shape"),
+        (pack(b"S", [*ZEROS.__dict__.values(), np.zeros((1, 3), bool), np.zeros((1, 4), bool)], 30),
+         r"span masks must have the inputs' shape \(1, 4\)"),
     ],
 )  # fmt: skip
-def test_a_malformed_call_is_refused_by_name(message: object, error: str) -> None:
+def test_a_malformed_call_is_refused_by_name(message: bytes, error: str) -> None:
     with pytest.raises(EngineError, match=error):
-        EngineCall.parse(message)
+        EngineCall.from_bytes(message)
+
+
+def test_calls_and_replies_cross_the_wire_unchanged(onnx_engine: tuple[Engine, Featurizer]) -> None:
+    engine, featurizer = onnx_engine
+    inputs = call_of(featurizer, 1).inputs
+    call = EngineCall(SPANS, inputs, inputs.segment_ids == 1, inputs.input_mask == 1, 30)
+    got = EngineCall.from_bytes(call.to_bytes())
+    assert (got.operation, got.max_answer_length) == (SPANS, 30)
+    for name in ("input_ids", "segment_ids", "input_mask"):
+        np.testing.assert_array_equal(getattr(got.inputs, name), getattr(inputs, name))
+    np.testing.assert_array_equal(got.may_start, call.may_start)
+    np.testing.assert_array_equal(got.may_end, call.may_end)
+    logits = engine.infer(inputs)
+    back = result_of_reply(bytearray(reply_to_bytes(("ok", logits))))
+    assert isinstance(back, EngineOutputs)
+    np.testing.assert_array_equal(back.start_logits, logits.start_logits)
+    np.testing.assert_array_equal(back.end_logits, logits.end_logits)
+    back.start_logits[0, 0] = 0.0  # writable, as a local engine's result
+    spans = EngineSpans(np.array([[3, -1]], np.int32), np.array([[5, -1]], np.int32),
+                        np.array([[2.5, -np.inf]], np.float32), np.array([-1.0], np.float32))  # fmt: skip
+    back_spans = result_of_reply(reply_to_bytes(("ok", spans)))
+    assert isinstance(back_spans, EngineSpans)
+    for name in ("starts", "ends", "logits", "null_logits"):
+        np.testing.assert_array_equal(getattr(back_spans, name), getattr(spans, name))
+
+
+@pytest.mark.parametrize("error", [EngineError, EngineFaultError, InvalidInputError])
+def test_an_error_reply_raises_its_own_class_and_message(error: type[Exception]) -> None:
+    with pytest.raises(error, match=r"^sequence of 513 exceeds ✓$") as raised:
+        result_of_reply(reply_to_bytes(("error", error.__name__, "sequence of 513 exceeds ✓")))
+    assert type(raised.value) is error
+
+
+def test_a_garbled_reply_is_an_engine_error() -> None:
+    with pytest.raises(EngineError, match="malformed reply from the engine process"):
+        result_of_reply(reply_to_bytes(("ok", EngineOutputs(np.zeros((1, 2), np.float32), np.zeros((1, 2)))))[:-3])
 
 
 def test_a_call_the_engine_refuses_fails_alone(onnx_engine: tuple[Engine, Featurizer]) -> None:
@@ -151,11 +204,14 @@ class RecordingEngine(Engine):
 
 
 def engine_process(
-    engines: list[RecordingEngine], workers: int, observed: list[tuple[int, int]] | None = None
+    engines: list[RecordingEngine],
+    workers: int,
+    observed: list[tuple[int, int]] | None = None,
+    max_message_bytes: int | None = None,
 ) -> list[Connection]:
     """The engine process's hub and engine threads, in this process; the workers' ends of their connections.
     Each batch's (calls, windows) is appended to `observed`, as the engine process tells its metrics."""
-    hub = CallHub(engines[0].meta.max_batch_size)
+    hub = CallHub(engines[0].meta.max_batch_size, max_message_bytes)
     ends: list[Connection] = []
     for _ in range(workers):
         ours, theirs = Pipe()
@@ -175,26 +231,44 @@ def test_calls_that_arrive_while_the_engine_runs_are_answered_as_one_batch(
     observed: list[tuple[int, int]] = []
     workers = engine_process([recording], workers=4, observed=observed)
     calls = [call_of(featurizer, index % 2) for index in range(4)]
-    workers[0].send((INFER, (calls[0].inputs,)))
+    workers[0].send_bytes(calls[0].to_bytes())
     assert recording.entered.wait(REPLY_TIMEOUT_S)  # the engine holds the first call...
     for worker, call in zip(workers[1:], calls[1:], strict=True):
-        worker.send((INFER, (call.inputs,)))  # ...while three more arrive
-    workers[1].send(("train", ()))  # and worker 1 sends a second, malformed, message
+        worker.send_bytes(call.to_bytes())  # ...while three more arrive
+    workers[1].send_bytes(pack(b"T"))  # and worker 1 sends a second, malformed, message
     recording.release.set()
     for index, worker in enumerate(workers):
         assert worker.poll(REPLY_TIMEOUT_S), f"worker {index} got no reply"
-        status, result = worker.recv()
-        assert status == "ok"
+        result = result_of_reply(worker.recv_bytes())
+        assert isinstance(result, EngineOutputs)
         assert_same_logits(result, engine.infer(calls[index].inputs))
     assert workers[1].poll(REPLY_TIMEOUT_S)
-    assert workers[1].recv() == ("error", "EngineError", "unknown engine call 'train'")
+    with pytest.raises(EngineError, match=r"^unknown engine call kind 'T'$"):
+        result_of_reply(workers[1].recv_bytes())
     assert recording.batches == [calls[0].rows, sum(call.rows for call in calls[1:])]
     assert observed[:2] == [(1, calls[0].rows), (3, sum(call.rows for call in calls[1:]))]  # what its metrics see
     workers[3].close()  # a worker that leaves is dropped; the others are still served
-    workers[2].send((INFER, (calls[2].inputs,)))
+    workers[2].send_bytes(calls[2].to_bytes())
     assert workers[2].poll(REPLY_TIMEOUT_S)
-    assert workers[2].recv()[0] == "ok"
+    assert isinstance(result_of_reply(workers[2].recv_bytes()), EngineOutputs)
     assert recording.batches[-1] == calls[2].rows
+
+
+def test_a_message_over_the_limit_drops_its_connection_and_the_others_are_served(
+    onnx_engine: tuple[Engine, Featurizer],
+) -> None:
+    engine, featurizer = onnx_engine
+    recording = RecordingEngine(engine)
+    recording.release.set()
+    call = call_of(featurizer, 0)
+    workers = engine_process([recording], workers=2, max_message_bytes=len(call.to_bytes()))
+    workers[0].send_bytes(call.to_bytes() + bytes(1))  # one byte too many
+    assert workers[0].poll(REPLY_TIMEOUT_S)
+    with pytest.raises((EOFError, ConnectionResetError)):  # dropped: closed (with our bytes unread), no reply
+        workers[0].recv_bytes()
+    workers[1].send_bytes(call.to_bytes())
+    assert workers[1].poll(REPLY_TIMEOUT_S)
+    assert isinstance(result_of_reply(workers[1].recv_bytes()), EngineOutputs)
 
 
 def test_with_two_contexts_a_call_runs_while_the_other_instance_is_busy(
@@ -206,17 +280,17 @@ def test_with_two_contexts_a_call_runs_while_the_other_instance_is_busy(
     instances = [RecordingEngine(engine), RecordingEngine(engine)]
     workers = engine_process(instances, workers=2)
     call = call_of(featurizer, 0)
-    workers[0].send((INFER, (call.inputs,)))
+    workers[0].send_bytes(call.to_bytes())
     held = wait_until_one_entered(instances)
     other = instances[1 - instances.index(held)]
     other.release.set()
-    workers[1].send((INFER, (call.inputs,)))
+    workers[1].send_bytes(call.to_bytes())
     assert workers[1].poll(REPLY_TIMEOUT_S), "a call waited for the busy instance"
-    assert workers[1].recv()[0] == "ok"
+    assert isinstance(result_of_reply(workers[1].recv_bytes()), EngineOutputs)
     assert not workers[0].poll(0) and held.batches == []  # still held
     held.release.set()
     assert workers[0].poll(REPLY_TIMEOUT_S)
-    assert workers[0].recv()[0] == "ok"
+    assert isinstance(result_of_reply(workers[0].recv_bytes()), EngineOutputs)
     assert (held.batches, other.batches) == ([call.rows], [call.rows])
 
 
@@ -233,7 +307,8 @@ def answers_alone_and_merged(
     engine: Engine, featurizer: Featurizer, dataset: Any
 ) -> tuple[dict[str, str], dict[str, str]]:
     """Each question of `dataset` as its own span-search call, run alone, and merged as the engine process merges
-    waiting calls (consecutive ones up to the engine's max batch); the decoded answers of both, by question id."""
+    waiting calls (consecutive ones up to the engine's max batch), each call and reply crossing the wire as bytes;
+    the decoded answers of both, by question id."""
     length = decoder_defaults(engine.meta).max_answer_length
     asked, calls = [], []
     for paragraph, question in dataset.questions():
@@ -244,10 +319,10 @@ def answers_alone_and_merged(
         calls.append(EngineCall(SPANS, inputs, may_start, may_end, length))
     alone = [call.run(engine) for call in calls]
     merged: list[CallResult] = []
-    waiting = list(calls)
+    waiting = [EngineCall.from_bytes(call.to_bytes()) for call in calls]
     while waiting:
         batch = take_batch(waiting, lambda call: call, engine.meta.max_batch_size)
-        merged += split(merge(batch).run(engine), batch)
+        merged += [result_of_reply(reply_to_bytes(("ok", result))) for result in split(merge(batch).run(engine), batch)]
     decoded: list[dict[str, str]] = [{}, {}]
     for answers, results in zip(decoded, (alone, merged), strict=True):
         for (qid, features), spans in zip(asked, results, strict=True):
