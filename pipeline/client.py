@@ -9,7 +9,9 @@ with the gRPC status code. Streams are not retried: a failed question on a strea
 `AnswerFailure`, the stream stays open.
 
 Several replicas without a proxy: give several addresses ("127.0.0.1:50051,127.0.0.1:50052") or a DNS
-name ("dns:///qa.internal:50051"); gRPC's `round_robin` policy spreads calls over every address.
+name ("dns:///qa.internal:50051"); gRPC's `round_robin` policy spreads calls over every address. One
+`qa-serve --workers N` without a proxy: `ClientConfig(connections=K)` opens K connections (the kernel gives
+each to one worker) and sends each call on the one with the fewest calls in flight (`LeastBusy`).
 Security: `ClientConfig(tls_root_cert=..., tls_client_cert=..., tls_client_key=..., token=...)` for
 TLS, mutual TLS and a bearer token (sent as call credentials over TLS; over plaintext, which only a
 loopback or private hop should carry, as the same `authorization` header).
@@ -31,7 +33,7 @@ import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -56,6 +58,7 @@ RETRIED_METHODS = (
     {"service": SERVICE_NAME, "method": "GetModelInfo"},
 )
 T = TypeVar("T")
+MAX_CONNECTIONS = 64
 
 
 class QAClientError(Exception):
@@ -126,6 +129,10 @@ class ClientConfig:
     # several QAClients are still one connection, and `qa-serve --workers` (SO_REUSEPORT spreads connections,
     # not calls) serves them all from one worker. True: this client opens a connection of its own.
     own_connection: bool = False
+    # Connections of its own to spread calls over (1..MAX_CONNECTIONS): each unary call and each new stream goes on
+    # the one with the fewest calls and streams in flight (`LeastBusy`), so a connection whose worker answers slower
+    # gets fewer. For one `qa-serve --workers N` without a proxy in front (docs/deploy.md).
+    connections: int = 1
 
     def __post_init__(self) -> None:
         if (self.tls_client_cert is None) != (self.tls_client_key is None):
@@ -134,6 +141,27 @@ class ClientConfig:
             raise ValueError("a client certificate needs TLS: set tls_root_cert too")
         if self.token is not None and (not self.token or any(c.isspace() for c in self.token)):
             raise ValueError("a bearer token must be non-empty and hold no whitespace")
+        if not 1 <= self.connections <= MAX_CONNECTIONS:
+            raise ValueError(f"connections must be 1..{MAX_CONNECTIONS}, not {self.connections}")
+
+
+class LeastBusy(Generic[T]):
+    """Which of `targets` takes the next call: the one with the fewest `in_flight`, ties in turn (gRPC's
+    least-request balancing). Round-robin would send a slow target as many calls as the others; this sends it
+    fewer, so one busy worker does not hold every caller's tail latency."""
+
+    def __init__(self, targets: Sequence[T], in_flight: Callable[[T], int]) -> None:
+        if not targets:
+            raise ValueError("nothing to pick from")
+        self.targets = list(targets)
+        self.in_flight = in_flight
+        self._turn = 0
+
+    def __call__(self) -> T:
+        count = len(self.targets)
+        first = self._turn
+        self._turn = (first + 1) % count
+        return min((self.targets[(first + step) % count] for step in range(count)), key=self.in_flight)
 
 
 @dataclass(frozen=True)
@@ -297,7 +325,7 @@ def result_from_pb(message: qa_pb2.AnswerResponse) -> StreamResult:
 
 
 class QAClient:
-    """One channel to a QA server; safe to share between tasks."""
+    """One channel (or `ClientConfig.connections` channels) to a QA server; safe to share between tasks."""
 
     def __init__(self, target: str | Sequence[str], config: ClientConfig | None = None) -> None:
         self.target = channel_target(target)
@@ -308,11 +336,16 @@ class QAClient:
             ("grpc.enable_retries", 1),
             ("grpc.service_config", config.retry.service_config(config.load_balancing)),
         ]
-        if config.own_connection:
+        if config.own_connection or config.connections > 1:
             options.append(("grpc.use_local_subchannel_pool", 1))
-        self.channel, self._auth_metadata = open_channel(self.target, config, options)
-        self._stub = qa_pb2_grpc.QuestionAnsweringStub(self.channel)
-        self._health = health_pb2_grpc.HealthStub(self.channel)
+        opened = [open_channel(self.target, config, options) for _ in range(config.connections)]
+        self.channels = [channel for channel, _ in opened]
+        self.channel = self.channels[0]
+        self._auth_metadata = opened[0][1]
+        self._stubs = [qa_pb2_grpc.QuestionAnsweringStub(channel) for channel in self.channels]
+        self._health = [health_pb2_grpc.HealthStub(channel) for channel in self.channels]
+        self.in_flight = [0] * len(self.channels)  # calls and open streams per connection
+        self._least_busy = LeastBusy(range(len(self.channels)), self.in_flight.__getitem__)
 
     async def __aenter__(self) -> QAClient:
         return self
@@ -321,7 +354,8 @@ class QAClient:
         await self.close()
 
     async def close(self) -> None:
-        await self.channel.close()
+        for channel in self.channels:
+            await channel.close()
 
     # -- unary -------------------------------------------------------------------------------------
 
@@ -347,31 +381,29 @@ class QAClient:
         if not isinstance(question, Question):
             question = Question(question, passage, passage_id, model_id=model_id, options=options or AnswerOptions())
         message = question.to_pb()
-        response: qa_pb2.AnswerResponse = await self._call(self._stub.Answer, message, timeout_s, request_id, metadata)
+        response: qa_pb2.AnswerResponse = await self._call("Answer", message, timeout_s, request_id, metadata)
         return Answer.from_pb(response)
 
     async def put_passage(self, passage: str, model_id: str = "", timeout_s: float | None = -1.0) -> StoredPassage:
         """Store (and tokenize) a passage once; ask about it by `passage_id` afterwards."""
         request = qa_pb2.PutPassageRequest(passage=passage, model_id=model_id)
-        response: qa_pb2.PutPassageResponse = await self._call(self._stub.PutPassage, request, timeout_s)
+        response: qa_pb2.PutPassageResponse = await self._call("PutPassage", request, timeout_s)
         return StoredPassage(response.passage_id, response.num_tokens, response.num_windows)
 
     async def list_models(self, timeout_s: float | None = -1.0) -> list[ModelDescription]:
-        response: qa_pb2.ListModelsResponse = await self._call(
-            self._stub.ListModels, qa_pb2.ListModelsRequest(), timeout_s
-        )
+        response: qa_pb2.ListModelsResponse = await self._call("ListModels", qa_pb2.ListModelsRequest(), timeout_s)
         return [ModelDescription.from_pb(model) for model in response.models]
 
     async def model_info(self, model_id: str = "", timeout_s: float | None = -1.0) -> ModelDescription:
         response: qa_pb2.ModelInfo = await self._call(
-            self._stub.GetModelInfo, qa_pb2.GetModelInfoRequest(model_id=model_id), timeout_s
+            "GetModelInfo", qa_pb2.GetModelInfoRequest(model_id=model_id), timeout_s
         )
         return ModelDescription.from_pb(response)
 
-    async def health(self, service: str = SERVICE_NAME, timeout_s: float = 2.0) -> str:
-        """The health status name of `service` ("SERVING", "NOT_SERVING", ...)."""
+    async def health(self, service: str = SERVICE_NAME, timeout_s: float = 2.0, connection: int = 0) -> str:
+        """The health status name of `service` ("SERVING", "NOT_SERVING", ...), asked over `connection`."""
         try:
-            response = await self._health.Check(
+            response = await self._health[connection].Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout_s, metadata=self._auth_metadata
             )
         except grpc.aio.AioRpcError as exc:
@@ -379,13 +411,19 @@ class QAClient:
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
     async def wait_ready(self, timeout_s: float = 60.0, service: str = SERVICE_NAME) -> None:
-        """Wait until the server reports `service` SERVING (QAClientError DEADLINE_EXCEEDED otherwise)."""
+        """Wait until the server reports `service` SERVING on every connection (each may reach another worker of
+        `qa-serve --workers`); QAClientError DEADLINE_EXCEEDED otherwise."""
         deadline = time.monotonic() + timeout_s
+        for connection in range(len(self.channels)):
+            await self._wait_serving(connection, service, deadline, timeout_s)
+
+    async def _wait_serving(self, connection: int, service: str, deadline: float, timeout_s: float) -> None:
         attempt = 0
         while True:
             attempt += 1
             try:
-                if await self.health(service, timeout_s=max(0.05, min(2.0, deadline - time.monotonic()))) == "SERVING":
+                remaining_s = max(0.05, min(2.0, deadline - time.monotonic()))
+                if await self.health(service, remaining_s, connection) == "SERVING":
                     return
             except QAClientError as exc:
                 if exc.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -396,13 +434,14 @@ class QAClient:
 
     async def _call(
         self,
-        method: Callable[..., Awaitable[T]],
+        method: str,
         request: Any,
         timeout_s: float | None = -1.0,
         request_id: str | None = None,
         extra_metadata: Sequence[tuple[str, str]] = (),
     ) -> T:
-        """One unary call, retried on the policy's codes all inside one deadline.
+        """One unary call of `method` (its name), retried on the policy's codes all inside one deadline; each
+        attempt goes on the least busy connection.
 
         gRPC retries each call up to `policy.grpc_attempts` times itself (while its retry throttle
         allows). Only a policy asking for more attempts than gRPC's limit of 5 repeats the call here: up
@@ -422,8 +461,11 @@ class QAClient:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise QAClientError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded (while retrying)", request_id)
+            connection = self._least_busy()
+            self.in_flight[connection] += 1
             try:
-                return await method(request, timeout=remaining, metadata=metadata)
+                call: Callable[..., Awaitable[T]] = getattr(self._stubs[connection], method)
+                return await call(request, timeout=remaining, metadata=metadata)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 if code not in policy.retry_codes or attempt >= policy.max_attempts:
@@ -431,7 +473,9 @@ class QAClient:
                 pause = policy.backoff_s(attempt)
                 if deadline is not None:
                     pause = min(pause, max(0.0, deadline - time.monotonic()))
-                await asyncio.sleep(pause)
+            finally:
+                self.in_flight[connection] -= 1
+            await asyncio.sleep(pause)
 
     # -- streaming ---------------------------------------------------------------------------------
 
@@ -446,11 +490,7 @@ class QAClient:
         Questions without a request_id are tagged with their position ("0", "1", ...). Leaving the
         loop early cancels the stream (the server drops the remaining work).
         """
-        call = self._stub.AnswerStream(
-            _tagged_requests(questions),
-            timeout=timeout_s,
-            metadata=((REQUEST_ID_HEADER, request_id or uuid.uuid4().hex[:16]), *self._auth_metadata),
-        )
+        call = self._open_stream(_tagged_requests(questions), timeout_s, request_id)
         try:
             async for response in call:
                 yield result_from_pb(response)
@@ -461,11 +501,24 @@ class QAClient:
 
     def open_stream(self, timeout_s: float | None = None, request_id: str | None = None) -> QAStream:
         """A bidirectional stream to drive by hand: `send()` questions, `receive()` results, interleaved."""
-        call = self._stub.AnswerStream(
-            timeout=timeout_s,
-            metadata=((REQUEST_ID_HEADER, request_id or uuid.uuid4().hex[:16]), *self._auth_metadata),
+        return QAStream(self._open_stream(None, timeout_s, request_id))
+
+    def _open_stream(self, requests: Any, timeout_s: float | None, request_id: str | None) -> Any:
+        """An AnswerStream call on the least busy connection, counted there until it ends."""
+        connection = self._least_busy()
+        metadata = ((REQUEST_ID_HEADER, request_id or uuid.uuid4().hex[:16]), *self._auth_metadata)
+        stub = self._stubs[connection]
+        call = (
+            stub.AnswerStream(timeout=timeout_s, metadata=metadata)
+            if requests is None
+            else stub.AnswerStream(requests, timeout=timeout_s, metadata=metadata)
         )
-        return QAStream(call)
+        self.in_flight[connection] += 1
+        call.add_done_callback(lambda _: self._stream_ended(connection))
+        return call
+
+    def _stream_ended(self, connection: int) -> None:
+        self.in_flight[connection] -= 1
 
 
 def open_channel(

@@ -250,3 +250,65 @@ async def test_own_connection_gives_each_client_its_tcp_connection(own_connectio
     finally:
         await server.stop(None)
     assert len(peers) == 3 and len(set(peers)) == connections
+
+
+async def test_connections_open_that_many_tcp_connections_and_wait_ready_checks_each() -> None:
+    """`ClientConfig(connections=3)`: three connections of its own (the server sees three client ports), each one
+    checked by wait_ready (with `qa-serve --workers` each may reach another worker)."""
+    from grpc_health.v1 import health_pb2
+
+    peers: list[str] = []
+
+    async def check(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        peers.append(context.peer())
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING).SerializeToString()
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "grpc.health.v1.Health", {"Check": grpc.unary_unary_rpc_method_handler(check)}
+            ),
+        )
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with QAClient(f"127.0.0.1:{port}", ClientConfig(connections=3)) as client:
+            await client.wait_ready(10)
+    finally:
+        await server.stop(None)
+    assert len(peers) == 3 and len(set(peers)) == 3
+
+
+async def test_calls_and_streams_go_on_the_connection_with_the_fewest_in_flight(server: QAServer) -> None:
+    async with QAClient(server.target, ClientConfig(connections=3)) as client:
+        calls = [asyncio.create_task(client.answer(f"Who led them ({index})?", PASSAGE)) for index in range(6)]
+        await asyncio.sleep(0)  # every task has sent its call (none can be answered before the loop turns again)
+        assert client.in_flight == [2, 2, 2]
+        assert all(answer.text for answer in await asyncio.gather(*calls))
+        assert client.in_flight == [0, 0, 0]
+        client.in_flight[1] += 5  # as if connection 1 were slow to answer: the next calls avoid it
+        calls = [asyncio.create_task(client.answer(f"Who led them ({index})?", PASSAGE)) for index in range(4)]
+        await asyncio.sleep(0)
+        assert client.in_flight == [2, 5, 2]
+        await asyncio.gather(*calls)
+        client.in_flight[1] -= 5
+        streams = [client.open_stream(timeout_s=30) for _ in range(3)]
+        assert client.in_flight == [1, 1, 1]  # an open stream counts until it ends
+        for stream in streams:
+            await stream.send(Question("Who led them?", PASSAGE, request_id="q"))
+            await stream.done_sending()
+            assert isinstance(await stream.receive(), Answer)
+            assert await stream.receive() is None
+        for _ in range(500):
+            if client.in_flight == [0, 0, 0]:
+                break
+            await asyncio.sleep(0.01)
+        assert client.in_flight == [0, 0, 0]
+
+
+@pytest.mark.parametrize("connections", [0, 65])
+def test_connections_outside_1_to_64_are_refused(connections: int) -> None:
+    with pytest.raises(ValueError, match=r"connections must be 1\.\.64"):
+        ClientConfig(connections=connections)

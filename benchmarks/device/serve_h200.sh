@@ -8,13 +8,14 @@
 #    the bare grpc.aio echo floor measured by the first of them;
 # 2. concurrency 256 from 8 client processes: base --workers 8; new --workers 8; new --workers N --engine-process
 #    for N in 4 8 12 (one engine process holds the GPU; the workers send it their batches).
-# C1_VARIANTS / C256_VARIANTS (space-separated name:BASE|NEW:flags and name:BASE|NEW:workers:flags[:API], '+' for a
-# space inside the flags, API unary (default) or stream; C1_VARIANTS=none skips concurrency 1), C1_APIS (default
-# unary: the APIs every concurrency-1 point runs, e.g. unary,stream), ECHO_LOOPS (the echo floor's server loops,
-# default asyncio), CLIENT_LOOP (the load generators' event loop, default asyncio as in the first runs; auto =
-# uvloop) and CHANNELS (gRPC connections per load process; 1 in the first run) change the points.
-# STEP_TRACE (default 0) rounds of the step trace, base then new, run first.
-# Each concurrency-256 point also samples the CPU use of every process for 3 s (cpu_<name>.txt).
+# C1_VARIANTS / C256_VARIANTS (space-separated name:BASE|NEW:flags and name:BASE|NEW:workers:flags[:API[:PICK]], '+'
+# for a space inside the flags, API unary (default) or stream, PICK serve_load's --pick (default round-robin);
+# C1_VARIANTS=none skips concurrency 1), C1_APIS (default unary: the APIs every concurrency-1 point runs, e.g.
+# unary,stream), ECHO_LOOPS (the echo floor's server loops, default asyncio), CLIENT_LOOP (the load generators'
+# event loop, default asyncio as in the first runs; auto = uvloop) and CHANNELS (gRPC connections per load process;
+# 1 in the first run) change the points. STEP_TRACE (default 0) rounds of the step trace, base then new, run first.
+# Each concurrency-256 point also samples the CPU use of every process for 3 s (cpu_<name>.txt) and keeps the
+# server's merged /metrics after the load (metrics_<name>.txt).
 # Run from the repository root with .carry/gpu carried (whl/: grpcio 1.85.3, grpcio-health-checking and -reflection
 # 1.85.1, protobuf 7.36.2, prometheus-client 0.26.0, aiostream 0.8.1 for Python 3.12; dev-v1.1.json.gz), the
 # generated realtime_qa/{qa,asr,assistant,response} packages and BASE_DIR (default .carry/base). Results in
@@ -41,10 +42,19 @@ grpc.__version__, p.__version__)"; (cd $BASE && cat COMMIT); git log -1 --format
 step build engine
 python3 -m realtime_qa.builder.cli -m models/minilm-l6-squad -o /tmp/eng-torch --backend torch --fp16 -b 1 -b 8 -b 32 \
   -s 128 -s 384 --force 2>&1 | tail -1
+# EXTRA_ENGINES="name:builder+flags ...": more engines of the shipped model, /tmp/eng-<name>, which a variant serves
+# with --engine+/tmp/eng-<name> in its flags (e.g. b128:--fp16+-b+1+-b+8+-b+32+-b+128+-s+128+-s+384).
+for extra in ${EXTRA_ENGINES:-}; do
+  IFS=: read -r name build <<< "$extra"; step "build engine $name"
+  # shellcheck disable=SC2086
+  python3 -m realtime_qa.builder.cli -m models/minilm-l6-squad -o /tmp/eng-$name --backend torch ${build//+/ } --force \
+    2>&1 | tail -1
+done
 
 start_server() {  # name, processes that must report serving, qa-serve flags...
-  local name=$1 want=$2; shift 2
-  (cd $TREE && exec python3 -m realtime_qa.services.cli --engine /tmp/eng-torch "$@") 2> $R/server_$name.log &
+  local name=$1 want=$2 engine=(--engine /tmp/eng-torch); shift 2
+  [[ " $* " == *" --engine "* ]] && engine=()  # the variant names its own engine
+  (cd $TREE && exec python3 -m realtime_qa.services.cli "${engine[@]}" "$@") 2> $R/server_$name.log &
   PIDS+=($!)
   for _ in $(seq 360); do
     [ "$(grep -c '\] serving ' $R/server_$name.log)" -ge "$want" ] && return 0
@@ -84,18 +94,21 @@ step concurrency 256
 for variant in ${C256_VARIANTS:-base_w8:BASE:8:--workers+8 new_w8:NEW:8:--workers+8 \
     new_w4_ep:NEW:4:--workers+4+--engine-process new_w8_ep:NEW:8:--workers+8+--engine-process \
     new_w12_ep:NEW:12:--workers+12+--engine-process}; do
-  IFS=: read -r name tree workers flags api <<< "$variant"; port=$((port + 1)); began=$(date +%s)
+  IFS=: read -r name tree workers flags api pick <<< "$variant"; port=$((port + 1)); began=$(date +%s)
   flags=${flags//+/ }; tree=${!tree}
   code $tree
   # shellcheck disable=SC2086
-  if start_server "$name" $workers --port $port --max-batch-size 32 $flags; then
+  if start_server "$name" $workers --port $port --max-batch-size 32 --metrics-port $((port + 1000)) $flags; then
     echo "$name: serving after $(( $(date +%s) - began )) s"
     code $NEW
     (sleep 4; nvidia-smi dmon -s u -c 4 > $R/dmon_$name.txt 2>&1) & DMON=$!
     (sleep 4; python3 -m realtime_qa.benchmarks.device.cpu_by_process --seconds 3 > $R/cpu_$name.txt 2>&1) & CPU=$!
     timeout 120 python3 -m realtime_qa.benchmarks.device.serve_load --target 127.0.0.1:$port --squad $SQUAD \
       --concurrency 256 --processes 8 --channels ${CHANNELS:-1} --duration-s 6 --warmup-s 2 --label "$name" \
-      --api ${api:-unary} --event-loop ${CLIENT_LOOP:-asyncio} --out "$R/c256_$name.json" 2>&1 | tail -1
+      --api ${api:-unary} --event-loop ${CLIENT_LOOP:-asyncio} --pick ${pick:-round-robin} --out "$R/c256_$name.json" \
+      2>&1 | tail -1
+    python3 -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:$((port + 1000))/metrics').read().decode())" \
+      > $R/metrics_$name.txt 2>&1
     wait $DMON $CPU; awk '$1 == 0 {s += $2; n++} END {if (n) printf "GPU SM busy %.0f %% (mean of %d samples)\n", s/n, n}' \
       $R/dmon_$name.txt | tee -a $R/dmon_$name.txt
     uptime

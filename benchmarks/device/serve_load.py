@@ -9,6 +9,13 @@ of the concurrency over its own channels (`--channels`), as unary calls or, with
 `AnswerStream` per concurrent caller (`qa-bench serve`'s `StreamPool`), on uvloop where installed;
 latencies of all processes are pooled for the percentiles and the throughput is their summed completion
 rate inside the same measured window.
+
+`--pick` is how a process spreads its questions over its connections: `round-robin` (each question on the next
+connection, as every earlier result file ran) or `least-busy` (on the connection with the fewest questions in
+flight, ties in turn: gRPC's least-request balancing, as `QAClient(connections=N)` does). With `qa-serve
+--workers N` the kernel hashes each connection to one worker (SO_REUSEPORT), so some workers hold more
+connections than others; round-robin sends them as many questions as the rest regardless, least-busy sends
+fewer to a worker that answers slower.
 """
 
 from __future__ import annotations
@@ -20,18 +27,35 @@ import itertools
 import json
 import os
 import sys
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from realtime_qa.benchmarks.report import percentile_summary
+from realtime_qa.pipeline.client import LeastBusy
 from realtime_qa.qacore.latency import STAGES
 from realtime_qa.services.config import EVENT_LOOPS
 
+T = TypeVar("T")
+
+
+PICKS = ("round-robin", "least-busy")
+
+
+def picker(targets: list[T], in_flight: Callable[[T], int], pick: str) -> Callable[[], T]:
+    """Which of `targets` takes the next question: in turn, or the one with the fewest `in_flight` (ties in turn),
+    as `QAClient` with `ClientConfig(connections=N)` picks its connections."""
+    if pick == "round-robin":
+        turn = itertools.cycle(targets)
+        return lambda: next(turn)
+    return LeastBusy(targets, in_flight)
+
 
 def _client(target: str, squad: str, questions: int, concurrency: int, duration: float, warmup: float,
-            passage_ids: bool, offset: int, channels: int, api: str, event_loop: str) -> dict[str, Any]:  # fmt: skip
+            passage_ids: bool, offset: int, channels: int, api: str, event_loop: str,
+            pick: str) -> dict[str, Any]:  # fmt: skip
     from realtime_qa.benchmarks.serve_bench import ServeBenchConfig, StreamPool, closed_loop, load_questions
     from realtime_qa.pipeline.client import ClientConfig, QAClient, Question, RetryPolicy
     from realtime_qa.services.cli import event_loop_factory
@@ -47,7 +71,8 @@ def _client(target: str, squad: str, questions: int, concurrency: int, duration:
         clients = [QAClient(target, ClientConfig(retry=RetryPolicy(max_attempts=1), timeout_s=60, own_connection=True))
                    for _ in range(channels)]  # fmt: skip
         client = clients[0]
-        turn = itertools.cycle(clients)
+        calls = dict.fromkeys(clients, 0)  # unary calls in flight per client
+        next_client = picker(clients, calls.__getitem__, pick)
         try:
             for each in clients:
                 await each.wait_ready(120)
@@ -57,7 +82,12 @@ def _client(target: str, squad: str, questions: int, concurrency: int, duration:
                 asked = [Question(q, passage_id=stored[p]) for q, p in pairs]
 
             async def ask_unary(question: Question) -> Any:
-                return await next(turn).answer(question, timeout_s=60)
+                chosen = next_client()
+                calls[chosen] += 1
+                try:
+                    return await chosen.answer(question, timeout_s=60)
+                finally:
+                    calls[chosen] -= 1
 
             # Streams: one AnswerStream per concurrent caller, spread over the channels.
             sizes = [concurrency // channels + (index < concurrency % channels) for index in range(channels)]
@@ -66,10 +96,10 @@ def _client(target: str, squad: str, questions: int, concurrency: int, duration:
                 if api == "stream"
                 else []
             )
-            pool_turn = itertools.cycle(pools)
+            next_pool = picker(pools, lambda pool: len(pool.waiting), pick)
 
             async def ask_stream(question: Question) -> Any:
-                return await next(pool_turn).ask(question)
+                return await next_pool().ask(question)
 
             send = ask_stream if pools else ask_unary
             gc.collect()
@@ -103,6 +133,8 @@ def main() -> int:
                         help="unary Answer calls, or one AnswerStream per concurrent caller")  # fmt: skip
     parser.add_argument("--event-loop", choices=EVENT_LOOPS, default="auto",
                         help="the load processes' event loop (auto: uvloop where installed)")  # fmt: skip
+    parser.add_argument("--pick", choices=PICKS, default="round-robin",
+                        help="how each process spreads its questions over its connections (see above)")  # fmt: skip
     parser.add_argument("--label", default="")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -115,7 +147,7 @@ def main() -> int:
     with ProcessPoolExecutor(args.processes) as pool:
         futures = [
             pool.submit(_client, args.target, args.squad, args.questions, share, args.duration_s, args.warmup_s,
-                        args.passage_ids, index * 97, args.channels, args.api, args.event_loop)
+                        args.passage_ids, index * 97, args.channels, args.api, args.event_loop, args.pick)
             for index, share in enumerate(shares)
         ]  # fmt: skip
         parts = [future.result() for future in futures]
@@ -132,6 +164,7 @@ def main() -> int:
         "channels_per_process": args.channels,
         "api": args.api,
         "client_event_loop": args.event_loop,
+        "pick": args.pick,
         "passage_ids": args.passage_ids,
         "answers_per_s": round(latencies.size / args.duration_s, 1),
         "client_ms": percentile_summary(latencies),
@@ -145,7 +178,7 @@ def main() -> int:
     client, server = row["client_ms"], row["server_ms"]
     stages = ", ".join(f"{stage} {server[stage].get('p50', float('nan')):.2f}" for stage in (*STAGES, "total"))
     print(
-        f"{args.label}: {args.api} c={args.concurrency} x{args.processes} procs: "
+        f"{args.label}: {args.api} c={args.concurrency} x{args.processes} procs ({args.pick}): "
         f"{row['answers_per_s']:,.0f} answers/s, "
         f"p50 {client.get('p50', float('nan')):.2f} ms, p99 {client.get('p99', float('nan')):.2f} ms, codes {codes}; "
         f"server p50 ms: {stages}"
