@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -223,9 +224,21 @@ async def test_own_connection_gives_each_client_its_tcp_connection(own_connectio
     """gRPC shares one connection among a process's channels to a target; `qa-serve --workers` (SO_REUSEPORT)
     spreads connections, so only clients with `own_connection` reach several workers. The server sees which
     connection (client port) each health check came on."""
-    from grpc_health.v1 import health_pb2
-
     peers: list[str] = []
+    async with health_server_recording(peers) as target:
+        clients = [QAClient(target, ClientConfig(own_connection=own_connection)) for _ in range(3)]
+        for client in clients:
+            assert await client.health() == "SERVING"
+        for client in clients:
+            await client.close()
+    assert len(peers) == 3 and len(set(peers)) == connections
+
+
+@contextlib.asynccontextmanager
+async def health_server_recording(peers: list[str]) -> AsyncIterator[str]:
+    """A bare gRPC server whose health check answers SERVING and appends the caller's peer (its client port) to
+    `peers`; yields its target."""
+    from grpc_health.v1 import health_pb2
 
     async def check(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         peers.append(context.peer())
@@ -242,42 +255,17 @@ async def test_own_connection_gives_each_client_its_tcp_connection(own_connectio
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
-        clients = [QAClient(f"127.0.0.1:{port}", ClientConfig(own_connection=own_connection)) for _ in range(3)]
-        for client in clients:
-            assert await client.health() == "SERVING"
-        for client in clients:
-            await client.close()
+        yield f"127.0.0.1:{port}"
     finally:
         await server.stop(None)
-    assert len(peers) == 3 and len(set(peers)) == connections
 
 
 async def test_connections_open_that_many_tcp_connections_and_wait_ready_checks_each() -> None:
     """`ClientConfig(connections=3)`: three connections of its own (the server sees three client ports), each one
     checked by wait_ready (with `qa-serve --workers` each may reach another worker)."""
-    from grpc_health.v1 import health_pb2
-
     peers: list[str] = []
-
-    async def check(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        peers.append(context.peer())
-        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING).SerializeToString()
-
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers(
-        (
-            grpc.method_handlers_generic_handler(
-                "grpc.health.v1.Health", {"Check": grpc.unary_unary_rpc_method_handler(check)}
-            ),
-        )
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with QAClient(f"127.0.0.1:{port}", ClientConfig(connections=3)) as client:
-            await client.wait_ready(10)
-    finally:
-        await server.stop(None)
+    async with health_server_recording(peers) as target, QAClient(target, ClientConfig(connections=3)) as client:
+        await client.wait_ready(10)
     assert len(peers) == 3 and len(set(peers)) == 3
 
 
