@@ -79,11 +79,14 @@ class GrpcRecognizer:
 class GrpcQuestionAnswering:
     """qa.v1.QuestionAnswering through `QAClient` (its retries of UNAVAILABLE stay inside the deadline).
 
-    `config` (TLS, token) gets a retry policy of 2 attempts: a retry must fit in the QA budget.
+    `config` (TLS, token) gets a retry policy of 2 attempts: a retry must fit in the QA budget; `connections` of
+    its own, each question on the least busy (`ClientConfig.connections`).
     """
 
-    def __init__(self, target: str, config: ClientConfig | None = None) -> None:
-        self.client = QAClient(target, replace(config or ClientConfig(), retry=RetryPolicy(max_attempts=2)))
+    def __init__(self, target: str, config: ClientConfig | None = None, connections: int = 1) -> None:
+        self.client = QAClient(
+            target, replace(config or ClientConfig(), retry=RetryPolicy(max_attempts=2), connections=connections)
+        )
 
     async def answer(self, request: QARequest, trace: TraceIds) -> QAResult:
         try:

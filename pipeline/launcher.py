@@ -35,7 +35,7 @@ from typing import Any
 
 import grpc
 from realtime_qa.pipeline.chain import Chain, ChainSettings
-from realtime_qa.pipeline.client import ClientConfig
+from realtime_qa.pipeline.client import MAX_CONNECTIONS, ClientConfig
 from realtime_qa.pipeline.front import AssistantService, ReportSink, assistant_server
 from realtime_qa.pipeline.stages import Stages
 from realtime_qa.qacore.latency import Budgets
@@ -73,11 +73,16 @@ class ChainConfig:
     stage_log_level: str = "WARNING"  # log level of split stage processes
     stage_security: ServerSecurity | None = None  # TLS / tokens the split stage servers demand
     stage_client: ClientConfig | None = None  # TLS / token the chain presents to its stages and to qa_target
+    # Connections to the QA server, each question on the least busy (`ClientConfig.connections`): for a qa_target
+    # that is one `qa-serve --workers N` without a proxy in front (SO_REUSEPORT spreads connections, not calls).
+    qa_connections: int = 1
 
     def __post_init__(self) -> None:
         for port in (self.assistant_port, self.dashboard_port):
             if port is not None and not 0 <= port <= 65535:
                 raise ValueError(f"port must be in [0, 65535], got {port}")
+        if not 1 <= self.qa_connections <= MAX_CONNECTIONS:
+            raise ValueError(f"QA connections must be 1..{MAX_CONNECTIONS}, not {self.qa_connections}")
         if self.startup_timeout_s <= 0 or self.max_sessions < 1:
             raise ValueError("startup timeout and max sessions must be positive")
         if self.stage_security is not None and not self.split:
@@ -217,7 +222,7 @@ async def _start_stages(config: ChainConfig, stack: contextlib.AsyncExitStack) -
             stack.push_async_callback(server.stop)
             qa, qa_target = LocalQuestionAnswering(server), server.target
         else:
-            qa = GrpcQuestionAnswering(qa_target, config.stage_client)
+            qa = GrpcQuestionAnswering(qa_target, config.stage_client, config.qa_connections)
             await qa.client.wait_ready(config.startup_timeout_s)
         stages = Stages(LocalRecognizer(AsrStub(config.asr)), qa, LocalResponder(ReplyMaker(config.responder)))
         return stages, RunningChain(config, "", qa_target, None, None)
@@ -245,7 +250,7 @@ async def _start_stages(config: ChainConfig, stack: contextlib.AsyncExitStack) -
     targets = {entry["stage"]: entry for entry in announced}
     qa_target = qa_target or targets["qa"]["target"]
     assert qa_target is not None
-    grpc_qa = GrpcQuestionAnswering(qa_target, config.stage_client)
+    grpc_qa = GrpcQuestionAnswering(qa_target, config.stage_client, config.qa_connections)
     await grpc_qa.client.wait_ready(config.startup_timeout_s)
     stages = Stages(
         GrpcRecognizer(targets["asr"]["target"], config.stage_client),

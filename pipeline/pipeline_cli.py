@@ -48,6 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--engine", type=Path, help="QA engine directory (default: the shipped model's CPU engine)")
     add("--qa-target", metavar="HOST:PORT", help="use a running qa-serve instead of starting QA")
+    add(
+        "--qa-connections",
+        type=int,
+        default=1,
+        metavar="N",
+        help="connections to the QA server, each question on the least busy: for a --qa-target that is one "
+        "qa-serve --workers N without a proxy (default: %(default)s)",
+    )
     add("--split", action="store_true", help="run each stage in its own process on a loopback port")
     add("--host", default="127.0.0.1", help="address of the assistant.v1 front (default: %(default)s)")
     add(
@@ -123,6 +131,7 @@ def config_from_args(argv: Sequence[str] | None) -> tuple[ChainConfig, str]:
             front_credentials=credentials,
             stage_security=security if args.split and security != ServerSecurity() else None,
             stage_client=stage_client,
+            qa_connections=args.qa_connections,
         )
     except ValueError as exc:
         parser.error(str(exc))

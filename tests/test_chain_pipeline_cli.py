@@ -103,6 +103,7 @@ def _alive(pid: int) -> bool:
         (("--budgets", "llm=3ms"), "unknown stage"),
         (("--port", "70000"), "port"),
         (("--asr-final-latency-ms", "-5"), "latencies"),
+        (("--qa-target", "127.0.0.1:1", "--qa-connections", "0"), "QA connections must be 1..64, not 0"),
     ],
 )
 def test_bad_flags_are_one_usage_error_and_exit_2(args: tuple[str, ...], message: str) -> None:

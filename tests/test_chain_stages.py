@@ -470,3 +470,25 @@ async def test_stage_servers_echo_the_request_id_and_refuse_misuse_as_documented
     finally:
         await response.stop()
         await asr.stop()
+
+
+async def test_a_qa_target_is_asked_over_qa_connections_connections(engine_dir: Path) -> None:
+    """`qa-pipeline --qa-target HOST:PORT --qa-connections 3`: the chain's QA stage holds three connections, each
+    ready before the chain starts, and its questions go on the least busy."""
+    import contextlib
+
+    from realtime_qa.pipeline.launcher import ChainConfig, _start_stages
+    from realtime_qa.pipeline.pipeline_cli import config_from_args
+
+    parsed, _ = config_from_args(["--qa-target", "127.0.0.1:1", "--qa-connections", "3"])
+    assert parsed.qa_connections == 3
+    server = QAServer(ServerConfig(port=0, engines=(EngineSpec(engine_dir),)))
+    async with server as qa, contextlib.AsyncExitStack() as stack:
+        stages, _ = await _start_stages(ChainConfig(qa_target=qa.target, qa_connections=3), stack)
+        assert isinstance(stages.qa, GrpcQuestionAnswering)
+        client = stages.qa.client
+        assert len(client.channels) == 3
+        request = QARequest("Who led the raiders?", "The Normans were led by Rollo.", None, 30.0)
+        results = await asyncio.gather(*(stages.qa.answer(request, TraceIds(f"turn-{turn}")) for turn in range(3)))
+        assert [result.best.text if result.best else None for result in results] == ["Rollo"] * 3
+        await client.close()
