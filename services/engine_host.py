@@ -141,7 +141,10 @@ class _Caller:
         self._send_lock = threading.Lock()
 
     def reply(self, message: tuple[Any, ...]) -> None:
-        data = reply_to_bytes(message)
+        try:
+            data = reply_to_bytes(message)
+        except ValueError as exc:  # a result the framing cannot hold: fail the call, not the engine thread
+            data = reply_to_bytes(("error", "EngineError", f"the engine's result cannot be sent: {exc}"))
         try:
             with self._send_lock:
                 self.connection.send_bytes(data)

@@ -34,7 +34,7 @@ from realtime_qa.services.engine_calls import (
     split,
     take_batch,
 )
-from realtime_qa.services.engine_host import CallHub, run_batch, run_calls
+from realtime_qa.services.engine_host import CallHub, _Caller, run_batch, run_calls
 from realtime_qa.services.engine_wire import pack
 
 PASSAGES = [
@@ -168,6 +168,15 @@ def test_an_error_reply_raises_its_own_class_and_message(error: type[Exception])
     with pytest.raises(error, match=r"^sequence of 513 exceeds ✓$") as raised:
         result_of_reply(reply_to_bytes(("error", error.__name__, "sequence of 513 exceeds ✓")))
     assert type(raised.value) is error
+
+
+def test_a_result_the_framing_cannot_hold_fails_its_call_not_the_engine_thread() -> None:
+    ours, theirs = Pipe()
+    caller = _Caller(theirs)
+    odd = EngineOutputs(np.zeros((1, 2), np.uint8), np.zeros((1, 2), np.uint8))
+    caller.reply(("ok", odd))  # returns: the engine thread goes on
+    with pytest.raises(EngineError, match=r"^the engine's result cannot be sent: cannot frame a 2-D uint8 array$"):
+        result_of_reply(ours.recv_bytes())
 
 
 def test_a_garbled_reply_is_an_engine_error() -> None:
