@@ -24,6 +24,7 @@ client sees INTERNAL) and the supervisor stops the whole unit (exit 1), as when 
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -313,7 +314,10 @@ class RemoteEngine(Engine):
         return result
 
     def _call(self, call: EngineCall) -> Any:
-        message = call.to_bytes()
+        try:
+            message = call.to_bytes()
+        except (ValueError, struct.error) as exc:  # e.g. a negative max_answer_length (a local engine refuses it too)
+            raise EngineError(f"cannot send the engine call: {exc}") from None
         with self._lock:
             try:
                 self._connection.send_bytes(message)

@@ -88,6 +88,10 @@ def test_a_remote_engine_returns_what_the_engine_returns_and_refuses_a_wrong_key
         with pytest.raises(EngineError):  # the engine's own refusal crosses the socket as an EngineError
             remote.infer(bad)
         assert remote.infer(inputs).start_logits.shape == expected.start_logits.shape  # and the connection lives
+        mask = inputs.segment_ids == 1
+        with pytest.raises(EngineError, match=r"^cannot send the engine call"):  # refused in the worker, not sent
+            remote.infer_spans(inputs, mask, mask, -1)
+        assert remote.infer(inputs).start_logits.shape == expected.start_logits.shape
 
 
 @pytest.mark.slow
