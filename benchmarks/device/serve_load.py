@@ -71,8 +71,7 @@ def _client(target: str, squad: str, questions: int, concurrency: int, duration:
         clients = [QAClient(target, ClientConfig(retry=RetryPolicy(max_attempts=1), timeout_s=60, own_connection=True))
                    for _ in range(channels)]  # fmt: skip
         client = clients[0]
-        calls = dict.fromkeys(clients, 0)  # unary calls in flight per client
-        next_client = picker(clients, calls.__getitem__, pick)
+        next_client = picker(clients, lambda each: sum(each.in_flight), pick)  # QAClient counts its calls in flight
         try:
             for each in clients:
                 await each.wait_ready(120)
@@ -82,12 +81,7 @@ def _client(target: str, squad: str, questions: int, concurrency: int, duration:
                 asked = [Question(q, passage_id=stored[p]) for q, p in pairs]
 
             async def ask_unary(question: Question) -> Any:
-                chosen = next_client()
-                calls[chosen] += 1
-                try:
-                    return await chosen.answer(question, timeout_s=60)
-                finally:
-                    calls[chosen] -= 1
+                return await next_client().answer(question, timeout_s=60)
 
             # Streams: one AnswerStream per concurrent caller, spread over the channels.
             sizes = [concurrency // channels + (index < concurrency % channels) for index in range(channels)]
@@ -96,12 +90,14 @@ def _client(target: str, squad: str, questions: int, concurrency: int, duration:
                 if api == "stream"
                 else []
             )
-            next_pool = picker(pools, lambda pool: len(pool.waiting), pick)
+            send = ask_unary
+            if pools:
+                next_pool = picker(pools, lambda pool: len(pool.waiting), pick)
 
-            async def ask_stream(question: Question) -> Any:
-                return await next_pool().ask(question)
+                async def ask_stream(question: Question) -> Any:
+                    return await next_pool().ask(question)
 
-            send = ask_stream if pools else ask_unary
+                send = ask_stream
             gc.collect()
             gc.freeze()  # as qa-bench serve does: no full collection walks the questions while measuring
             samples = await closed_loop(send, asked, concurrency, config)
