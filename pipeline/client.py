@@ -507,12 +507,8 @@ class QAClient:
         """An AnswerStream call on the least busy connection, counted there until it ends."""
         connection = self._least_busy()
         metadata = ((REQUEST_ID_HEADER, request_id or uuid.uuid4().hex[:16]), *self._auth_metadata)
-        stub = self._stubs[connection]
-        call = (
-            stub.AnswerStream(timeout=timeout_s, metadata=metadata)
-            if requests is None
-            else stub.AnswerStream(requests, timeout=timeout_s, metadata=metadata)
-        )
+        arguments = () if requests is None else (requests,)
+        call = self._stubs[connection].AnswerStream(*arguments, timeout=timeout_s, metadata=metadata)
         self.in_flight[connection] += 1
         call.add_done_callback(lambda _: self._stream_ended(connection))
         return call

@@ -24,7 +24,6 @@ client sees INTERNAL) and the supervisor stops the whole unit (exit 1), as when 
 from __future__ import annotations
 
 import logging
-import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -316,7 +315,7 @@ class RemoteEngine(Engine):
     def _call(self, call: EngineCall) -> Any:
         try:
             message = call.to_bytes()
-        except (ValueError, struct.error) as exc:  # e.g. a negative max_answer_length (a local engine refuses it too)
+        except ValueError as exc:  # e.g. a negative max_answer_length (a local engine refuses it too)
             raise EngineError(f"cannot send the engine call: {exc}") from None
         with self._lock:
             try:

@@ -54,9 +54,13 @@ class Message:
 
 
 def pack(kind: bytes, arrays: Sequence[np.ndarray] = (), number: int = 0, text: str = "") -> bytes:
-    """One message; arrays of another dtype than bool, int32/64 or float16/32/64 raise ValueError."""
+    """One message; ValueError for what the framing cannot hold: arrays of another dtype than bool, int32/64 or
+    float16/32/64, a `number` outside u32, a kind that is not one byte."""
     encoded = text.encode("utf-8", "replace")
-    parts = [_HEADER.pack(kind, number, len(encoded), len(arrays))]
+    try:
+        parts = [_HEADER.pack(kind, number, len(encoded), len(arrays))]
+    except struct.error as exc:
+        raise ValueError(f"cannot frame the header: {exc}") from None
     for array in arrays:
         code = _CODES.get(array.dtype)
         if code is None or array.ndim > MAX_NDIM:

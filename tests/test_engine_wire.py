@@ -80,3 +80,9 @@ def test_text_that_is_not_utf8_is_refused() -> None:
 def test_packing_what_the_framing_cannot_hold_raises(array: np.ndarray) -> None:
     with pytest.raises(ValueError, match="cannot frame"):
         pack(b"I", [array])
+
+
+@pytest.mark.parametrize("number", [-1, 2**32])
+def test_packing_a_number_outside_u32_raises(number: int) -> None:
+    with pytest.raises(ValueError, match="cannot frame the header"):
+        pack(b"S", number=number)
