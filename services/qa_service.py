@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -56,6 +57,7 @@ INLINE_DECODE_WINDOWS = 2  # decoding logits takes ~0.5 ms per window: more than
 # Ranking device spans costs ~0.14 ms per SQuAD question on the 2-core box (decode_cpu_bench: 1-2 windows),
 # and grows only with the candidates read (k per window) until n-best distinct spans are found.
 INLINE_SPAN_DECODE_WINDOWS = 16
+EAGER_TASKS = sys.version_info >= (3, 12)  # asyncio.Task(eager_start=True)
 STOP_READ_SETTLE_S = 0.2  # on shutdown, how long a stream's pending read may still deliver what already arrived
 
 
@@ -217,23 +219,31 @@ class QuestionAnsweringService(qa_pb2_grpc.QuestionAnsweringServicer):
         return min(deadlines) if deadlines else None
 
 
-def _retrieve(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
+def start_task(coroutine: Coroutine[Any, Any, T], name: str | None = None) -> asyncio.Task[T]:
+    """A task that runs `coroutine` at once, up to its first wait, where Python has eager tasks (3.12+): a stream's
+    question is tokenized and queued before the stream reads its next message, not one event-loop turn later."""
+    if EAGER_TASKS:
+        return asyncio.Task(coroutine, loop=asyncio.get_running_loop(), name=name, eager_start=True)  # type: ignore[call-arg]
+    return asyncio.create_task(coroutine, name=name)
 
 
 class StreamSession:
     """One AnswerStream call: questions are answered concurrently and written back as each completes.
+
+    The call's own task reads. Each question is answered in a task of its own (started eagerly, see
+    `start_task`), which writes its answer itself: gRPC allows one write at a time, so writes take turns on
+    a lock, and no queue or writer task sits between an answer and the transport.
 
     At most `max_stream_questions` questions are in flight (read but their answer not yet written):
     the session reads the next question only when one is written, so a client that floods without
     reading its answers is held back by gRPC flow control and its memory stays bounded. All of the
     stream's questions are one caller for the batcher's fair scheduling.
 
-    On shutdown the session stops reading, answers every question it has read (within the grace
-    period), and then ends the stream: OK if the client had already half-closed and every question
-    was answered, otherwise UNAVAILABLE, so the client knows that questions without an answer were not
-    processed.
+    On shutdown the session stops reading (a read already waiting gets STOP_READ_SETTLE_S to deliver
+    what has arrived), answers every question it has read (within the grace period), and then ends the
+    stream: OK if the client had already half-closed and every question was answered, otherwise
+    UNAVAILABLE, so the client knows that questions without an answer were not processed. A write that
+    fails ends the stream with that failure; the questions still in flight are cancelled.
     """
 
     def __init__(self, service: QuestionAnsweringService, stream_id: str, context: grpc.aio.ServicerContext) -> None:
@@ -242,38 +252,47 @@ class StreamSession:
         self.caller = f"stream:{stream_id}:{id(self):x}"
         self.context = context
         self.slots = asyncio.Semaphore(service.config.max_stream_questions)
-        # Bounded by the slots: at most max_stream_questions answers wait here, plus the end marker.
-        self.outbox: asyncio.Queue[qa_pb2.AnswerResponse | None] = asyncio.Queue()
+        self.write_lock = asyncio.Lock()
         self.pending: set[asyncio.Task[None]] = set()
-        # Resolved on shutdown: read no further. A pending read or slot waits against it (one future per stream,
-        # not a waiter task per question).
-        self.stop_signal: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.stopped = False  # shutdown began: read no further
         self.half_closed = False
         self.read = 0
         self.written = 0
-
-    @property
-    def stopped(self) -> bool:
-        return self.stop_signal.done()
+        self.write_failure: Exception | None = None
+        self._reader: asyncio.Task[Any] | None = None  # the call's task, which reads
+        self._waiting: str | None = None  # where the reader waits: "read", "slot", or None (not interruptible)
+        self._interrupted = False  # the reader was cancelled to stop reading (not the call)
+        self._settle: asyncio.TimerHandle | None = None
 
     def drain(self) -> None:
-        if not self.stop_signal.done():
-            self.stop_signal.set_result(None)
+        """Shutdown began: read no further. A read already waiting may still deliver for STOP_READ_SETTLE_S: a
+        client that already half-closed has its end of stream (or last question) in the transport, and on a
+        loaded host the signal can be handled first; such a stream is finished, not refused."""
+        if self.stopped:
+            return
+        self.stopped = True
+        if self._waiting == "read":
+            self._settle = asyncio.get_running_loop().call_later(STOP_READ_SETTLE_S, self._interrupt_reading)
+        else:
+            self._interrupt_reading()
+
+    def _interrupt_reading(self) -> None:
+        """Cancel the reader's wait for a message or a slot (nothing else of the call is interrupted)."""
+        if self._waiting is not None and self._reader is not None and not self._interrupted:
+            self._interrupted = True
+            self._reader.cancel()
 
     async def run(self, request_iterator: Any) -> None:
-        reader = asyncio.create_task(self._read(request_iterator), name=f"stream-reader-{self.stream_id}")
+        self._reader = asyncio.current_task()
         self.service.streams.add(self)
         if self.service.draining:  # shutdown began while the call was starting: `drain()` did not see us
             self.drain()
         try:
-            while True:
-                response = await self.outbox.get()
-                if response is None:
-                    break
-                await self.context.write(response)
-                self.written += 1
-                self.slots.release()
-            await reader  # re-raises a failure to read the stream
+            await self._read(request_iterator)
+            # Half-closed, shutting down or a write failed: finish what is in flight (never cancelled from here,
+            # unless a write fails), then end.
+            while self.pending and self.write_failure is None:
+                await asyncio.wait(set(self.pending), return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             log.info(
                 "stream cancelled: %d of %d questions answered, %d in flight dropped",
@@ -282,9 +301,12 @@ class StreamSession:
             raise
         finally:
             self.service.streams.discard(self)
-            reader.cancel()
+            if self._settle is not None:
+                self._settle.cancel()
             for task in list(self.pending):
                 task.cancel()
+        if self.write_failure is not None:
+            raise self.write_failure
         if self.stopped and not self.half_closed:
             log.info("stream ended by shutdown after writing %d answers to %d questions", self.written, self.read)
             raise NotServingError(
@@ -294,56 +316,42 @@ class StreamSession:
         if self.stopped:
             log.info("stream finished during shutdown: %d answers written to %d questions", self.written, self.read)
 
-    async def _until_stopped(self, awaitable: Any, settle_s: float = 0.0) -> tuple[bool, Any]:
-        """(True, result) when `awaitable` completes first, (False, None) when shutdown stops the reading;
-        once shutdown began, `awaitable` still gets `settle_s` to complete."""
-        task = asyncio.ensure_future(awaitable)
+    async def _interruptible(self, awaitable: Awaitable[T], where: str) -> tuple[bool, T | None]:
+        """(True, result), or (False, None) when shutdown or a failed write stopped the reading meanwhile."""
+        self._waiting = where
         try:
-            await asyncio.wait({task, self.stop_signal}, return_when=asyncio.FIRST_COMPLETED)
+            return True, await awaitable
         except asyncio.CancelledError:
-            task.cancel()
-            task.add_done_callback(_retrieve)  # its outcome (often the end of the stream) no longer matters
-            raise
-        if not task.done() and settle_s:
-            # Shutdown began while a read was pending. A client that already half-closed has its end of stream
-            # (or last question) waiting in the transport: give the read a moment to deliver it, so such a
-            # stream is finished, not refused (on a loaded host the signal can be handled first).
-            await asyncio.wait({task}, timeout=settle_s)
-        if task.done():
-            return True, task.result()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        return False, None
+            task = asyncio.current_task()
+            if not self._interrupted or task is None or task.uncancel() > 0:  # the call itself was cancelled
+                raise
+            return False, None
+        finally:
+            self._waiting = None
 
     async def _read(self, request_iterator: Any) -> None:
         iterator = aiter(request_iterator)
-        try:
-            while not self.stopped:
-                if self.slots.locked():  # all slots taken: wait for an answer to be written (or shutdown)
-                    got_slot, _ = await self._until_stopped(self.slots.acquire())
-                    if not got_slot:
-                        break
-                else:
-                    await self.slots.acquire()  # a free slot: taken at once, without a waiter task
-                try:
-                    got, request = await self._until_stopped(anext(iterator), STOP_READ_SETTLE_S)
-                except StopAsyncIteration:
-                    self.slots.release()
-                    self.half_closed = True
-                    break
-                if not got:
-                    self.slots.release()
-                    break
-                arrival_ns = time.perf_counter_ns()
-                task = asyncio.create_task(self._answer_one(request, arrival_ns, self.read))
+        while not self.stopped and self.write_failure is None:
+            if self.slots.locked():  # all slots taken: wait for an answer to be written (or shutdown)
+                got_slot, _ = await self._interruptible(self.slots.acquire(), "slot")
+                if not got_slot:
+                    return
+            else:
+                await self.slots.acquire()  # a free slot: taken at once, without waiting
+            try:
+                got, request = await self._interruptible(anext(iterator), "read")
+            except StopAsyncIteration:
+                self.slots.release()
+                self.half_closed = True
+                return
+            if not got:
+                self.slots.release()
+                return
+            task = start_task(self._answer_one(request, time.perf_counter_ns(), self.read))
+            self.read += 1
+            if not task.done():
                 self.pending.add(task)
                 task.add_done_callback(self.pending.discard)
-                self.read += 1
-            # Half-closed or shutting down: finish what is in flight (never cancelled from here), then end.
-            while self.pending:
-                await asyncio.wait(set(self.pending))
-        finally:
-            self.outbox.put_nowait(None)
 
     async def _answer_one(self, request: qa_pb2.AnswerRequest | InvalidMessage, arrival_ns: int, index: int) -> None:
         service = self.service
@@ -367,7 +375,21 @@ class StreamSession:
                 else:
                     log.error("stream question failed unexpectedly: %s", message, exc_info=exc)
                 service.metrics.count_request(STREAM_QUESTION, code.name)
-                self.outbox.put_nowait(error_to_pb(tag, code, message))
+                await self._write(error_to_pb(tag, code, message))
                 return
             service.metrics.count_request(STREAM_QUESTION, "OK")
-            self.outbox.put_nowait(answer_to_pb(answer))
+            await self._write(answer_to_pb(answer))
+
+    async def _write(self, response: qa_pb2.AnswerResponse) -> None:
+        """Write one answer (writes take turns), then free its question's slot; a failed write ends the stream."""
+        async with self.write_lock:
+            if self.write_failure is not None:
+                return
+            try:
+                await self.context.write(response)
+            except Exception as exc:  # the transport refused it: the stream ends with this failure
+                self.write_failure = exc
+                self._interrupt_reading()
+                return
+        self.written += 1
+        self.slots.release()
