@@ -41,6 +41,20 @@ class EngineSpans:
     null_logits: np.ndarray  # float32 [batch]: the [CLS] start + end logit
 
 
+class PendingSpans(ABC):
+    """A device span search started by `Engine.launch_spans`, still running on the device: poll `ready()` (it never
+    waits), then take `result()` exactly once (it waits for the device if need be, and frees the engine for its next
+    call, so a caller that gives up still calls it)."""
+
+    @abstractmethod
+    def ready(self) -> bool:
+        """Whether `result()` would return without waiting for the device."""
+
+    @abstractmethod
+    def result(self) -> EngineSpans:
+        """The spans, as `Engine.infer_spans` returns them."""
+
+
 @dataclass(frozen=True)
 class EngineMeta:
     """What a runtime must know about an engine before trusting it; stored as `meta.json`."""
@@ -129,6 +143,19 @@ class Engine(ABC):
         """The best spans of each window: start where `may_start`, end where `may_end` (bool [batch, seq]), at
         most `max_answer_length` tokens (<= the limit in `span_search_limits`). Optional capability."""
         raise EngineError(f"the {self.meta.backend} engine does not search spans on the device")
+
+    def launches_spans(self) -> bool:
+        """Whether `launch_spans` starts the span search without waiting for it (a GPU engine): a caller on an event
+        loop can then poll for the result instead of blocking a thread on it. False (the default): call
+        `infer_spans` on a thread."""
+        return False
+
+    def launch_spans(
+        self, inputs: EngineInputs, may_start: np.ndarray, may_end: np.ndarray, max_answer_length: int
+    ) -> PendingSpans:
+        """`infer_spans` split in two: start it on the device (checks, copies and launches only) and return at once.
+        Only where `launches_spans()`; one call in flight per engine (the next launch waits for the lock)."""
+        raise EngineError(f"the {self.meta.backend} engine does not launch span searches without waiting")
 
     def warmup(self) -> None:
         """Run each optimised shape once so the first real request pays no start-up cost.

@@ -7,7 +7,8 @@ gRPC service's batcher answers exactly as `QuestionAnswerer` (`qa-eval`, `qa-ass
 
 * `span_search_length`: the longest answer to search on the device for a decoder config, or None (decode
   logits on the CPU with `qacore.decoding.decode`, the vectorized numpy search);
-* `infer_batch`: one padded engine call for a batch of windows, either form;
+* `infer_batch`: one padded engine call for a batch of windows, either form; `launch_batch` starts the span search
+  form without waiting, where the engine `launches_spans` (the caller polls);
 * `results_table` / `scatter_results`: one question's rows (a `LogitsTable` or a `SpansTable`), filled batch by
   batch in any order, or `whole_results` where one batch holds them all; `decode_results` turns a complete table
   into the `Prediction`;
@@ -25,7 +26,7 @@ from typing import TypeAlias
 import numpy as np
 from realtime_qa.qacore.batching import FilledRows, LogitsTable, pad_batch, scatter_rows
 from realtime_qa.qacore.decoding import DecoderConfig, Prediction, decode, decode_spans, span_masks, uses_device_spans
-from realtime_qa.qacore.engine import WARMUP_TOKEN_ID, Engine, EngineOutputs, EngineSpans
+from realtime_qa.qacore.engine import WARMUP_TOKEN_ID, Engine, EngineOutputs, EngineSpans, PendingSpans
 from realtime_qa.qacore.features import EngineInputs, Features, Window
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "SpansTable",
     "decode_results",
     "infer_batch",
+    "launch_batch",
     "results_table",
     "scatter_results",
     "span_search_length",
@@ -61,6 +63,14 @@ def infer_batch(
         return engine.infer(inputs), inputs.seq_len
     may_start, may_end = span_masks(windows, inputs.seq_len)
     return engine.infer_spans(inputs, may_start, may_end, span_length), inputs.seq_len
+
+
+def launch_batch(engine: Engine, windows: Sequence[Window], pad_id: int, span_length: int) -> tuple[PendingSpans, int]:
+    """`infer_batch`'s span search started on the device and not waited for (`Engine.launch_spans`); returns the
+    pending search and the padded length."""
+    inputs = pad_batch(windows, pad_id)
+    may_start, may_end = span_masks(windows, inputs.seq_len)
+    return engine.launch_spans(inputs, may_start, may_end, span_length), inputs.seq_len
 
 
 @dataclass(eq=False)

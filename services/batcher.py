@@ -5,7 +5,10 @@ awaits their results: logits, or, where the engine searches answer spans on the 
 asks for it (`span_length`), a few span candidates per window (`qacore.window_results`, the path
 `QuestionAnswerer` takes too). A batch holds windows of one kind only (logits, or spans of one longest
 answer length); worker tasks (one per engine context, each with its own single executor
-thread, so the event loop never blocks on inference) take up to `max_batch_size` windows per call.
+thread, so the event loop never blocks on inference) take up to `max_batch_size` windows per call. Where
+the engine launches its span search without waiting (`Engine.launches_spans`: the torch engine on a GPU,
+spinning), a worker launches it from the event loop and polls for it instead, with no thread hop; batches
+of callers with a backlog still go to the thread (at a lower CPU priority, below).
 A batch starts at once when no other batch is running (an idle engine never waits for a fuller batch:
 windows that arrive while it runs form the next one); while another batch runs, it starts when it is full or
 when its oldest window has waited `max_queue_delay_us`.
@@ -56,6 +59,7 @@ from realtime_qa.qacore.window_results import (
     BatchResult,
     ResultsTable,
     infer_batch,
+    launch_batch,
     results_table,
     scatter_results,
     whole_results,
@@ -141,6 +145,7 @@ class BatcherStats:
     run_windows: int = 0  # windows that went through a successful engine call
     dropped_windows: int = 0  # queued windows never run: their request was cancelled, expired or failed
     batches: int = 0  # successful engine calls
+    polled_batches: int = 0  # of those, launched from the event loop and polled (`Engine.launches_spans`)
     failed_batches: int = 0
 
 
@@ -407,12 +412,17 @@ class Batcher:
             windows = [job.windows[index] for job, index in batch.items]
             self._busy += 1
             try:
-                result, seq_len, infer_ns = await loop.run_in_executor(
-                    executor, self._infer, engine, windows, batch.span_length, batch.heavy
-                )
+                if batch.span_length is not None and not batch.heavy and engine.launches_spans():
+                    result, seq_len, infer_ns = await self._infer_polling(engine, windows, batch.span_length)
+                    self.stats.polled_batches += 1
+                else:
+                    result, seq_len, infer_ns = await loop.run_in_executor(
+                        executor, self._infer, engine, windows, batch.span_length, batch.heavy
+                    )
                 self.stats.batches += 1
                 self.stats.run_windows += len(windows)
                 self._deliver(batch, result, infer_ns)
+                await asyncio.sleep(0)  # the answers' tasks decode and write first; then metrics and the next batch
                 # After the answers are on their way: the batch metrics are not on any request's critical path.
                 self._observe(len(windows), seq_len, windows, infer_ns, ok=True)
             except Exception as exc:
@@ -455,6 +465,23 @@ class Batcher:
         with _cpu_priority(BACKGROUND_NICE if background else 0):
             result, seq_len = infer_batch(engine, windows, self._featurizer.special.pad_id, span_length)
         return result, seq_len, time.perf_counter_ns() - begin
+
+    async def _infer_polling(
+        self, engine: Engine, windows: list[Window], span_length: int
+    ) -> tuple[BatchResult, int, int]:
+        """The span search launched from the event loop (pad, copies and launch: tens of microseconds) and polled
+        once per loop turn until the device is done, so no thread hop sits on either side of the engine call: at
+        concurrency 1 the hops cost more than the launch (benchmarks/results/serve_h200_loop_launch.md). Other
+        requests run between polls; the loop spins only while the device works, as the engine thread did."""
+        begin = time.perf_counter_ns()
+        pending, seq_len = launch_batch(engine, windows, self._featurizer.special.pad_id, span_length)
+        try:
+            while not pending.ready():
+                await asyncio.sleep(0)
+        except BaseException:
+            pending.result()  # cancelled: wait for the device, so the engine is free for the next call
+            raise
+        return pending.result(), seq_len, time.perf_counter_ns() - begin
 
     def _deliver(self, batch: _Batch, result: BatchResult, infer_ns: int) -> None:
         rows_of: dict[int, tuple[_Job, list[int], list[int]]] = {}

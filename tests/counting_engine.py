@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 from realtime_qa.qacore.backends.torch_cuda import TorchCudaEngine, TorchEngineConfig, load_weights
-from realtime_qa.qacore.engine import EngineMeta, EngineOutputs, EngineSpans
+from realtime_qa.qacore.engine import EngineMeta, EngineOutputs, EngineSpans, PendingSpans
+from realtime_qa.qacore.errors import EngineError
 from realtime_qa.qacore.features import EngineInputs
 
 
@@ -33,3 +34,44 @@ class CountingEngine(TorchCudaEngine):
         self.calls.append((kind, inputs.batch_size))
         self.rows[kind] += inputs.batch_size
         return super().infer_spans(inputs, may_start, may_end, max_answer_length)
+
+
+class PolledEngine(CountingEngine):
+    """The same engine behind a GPU engine's launch-and-poll interface (`Engine.launch_spans`): the spans are the real
+    engine's, computed at launch; `ready()` turns true only after `polls_needed` polls, as a device still working
+    would, and `open` counts the launches whose result was not taken yet (each holds a GPU engine's lock)."""
+
+    def __init__(self, engine_dir: Path, polls_needed: int = 3) -> None:
+        super().__init__(engine_dir)
+        self.polls_needed = polls_needed
+        self.launches = 0
+        self.polls = 0
+        self.open = 0
+
+    def launches_spans(self) -> bool:
+        return True
+
+    def launch_spans(
+        self, inputs: EngineInputs, may_start: np.ndarray, may_end: np.ndarray, max_answer_length: int
+    ) -> PendingSpans:
+        spans = self.infer_spans(inputs, may_start, may_end, max_answer_length)
+        self.launches += 1
+        self.open += 1
+        return _Pending(self, spans)
+
+
+class _Pending(PendingSpans):
+    def __init__(self, engine: PolledEngine, spans: EngineSpans) -> None:
+        self.engine, self.spans, self.polls, self.taken = engine, spans, 0, False
+
+    def ready(self) -> bool:
+        self.polls += 1
+        self.engine.polls += 1
+        return self.polls >= self.engine.polls_needed
+
+    def result(self) -> EngineSpans:
+        if self.taken:
+            raise EngineError("the span search's result was already taken")
+        self.taken = True
+        self.engine.open -= 1
+        return self.spans

@@ -16,7 +16,7 @@ from answers import assert_same_best
 
 pytest.importorskip("torch")
 
-from counting_engine import CountingEngine
+from counting_engine import CountingEngine, PolledEngine
 from realtime_qa.pipeline.client import AnswerOptions, ClientConfig, QAClient, RetryPolicy
 from realtime_qa.qacore.answerer import QuestionAnswerer
 from realtime_qa.qacore.backends.torch_cuda import TorchCudaEngine
@@ -32,6 +32,7 @@ from realtime_qa.qacore.window_results import (
 )
 from realtime_qa.services.batcher import Batcher, BatcherConfig
 from realtime_qa.services.config import ServerConfig
+from realtime_qa.services.errors import NotServingError
 from realtime_qa.services.models import ModelRuntime
 from realtime_qa.services.server import QAServer
 
@@ -154,6 +155,84 @@ async def test_a_question_in_one_batch_or_split_over_several_gets_the_same_spans
         same_best(answer, answers[0])
 
 
+async def test_light_batches_are_launched_from_the_event_loop_and_polled(
+    torch_fp32_engine_dir: Path, squad_pairs: list[tuple[str, str]]
+) -> None:
+    """An engine that launches its span search without waiting (the torch engine on a GPU): the batcher launches
+    each batch from the event loop and polls until it is done, and reads exactly the rows the thread path reads."""
+    engine = PolledEngine(torch_fp32_engine_dir, polls_needed=4)
+    threaded = CountingEngine(torch_fp32_engine_dir)
+    featurizer = short_featurizer(engine, torch_fp32_engine_dir)
+    length = span_search_length(engine, decoder_defaults(engine.meta))
+    features = [featurizer.featurize(question, passage) for question, passage in squad_pairs[:6]]
+    tables = []
+    for each in (engine, threaded):
+        batcher = Batcher([each], featurizer, BatcherConfig(max_batch_size=4))
+        batcher.start()
+        try:
+            results = await asyncio.gather(*(batcher.run(f.windows, span_length=length) for f in features))
+        finally:
+            await batcher.close()
+        tables.append([result.table for result in results])
+        if each is engine:
+            stats = batcher.stats
+    assert engine.launches == stats.polled_batches == stats.batches > 1
+    assert engine.polls >= 4 * engine.launches and engine.open == 0  # every result taken, after its polls
+    assert threaded.calls and not hasattr(threaded, "launches")
+    for polled, thread in zip(*tables, strict=True):
+        assert isinstance(polled, SpansTable) and isinstance(thread, SpansTable)
+        np.testing.assert_allclose(polled.logits, thread.logits, atol=1e-4)
+        np.testing.assert_array_equal(polled.starts >= 0, thread.starts >= 0)
+
+
+async def test_a_backlogs_batches_run_on_the_thread_and_a_cancelled_launch_is_still_collected(
+    torch_fp32_engine_dir: Path, squad_pairs: list[tuple[str, str]]
+) -> None:
+    """A caller with a backlog keeps the thread (its batches run at a lower CPU priority there); a request
+    cancelled while its batch is on the device still has the launch's result taken (a GPU engine's lock freed),
+    and the next request is answered."""
+    engine = PolledEngine(torch_fp32_engine_dir, polls_needed=2)
+    featurizer = short_featurizer(engine, torch_fp32_engine_dir)
+    length = span_search_length(engine, decoder_defaults(engine.meta))
+    question, passage = squad_pairs[0]
+    long = featurizer.featurize(question, " ".join([passage] * 4))
+    assert len(long.windows) > 4  # more than BACKLOG_MIN_WINDOWS and than a batch of 2: a backlog
+    batcher = Batcher([engine], featurizer, BatcherConfig(max_batch_size=2))
+    batcher.start()
+    try:
+        result = await batcher.run(long.windows, span_length=length)
+        assert result.table.complete
+        assert batcher.stats.batches > batcher.stats.polled_batches == engine.launches >= 1  # the first batch only
+        launches = engine.launches
+        engine.polls_needed = 10**9  # the next launch never finishes on its own
+        short = featurizer.featurize(*squad_pairs[1])
+        stuck = asyncio.ensure_future(batcher.run(short.windows, span_length=length))
+        async with asyncio.timeout(30):
+            while engine.launches == launches:
+                await asyncio.sleep(0)
+        stuck.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stuck
+        assert engine.open == 1  # still on the device: the worker polls on
+        engine.polls_needed = 0
+        again = await asyncio.wait_for(batcher.run(short.windows, span_length=length), 30)
+        assert again.table.complete and engine.open == 0
+        # Shutdown past its timeout cancels the worker mid-poll: it still takes the launch's result.
+        engine.polls_needed = 10**9
+        abandoned = asyncio.ensure_future(batcher.run(short.windows, span_length=length))
+        async with asyncio.timeout(30):
+            while engine.open == 0:
+                await asyncio.sleep(0)
+        assert await batcher.close(timeout_s=0.05) is False
+        with pytest.raises(NotServingError):
+            await abandoned
+        async with asyncio.timeout(30):  # the cancelled worker takes the result as it unwinds
+            while engine.open:
+                await asyncio.sleep(0)
+    finally:
+        await batcher.close()
+
+
 def test_span_search_shapes_cover_the_torch_engines_buckets(torch_fp32_engine_dir: Path) -> None:
     from realtime_qa.qacore.backends.torch_cuda import batch_buckets, sequence_buckets
 
@@ -168,11 +247,11 @@ def test_span_search_shapes_cover_the_torch_engines_buckets(torch_fp32_engine_di
 @pytest.fixture
 async def torch_server(torch_fp32_engine_dir: Path, request: pytest.FixtureRequest) -> AsyncIterator[QAServer]:
     """A real server around the CPU torch engine (qa-serve loads torch engines on CUDA only), span search on
-    or off as the test's parameter says."""
-    span_search: bool = request.param
+    or off as the test's parameter says, "polled": launched from the event loop as a GPU engine's is."""
+    span_search = request.param in ("span-search", "polled")
     server = QAServer(ServerConfig(port=0, grace_s=2.0, span_search=span_search))
     await server.listen()
-    engine = CountingEngine(torch_fp32_engine_dir)
+    engine = PolledEngine(torch_fp32_engine_dir) if request.param == "polled" else CountingEngine(torch_fp32_engine_dir)
     featurizer = short_featurizer(engine, torch_fp32_engine_dir)
     batcher = Batcher([engine], featurizer, server.config.batcher)
     batcher.start()
@@ -191,7 +270,7 @@ def engine_of(server: QAServer) -> Any:
     return next(iter(server.models)).engines[0]
 
 
-@pytest.mark.parametrize("torch_server", [True, False], ids=["span-search", "no-span-search"], indirect=True)
+@pytest.mark.parametrize("torch_server", ["span-search", "polled", "no-span-search"], indirect=True)
 async def test_served_answers_are_the_answerers(
     torch_server: QAServer, torch_fp32_engine_dir: Path, squad_pairs: list[tuple[str, str]]
 ) -> None:
@@ -217,7 +296,53 @@ async def test_served_answers_are_the_answerers(
     want_wide = cpu_decoded(engine, featurizer, *squad_pairs[1])
     assert wide.best is not None and want_wide.best is not None
     assert (wide.best.start, wide.best.end) == (want_wide.best.start, want_wide.best.end)
+    if isinstance(engine, PolledEngine):
+        assert engine.launches > 0 and engine.open == 0
     if span_search:
         assert calls[f"spans{DecoderConfig().max_answer_length}"] > 0 and calls["logits"] > 0  # the wide question
     else:
         assert set(calls) == {"logits"}
+
+
+@pytest.mark.gpu
+async def test_gpu_served_answers_through_polled_launches_are_the_answerers(
+    shipped_model_dir: Path, squad_dir: Path, tmp_path: Path
+) -> None:
+    """The fp16 CUDA-graph engine as `qa-serve` loads it: every batch is launched from the event loop and polled, and
+    300 SQuAD dev questions over a stream (8 at a time) get the answers `QuestionAnswerer` gives (fp16 may round a
+    row differently in a batch of another shape, so a near tie may flip: 99 % identical, F1 within 0.1)."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from realtime_qa.builder.build import BuildConfig, build_engine
+    from realtime_qa.pipeline.client import Answer, Question
+    from realtime_qa.qacore.squad_metric import evaluate
+    from realtime_qa.services.config import EngineSpec
+
+    build = BuildConfig(shipped_model_dir, tmp_path / "engine", backend="torch", fp16=True, batch_sizes=(1, 8, 32))
+    engine_dir = build_engine(build)
+    dataset = read_dataset(squad_dir / "dev-v1.1.json.gz").head(300)
+    asked = [(question.id, question.question, paragraph.context) for paragraph, question in dataset.questions()]
+    with QuestionAnswerer.from_engine_dir(engine_dir) as answerer:
+        alone = {qid: answerer.answer(question, passage).prediction.text for qid, question, passage in asked}
+    config = ServerConfig(port=0, engines=(EngineSpec(engine_dir),), grace_s=2.0)
+    async with QAServer(config) as server, QAClient(server.target, NO_RETRY) as client:
+        model = next(iter(server.models))
+        assert model.engines[0].launches_spans()
+        served: dict[str, str] = {}
+        for first in range(0, len(asked), 8):
+            chunk = asked[first : first + 8]
+            questions = (Question(question, passage, request_id=qid) for qid, question, passage in chunk)
+            async for result in client.answer_stream(questions):
+                assert isinstance(result, Answer)
+                served[result.request_id] = result.text
+        stats = model.batcher.stats
+    assert stats.polled_batches == stats.batches > 0
+    same = sum(served[qid] == text for qid, text in alone.items())
+    f1 = {
+        name: float(evaluate(dataset, answers, "1.1")["f1"]) for name, answers in (("alone", alone), ("served", served))
+    }
+    print(f"{len(alone)} questions, {stats.batches} batches: {same} identical; F1 alone {f1['alone']:.3f}, "
+          f"served {f1['served']:.3f}")  # fmt: skip
+    assert same >= 0.99 * len(alone)
+    assert abs(f1["alone"] - f1["served"]) <= 0.1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -158,6 +159,34 @@ def test_gpu_blocking_sync_waits_for_the_same_results(fp16_engine_dir: Path, rea
             got, expected = sleeping.infer_spans(batch, may, may, 30), spinning.infer_spans(batch, may, may, 30)
             np.testing.assert_array_equal(got.starts, expected.starts)
             np.testing.assert_array_equal(got.logits, expected.logits)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_launched_span_search_reads_what_infer_spans_returns(
+    fp16_engine_dir: Path, real_batches: list[EngineInputs]
+) -> None:
+    """`launch_spans` (the service's event loop polls it) queues the search and returns; once `ready()`, its result
+    is exactly the waiting call's, taken once. An engine that sleeps on its waits (--gpu-sync block) does not launch."""
+    with (
+        load_engine(fp16_engine_dir, EngineOptions()) as engine,
+        load_engine(fp16_engine_dir, EngineOptions(gpu_blocking_sync=True)) as sleeping,
+    ):
+        assert isinstance(engine, TorchCudaEngine) and engine.launches_spans() and not sleeping.launches_spans()
+        for batch in real_batches:
+            may = batch.input_mask.astype(bool)
+            expected = engine.infer_spans(batch, may, may, 30)
+            pending = engine.launch_spans(batch, may, may, 30)
+            deadline = time.monotonic() + 30
+            while not pending.ready():
+                assert time.monotonic() < deadline, "the launched search never finished"
+            got = pending.result()
+            for name in ("starts", "ends", "logits", "null_logits"):
+                np.testing.assert_array_equal(getattr(got, name), getattr(expected, name))
+            with pytest.raises(EngineError, match="already taken"):
+                pending.result()
+        with pytest.raises(EngineError, match="does not launch"):
+            sleeping.launch_spans(batch, may, may, 30)
 
 
 @pytest.mark.gpu
