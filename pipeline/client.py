@@ -37,7 +37,7 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from realtime_qa.qacore.decoding import Span
+from realtime_qa.qacore.decoding import Span, new_span
 from realtime_qa.qacore.latency import StageTimings
 
 from realtime_qa.qa.v1 import qa_pb2, qa_pb2_grpc
@@ -310,7 +310,7 @@ StreamResult = Answer | AnswerFailure
 
 
 def span_from_pb(message: qa_pb2.Span) -> Span:
-    return Span(text=message.text, start=message.start, end=message.end, score=message.score, logit=message.logit)
+    return new_span(message.text, message.start, message.end, message.score, message.logit)
 
 
 def status_code_of(number: int) -> grpc.StatusCode:

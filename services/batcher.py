@@ -422,7 +422,8 @@ class Batcher:
                 self.stats.batches += 1
                 self.stats.run_windows += len(windows)
                 self._deliver(batch, result, infer_ns)
-                await asyncio.sleep(0)  # the answers' tasks decode and write first; then metrics and the next batch
+                if not self._depth:  # nothing to batch next: the answers' tasks decode and write before the metrics
+                    await asyncio.sleep(0)  # (with work queued, the next batch goes to the engine first)
                 # After the answers are on their way: the batch metrics are not on any request's critical path.
                 self._observe(len(windows), seq_len, windows, infer_ns, ok=True)
             except Exception as exc:

@@ -164,7 +164,8 @@ class QuestionAnsweringService(qa_pb2_grpc.QuestionAnsweringServicer):
         with tracker.stage("decode"):
             prediction = await self._cpu(len(windows) > inline, decode_results, features, results.table, decoder_config)
         timings = tracker.finish()
-        self.metrics.observe_answer(model.model_id, timings)
+        # Observed once the answer is on its way (the next event-loop turn): histograms are not on its critical path.
+        asyncio.get_running_loop().call_soon(self.metrics.observe_answer, model.model_id, timings)
         log.debug(
             "answered in %.2f ms (%d windows, batches %s)", timings.total_ns / 1e6, len(windows), results.batch_sizes
         )

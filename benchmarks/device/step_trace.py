@@ -86,6 +86,14 @@ def serve_traced(argv: list[str]) -> int:
         marks.append(("infer_end", now()))
         return result
 
+    polling: Any = getattr(batcher.Batcher, "_infer_polling", None)  # absent before the batcher launched from the loop
+
+    async def traced_polling(self: Any, *args: Any, **kwargs: Any) -> Any:  # the engine call launched from the loop
+        marks.append(("infer_start", now()))
+        result = await polling(self, *args, **kwargs)
+        marks.append(("infer_end", now()))
+        return result
+
     batcher_class = batcher.Batcher
     wrappers: list[tuple[Any, str, Any]] = [
         (service, "answer", traced_answer),
@@ -97,6 +105,8 @@ def serve_traced(argv: list[str]) -> int:
         (batcher_class, "_take", marked("take", batcher_class._take)),
         (batcher_class, "_deliver", marked("deliver", batcher_class._deliver)),
     ]
+    if polling is not None:
+        wrappers.append((batcher_class, "_infer_polling", traced_polling))
     for owner, name, wrapper in wrappers:  # setattr: replacing methods is the point here
         setattr(owner, name, wrapper)
     atexit.register(lambda: Path(os.environ["STEP_TRACE_OUT"]).write_text(json.dumps(marks)))
