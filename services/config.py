@@ -247,8 +247,9 @@ class ServerConfig:
     )  # fmt: skip
     remote_engines: tuple[EngineAddress, ...] = ()  # set by `--engine-process` for its workers (not a flag)
     gpu_sync: str = setting(
-        "auto", "how a GPU engine's thread waits for results: spin (~60 us sooner, burns a core while it waits), "
-        "block (sleeps until the driver wakes it), auto: block when --workers processes each hold the GPU, "
+        "auto", "how a GPU engine waits for results: spin (sooner, burns a core while it waits; a process that "
+        "holds its engine launches the span search from its event loop and polls it, no thread hop), block (a "
+        "thread sleeps until the driver wakes it), auto: block when --workers processes each hold the GPU, "
         "else spin", choices=GPU_SYNC_MODES,
     )  # fmt: skip
     grace_s: float = setting(

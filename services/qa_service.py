@@ -317,16 +317,17 @@ class StreamSession:
         if self.stopped:
             log.info("stream finished during shutdown: %d answers written to %d questions", self.written, self.read)
 
-    async def _interruptible(self, awaitable: Awaitable[T], where: str) -> tuple[bool, T | None]:
-        """(True, result), or (False, None) when shutdown or a failed write stopped the reading meanwhile."""
+    async def _interruptible(self, awaitable: Awaitable[T], where: str) -> T | None:
+        """The result (a message, or True for a slot: never None), or None when shutdown or a failed write stopped
+        the reading meanwhile."""
         self._waiting = where
         try:
-            return True, await awaitable
+            return await awaitable
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if not self._interrupted or task is None or task.uncancel() > 0:  # the call itself was cancelled
                 raise
-            return False, None
+            return None
         finally:
             self._waiting = None
 
@@ -334,18 +335,17 @@ class StreamSession:
         iterator = aiter(request_iterator)
         while not self.stopped and self.write_failure is None:
             if self.slots.locked():  # all slots taken: wait for an answer to be written (or shutdown)
-                got_slot, _ = await self._interruptible(self.slots.acquire(), "slot")
-                if not got_slot:
+                if await self._interruptible(self.slots.acquire(), "slot") is None:
                     return
             else:
                 await self.slots.acquire()  # a free slot: taken at once, without waiting
             try:
-                got, request = await self._interruptible(anext(iterator), "read")
+                request = await self._interruptible(anext(iterator), "read")
             except StopAsyncIteration:
                 self.slots.release()
                 self.half_closed = True
                 return
-            if not got:
+            if request is None:
                 self.slots.release()
                 return
             task = start_task(self._answer_one(request, time.perf_counter_ns(), self.read))

@@ -61,6 +61,18 @@ def torch_fp32_engine_dir(shipped_model_dir: Path, tmp_path_factory: pytest.Temp
 
 
 @pytest.fixture(scope="session")
+def gpu_fp16_engine_dir(shipped_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped model as the fp16 torch engine, batches up to 32, for GPU tests (skipped without a CUDA GPU)."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from realtime_qa.builder.build import BuildConfig, build_engine
+
+    out = tmp_path_factory.mktemp("torch-fp16") / "engine"
+    return build_engine(BuildConfig(shipped_model_dir, out, backend="torch", fp16=True, batch_sizes=(1, 8, 32)))
+
+
+@pytest.fixture(scope="session")
 def engine_dir(ort_fp32_engine_dir: Path) -> Path:
     """The engine tests answer with unless they need a particular one: the CPU fp32 engine."""
     return ort_fp32_engine_dir
