@@ -295,3 +295,44 @@ def test_decoder_options_are_validated_only_when_a_request_sets_them() -> None:
     huge = request_from_pb(qa_pb2.AnswerRequest(question="Who?", passage=PASSAGE, options={"n_best_size": 1000}))
     with pytest.raises(InvalidInputError, match="n_best_size"):
         huge.decoder_config(base)
+
+
+class _FailingWrites:
+    """A stream's servicer context whose transport refuses every write (as a broken one would), for the session's
+    own handling of it; everything before the write is the real service."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+
+    def time_remaining(self) -> None:
+        return None
+
+    async def write(self, message: qa_pb2.AnswerResponse) -> None:
+        self.writes += 1
+        raise RuntimeError("the transport refused the write")
+
+
+async def test_a_failed_write_ends_the_stream_with_it_and_stops_reading(server: QAServer) -> None:
+    from realtime_qa.services.qa_service import StreamSession
+
+    read = 0
+    blocked = asyncio.Event()
+
+    async def questions() -> AsyncIterator[qa_pb2.AnswerRequest]:
+        nonlocal read
+        for index in range(3):
+            read += 1
+            yield qa_pb2.AnswerRequest(request_id=str(index), question="Where is Normandy?", passage=PASSAGE)
+        blocked.set()
+        await asyncio.Event().wait()  # a client that sends nothing more and never half-closes
+
+    context = _FailingWrites()
+    session = StreamSession(server.service, "failing-writes", context)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="refused the write"):
+        await asyncio.wait_for(session.run(questions()), 60)  # the read waiting on the silent client is interrupted
+    assert read == 3 and blocked.is_set()
+    assert context.writes == 1  # after the first failure no other answer is written
+    assert session.written == 0 and session not in server.service.streams
+    async with asyncio.timeout(30):  # the other questions' tasks were cancelled
+        while session.pending:
+            await asyncio.sleep(0.01)

@@ -8,8 +8,9 @@
 #    the bare grpc.aio echo floor measured by the first of them;
 # 2. concurrency 256 from 8 client processes: base --workers 8; new --workers 8; new --workers N --engine-process
 #    for N in 4 8 12 (one engine process holds the GPU; the workers send it their batches).
-# C1_VARIANTS / C256_VARIANTS (space-separated name:BASE|NEW:flags and name:BASE|NEW:workers:flags[:API[:PICK]], '+'
-# for a space inside the flags, API unary (default) or stream, PICK serve_load's --pick (default round-robin);
+# C1_VARIANTS / C256_VARIANTS (space-separated name:TREE:flags and name:TREE:workers:flags[:API[:PICK]], TREE BASE,
+# NEW or the name of an exported variable that holds another code tree (e.g. NOEAGER=/tmp/noeager), '+' for a space
+# inside the flags, API unary (default) or stream, PICK serve_load's --pick (default round-robin);
 # C1_VARIANTS=none skips concurrency 1), C1_APIS (default unary: the APIs every concurrency-1 point runs, e.g.
 # unary,stream), ECHO_LOOPS (the echo floor's server loops, default asyncio), CLIENT_LOOP (the load generators'
 # event loop, default asyncio as in the first runs; auto = uvloop) and CHANNELS (gRPC connections per load process;
