@@ -327,7 +327,7 @@ async def test_a_failed_write_ends_the_stream_with_it_and_stops_reading(server: 
         await asyncio.Event().wait()  # a client that sends nothing more and never half-closes
 
     context = _FailingWrites()
-    session = StreamSession(server.service, "failing-writes", context)  # type: ignore[arg-type]
+    session = StreamSession(server.service, "failing-writes", context)
     with pytest.raises(RuntimeError, match="refused the write"):
         await asyncio.wait_for(session.run(questions()), 60)  # the read waiting on the silent client is interrupted
     assert read == 3 and blocked.is_set()
