@@ -336,3 +336,25 @@ async def test_a_failed_write_ends_the_stream_with_it_and_stops_reading(server: 
     async with asyncio.timeout(30):  # the other questions' tasks were cancelled
         while session.pending:
             await asyncio.sleep(0.01)
+
+
+async def test_stream_questions_start_eagerly_where_python_has_eager_tasks() -> None:
+    """`start_task` runs a question's coroutine up to its first wait before returning on Python 3.12+ (`make test`
+    runs the stream tests under 3.12 too), and one loop turn later on 3.11."""
+    import sys
+
+    from realtime_qa.services.qa_service import EAGER_TASKS, start_task
+
+    assert (sys.version_info >= (3, 12)) == EAGER_TASKS
+    steps: list[str] = []
+
+    async def question() -> None:
+        steps.append("tokenized and queued")
+        await asyncio.sleep(0)
+        steps.append("answered")
+
+    task = start_task(question())
+    steps.append("next read")
+    await asyncio.wait_for(task, 10)
+    first = ["tokenized and queued", "next read"] if EAGER_TASKS else ["next read", "tokenized and queued"]
+    assert steps == [*first, "answered"]
